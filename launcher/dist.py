@@ -1,0 +1,109 @@
+"""Process groups and collectives.
+
+Every rank joins the default group (needed to agree on the run directory), then
+all ranks create the training group in the same order. Training collectives use
+the training group only, so the validator rank never takes part in one. With one
+process there is no group and every collective is the identity.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher.env import Env
+
+
+class Dist:
+    def __init__(self, env: Env):
+        self.env = env
+        self.group: Optional[dist.ProcessGroup] = None
+        if env.world_size > 1 and not dist.is_initialized():
+            backend = "cpu:gloo,cuda:nccl" if env.device.type == "cuda" else "gloo"
+            if env.device.type == "cuda":
+                torch.cuda.set_device(env.device)
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        if env.world_size > 1:
+            # All ranks, the validator included, must create groups in the same order.
+            group = dist.new_group(env.train_ranks) if env.validator_rank is not None else dist.group.WORLD
+            self.group = None if env.is_validator else group
+
+    @property
+    def distributed_training(self) -> bool:
+        return self.group is not None and self.env.train_world > 1
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """From global rank 0 to every rank (validator included); used once at start."""
+        if self.env.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_train(self, obj: Any) -> Any:
+        """From training rank 0 to every training rank."""
+        if not self.distributed_training:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.env.train_ranks[0], group=self.group)
+        return box[0]
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place over the training group; the identity with one training rank."""
+        if self.distributed_training:
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=self.group)
+        return t
+
+    def all_gather_object(self, obj: Any) -> list:
+        if not self.distributed_training:
+            return [obj]
+        out = [None] * self.env.train_world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed_training:
+            dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's array becomes a tensor so the checkpoint loads with weights_only=True.
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def local_env_for_child() -> dict:
+    """Environment for a side process (the local validator): no torchrun identity."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    return env

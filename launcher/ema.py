@@ -1,0 +1,99 @@
+"""Exponential moving average of a model's weights: v = d*v + (1-d)*w.
+
+Averages every floating tensor of the state dict (parameters and BatchNorm
+statistics) in fp32 and copies integer buffers (num_batches_tracked) instead of
+averaging them. One fused `_foreach_lerp_` per (device, dtype) group and no
+host-device synchronization: the decay is computed on the host from `updates`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+def decay_at(n: int, decay: float, ramp: str, tau: float) -> float:
+    """Decay in force for the n-th update (n counts from 1)."""
+    if ramp == "exp":  # YOLOv5: close to the raw weights early on
+        return decay * (1.0 - math.exp(-n / tau))
+    if ramp == "tf":  # TensorFlow's ExponentialMovingAverage(num_updates=n)
+        return min(decay, (1.0 + n) / (10.0 + n))
+    if ramp == "none":
+        return decay
+    raise ValueError(f"ramp={ramp!r}; choose exp, tf or none")
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: str = "exp", tau: float = 2000.0):
+        self.decay, self.ramp, self.tau = decay, ramp, tau
+        self.updates = 0
+        self.skipped = 0
+        sd = model.state_dict()
+        self.shadow: Dict[str, torch.Tensor] = {
+            k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in sd.items()}
+        self._bind(model)
+
+    def _bind(self, model: nn.Module) -> None:
+        """Cache the (ema, source) tensor lists per group so update() does no dict walking."""
+        sd = model.state_dict(keep_vars=False)
+        groups: Dict[Tuple[torch.device, torch.dtype], Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+        self._ints: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+        for k, src in sd.items():
+            if src.is_floating_point():
+                ema, srcs = groups.setdefault((src.device, src.dtype), ([], []))
+                ema.append(self.shadow[k])
+                srcs.append(src)
+            else:
+                self._ints[0].append(self.shadow[k])
+                self._ints[1].append(src)
+        self._groups = list(groups.items())
+        self._model_ref = model
+
+    def decay_at(self, n: int) -> float:
+        return decay_at(n, self.decay, self.ramp, self.tau)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, skip: bool = False) -> None:
+        """Move the average towards `model`. `skip` (a step the GradScaler skipped, a
+        non-finite loss) leaves it untouched and does not advance the ramp."""
+        if skip:
+            self.skipped += 1
+            return
+        if model is not self._model_ref:
+            self._bind(model)
+        self.updates += 1
+        weight = 1.0 - self.decay_at(self.updates)
+        for (_, dtype), (ema, src) in self._groups:
+            if dtype != torch.float32:  # bf16/fp16 weights: average in fp32
+                src = [s.float() for s in src]
+            torch._foreach_lerp_(ema, src, weight)
+        if self._ints[0]:
+            torch._foreach_copy_(self._ints[0], self._ints[1])
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into `model` (its own dtypes kept)."""
+        model.load_state_dict(self.shadow, strict=True)
+
+    def state_dict(self) -> dict:
+        return {"shadow": dict(self.shadow), "updates": self.updates, "skipped": self.skipped,
+                "decay": self.decay, "ramp": self.ramp, "tau": self.tau}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+        self.updates = int(state["updates"])
+        self.skipped = int(state.get("skipped", 0))
+
+    def to(self, device: torch.device) -> "EMA":
+        for v in self.shadow.values():
+            v.data = v.data.to(device)
+        if self._model_ref is not None:
+            self._bind(self._model_ref)
+        return self
+
+    @property
+    def current_decay(self) -> float:
+        return self.decay_at(self.updates)

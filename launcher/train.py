@@ -1,0 +1,245 @@
+"""The training loop, top to bottom.
+
+Each optimizer step consumes one per-rank *step batch* of `micro * accum` samples
+from the loader and splits it into micro-batches. The effective batch is therefore
+fixed by the data, not by the micro-batch: changing `micro` (autobatch, OOM
+recovery) only changes how the same samples are cut up.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+import jobs
+from launcher import checkpoint
+from launcher.dist import Dist, rng_state, seed_everything, set_rng_state
+from launcher.ema import EMA
+from launcher.env import Env
+from launcher.files import read_jsonl, write_json
+from launcher.optim import build_optimizer, build_scheduler, set_momentum, warmup_steps
+from launcher.schema import Config, ConfigError
+from launcher.telemetry import Telemetry
+from launcher.validator import Tracker, autocast, evaluate, resolve_precision, save_weights
+
+log = logging.getLogger("launcher.train")
+
+
+def batch_geometry(cfg: Config, micro: int, train_world: int) -> tuple[int, int]:
+    """(accumulation steps, global batch) for a micro-batch; exact or a ConfigError."""
+    if cfg.batch.global_size is None:
+        return 1, micro * train_world
+    per_step = micro * train_world
+    if cfg.batch.global_size % per_step:
+        raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not a multiple of batch.size x "
+                          f"training ranks = {micro} x {train_world}; choose a multiple of {per_step}")
+    return cfg.batch.global_size // per_step, cfg.batch.global_size
+
+
+def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
+    device = env.device
+    precision = resolve_precision(cfg.train.precision, device)
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    job = jobs.load(cfg.job)
+    model = job.model().to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_set, val_set = job.datasets()
+
+    # Batch geometry.
+    micro = job.cfg.batch_size if cfg.batch.size == "auto" else int(cfg.batch.size)
+    if cfg.batch.size == "auto":
+        log.info("batch.size=auto on %s: using the job's default micro-batch %d", device.type, micro)
+    accum, global_batch = batch_geometry(cfg, micro, env.train_world)
+    step_batch = micro * accum  # per rank, per optimizer step
+    sampler = DistributedSampler(train_set, num_replicas=env.train_world, rank=env.train_rank,
+                                 shuffle=True, seed=cfg.run.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // step_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the effective batch {global_batch} is larger than the training set "
+                          f"({len(train_set)} samples); lower batch.size or batch.global_size")
+    total = steps_per_epoch * cfg.train.epochs if cfg.train.epochs else cfg.train.max_steps
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    warmup = warmup_steps(cfg.sched, steps_per_epoch)
+
+    opt = build_optimizer(model, cfg.optim, device)
+    sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = EMA(model, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled and env.is_main else None
+    ddp = DDP(model, process_group=dist.group, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.distributed_training else model
+    tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total)
+    tracker = Tracker(run_dir, cfg) if env.is_main and cfg.validation.mode != "off" else None
+    eval_model = copy.deepcopy(model) if tracker else None
+
+    # Resume: rank 0 picks the newest checkpoint that loads; every rank loads that one.
+    step, epoch, batch_in_epoch = 0, 0, 0
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    found = None
+    if cfg.run.resume != "never":
+        path, state, skipped = checkpoint.load_latest(run_dir / "checkpoints") if env.is_main else (None, None, [])
+        for reason in skipped:
+            tel.event("checkpoint_skipped", reason=reason)
+        found = dist.broadcast_train(str(path) if path else None)
+        if found and not env.is_main:
+            state = checkpoint.load(Path(found))
+        if found:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+            mine = state["ranks"][env.train_rank]
+            set_rng_state(mine["rng"])
+            loss_sum, loss_count = mine["loss_sum"].to(device), mine["loss_count"]
+            tel.truncate_after(step)
+            tel.event("resume", step=step, epoch=epoch, checkpoint=Path(found).name,
+                      restart_count=env.restart_count)
+    if cfg.run.resume == "must" and not found:
+        raise ConfigError(f"run.resume=must but {run_dir / 'checkpoints'} holds no loadable checkpoint; "
+                          "use run.resume=auto to start fresh")
+    if not found:
+        seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
+    failed_before = any(e.get("event") == "debug_fail" for e in read_jsonl(run_dir / "events.jsonl"))
+    tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=micro, accum=accum,
+              global_batch=global_batch, steps=total, steps_per_epoch=steps_per_epoch, precision=precision,
+              device=str(device), start_step=step)
+
+    def checkpoint_now() -> None:
+        buf = io.BytesIO()  # tensors travel as torch.save bytes: pickling them through gloo fails
+        torch.save({"rng": rng_state(), "loss_sum": loss_sum.cpu(), "loss_count": loss_count}, buf)
+        ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_object(buf.getvalue())]
+        if env.is_main:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+                     "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "micro_batch": micro,
+                     "accum": accum, "train_world": env.train_world, "ranks": ranks}
+            path = checkpoint.save(run_dir / "checkpoints", step, state, cfg.checkpoint.keep_last)
+            tel.event("checkpoint", step=step, path=path.name)
+
+    def validate_now() -> bool:
+        """Inline (blocking) validation on rank 0; returns the early-stop decision."""
+        stop = False
+        if tracker is not None:
+            kinds = ["ema", "raw"] if cfg.validation.weights == "both" else [cfg.validation.weights]
+            for kind in kinds:
+                t0 = time.perf_counter()
+                if kind == "ema":
+                    ema.copy_to(eval_model)
+                else:
+                    eval_model.load_state_dict(model.state_dict())
+                if cfg.debug.val_delay_s:
+                    time.sleep(cfg.debug.val_delay_s)
+                bs = cfg.validation.batch_size if cfg.validation.batch_size != "auto" else 4 * micro
+                metrics = evaluate(eval_model, job, val_set, bs, device, resolve_precision(
+                    cfg.validation.precision, device))
+                state = ema.shadow if kind == "ema" else model.state_dict()
+                stop |= tracker.record(step, epoch, kind, metrics, time.perf_counter() - t0, state)
+                tel.validation({"step": step, "weights": kind, "metrics": metrics})
+        return bool(dist.all_reduce(torch.tensor([float(stop)]), "max").item())
+
+    log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
+             total, env.train_world, micro, accum, global_batch, precision, device)
+    t_start, t_log, samples_since = time.time(), time.perf_counter(), 0
+    stopped_early = False
+    ddp.train()
+    while step < total and not stopped_early:
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[batch_in_epoch * step_batch: steps_per_epoch * step_batch]
+        loader = DataLoader(train_set, batch_size=step_batch, sampler=indices, drop_last=True,
+                            num_workers=cfg.data.workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
+                            persistent_workers=False)
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.train.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+
+            # Forward and backward over the micro-batches; DDP syncs gradients on the last one only.
+            xs, ys = x.split(micro), y.split(micro)
+            step_loss = torch.zeros((), device=device)
+            for i, (xb, yb) in enumerate(zip(xs, ys)):
+                sync = i == len(xs) - 1
+                with (nullcontext() if sync or ddp is model else ddp.no_sync()), autocast(device, precision):
+                    loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+
+            # Optimizer step.
+            if cfg.train.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            set_momentum(opt, cfg.sched, cfg.optim.momentum, step, warmup)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            batch_in_epoch += 1
+            if ema is not None and step % cfg.ema.every == 0:
+                # fp16: the scaler already synchronized, so reading its scale is free.
+                skipped = scaler.get_scale() < scale_before if scale_before is not None \
+                    else not bool(torch.isfinite(step_loss))
+                ema.update(model, skip=skipped)
+            loss_sum += step_loss
+            loss_count += 1
+            samples_since += global_batch
+
+            if step % cfg.train.log_every == 0 or step == total:
+                mean_loss = dist.all_reduce(loss_sum / max(loss_count, 1)) / env.train_world
+                now = time.perf_counter()
+                row = {"step": step, "epoch": epoch, "loss": float(mean_loss), "lr": sched.get_last_lr()[0],
+                       "samples_per_s": samples_since / (now - t_log), "time": time.time()}
+                if ema is not None:
+                    row.update(ema_decay=ema.current_decay, ema_updates=ema.updates, ema_skipped=ema.skipped)
+                tel.metrics(row)
+                loss_sum, loss_count, t_log, samples_since = torch.zeros((), device=device), 0, now, 0
+
+            end_of_epoch = batch_in_epoch == steps_per_epoch
+            due = (step % cfg.validation.every_steps == 0) if cfg.validation.every_steps else \
+                (end_of_epoch and (epoch + 1) % cfg.validation.every_epochs == 0)
+            if cfg.validation.mode != "off" and (due or step == total):
+                stopped_early = validate_now()
+            if end_of_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == total \
+                    or stopped_early:
+                checkpoint_now()
+            if cfg.debug.fail_at_step == step and not failed_before:
+                tel.event("debug_fail", step=step)
+                dist.barrier()  # the event is on disk before any rank dies
+                log.error("debug.fail_at_step=%d: exiting hard", step)
+                logging.shutdown()
+                os._exit(13)
+            if step >= total or stopped_early:
+                break
+
+    # The end: deployable EMA weights, the summary.
+    summary = {"steps": step, "epochs": epoch, "stopped_early": stopped_early, "micro_batch": micro,
+               "accum": accum, "global_batch": global_batch, "wall_time_s": round(time.time() - t_start, 2)}
+    if env.is_main:
+        if ema is not None:
+            save_weights(run_dir / "ema.safetensors", ema.shadow, {"step": step, "updates": ema.updates})
+            summary.update(ema_decay=ema.current_decay, ema_updates=ema.updates, ema_skipped=ema.skipped)
+        if tracker is not None and tracker.best:
+            summary.update(best_metric=tracker.best["metric"], best_value=tracker.best["value"],
+                           best_step=tracker.best["step"])
+        write_json(run_dir / "summary.json", summary)
+        tel.event("end", **summary)
+        best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \
+            if "best_step" in summary else ""
+        log.info(f"done: {step} steps in {summary['wall_time_s']:.1f}s{best}; run dir {run_dir}")
+    tel.close()
+    return summary
