@@ -76,6 +76,11 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = EMA(model, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled and env.is_main else None
+    if ema is not None:
+        mb = sum(v.numel() * v.element_size() for v in ema.shadow.values()) / 2**20
+        log.info("EMA kept on this rank: %d tensors, %.2f MB fp32", len(ema.shadow), mb)
+    else:
+        log.info("EMA: none on this rank")
     ddp = DDP(model, process_group=dist.group, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.distributed_training else model
     tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total)
