@@ -106,9 +106,13 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
             if ema is not None:
                 ema.load_state_dict(state["ema"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            mine = state["ranks"][env.train_rank]
-            set_rng_state(mine["rng"])
-            loss_sum, loss_count = mine["loss_sum"].to(device), mine["loss_count"]
+            if len(state["ranks"]) == env.train_world:
+                mine = state["ranks"][env.train_rank]
+                set_rng_state(mine["rng"])
+                loss_sum, loss_count = mine["loss_sum"].to(device), mine["loss_count"]
+            else:  # another number of ranks: continue, but per-rank randomness starts afresh
+                seed_everything(cfg.run.seed + env.rank + 1000 * step)
+                tel.event("resume_world_changed", saved=len(state["ranks"]), now=env.train_world)
             tel.truncate_after(step)
             tel.event("resume", step=step, epoch=epoch, checkpoint=Path(found).name,
                       restart_count=env.restart_count)
