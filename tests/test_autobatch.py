@@ -28,7 +28,7 @@ def _oom_above(limit, calls):
     return trial
 
 
-@pytest.mark.parametrize("limit", [1, 3, 17, 40, 64, 333, 1000, 4096, 9999])
+@pytest.mark.parametrize("limit", [1, 17, 64, 1000, 9999])
 def test_search_finds_the_limit_within_the_margin_in_bounded_probes(limit):
     cfg = AutobatchConfig()
     calls = []
@@ -145,11 +145,18 @@ def test_auto_probes_once_resume_reuses_it_and_the_run_equals_a_fixed_size_run(t
         assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
 
 
-def test_cpu_without_a_simulated_limit_uses_the_jobs_default(run_dir):
-    out = launch(["train", *QUICK, "batch.size=auto", "train.max_steps=1", f"run.dir={run_dir}"]).stdout
-    assert "no memory to probe, using the job's default micro-batch 64" in out
-    record = json.loads((run_dir / "autobatch.json").read_text())
-    assert record["micro_batch"] == 64 and "default" in record["reason"]
+def test_cpu_without_a_simulated_limit_uses_the_jobs_default(tmp_path):
+    import jobs
+    from launcher.cli import load_config
+    from launcher.dist import Dist
+    from launcher.env import detect
+
+    cfg, _ = load_config(["job.model=mlp", "batch.size=auto", "batch.global_size=256", "train.device=cpu"])
+    env = detect(device="cpu")
+    job = jobs.load(cfg.job)
+    batch, event = autobatch.choose(cfg, env, Dist(env), tmp_path, job.model(), job, None, "fp32", None, None, None)
+    assert (batch.micro, batch.accum, batch.step) == (64, 4, 256) and "default" in event["reason"]
+    assert json.loads((tmp_path / "autobatch.json").read_text())["micro_batch"] == 64
 
 
 @pytest.mark.slow
