@@ -216,7 +216,10 @@ def _run(trial: Callable[[int], None], n: int, memory: DeviceMemory) -> Probe:
     if not ok:  # a success frees everything by reference counting; a failure may leave cycles
         cleanup(memory.device)
     fits = ok and (memory.limit is None or peak <= memory.limit)
-    return Probe(n, ok, fits, int(peak), round(time.perf_counter() - t0, 4), error)
+    p = Probe(n, ok, fits, int(peak), round(time.perf_counter() - t0, 4), error)
+    log.info("autobatch probe: micro-batch %d %s, peak %.2f GiB%s, %.2fs", n, "ok" if ok else "OOM",
+             peak / 2**30, "" if memory.limit is None else f" (limit {memory.limit / 2**30:.2f})", p.seconds)
+    return p
 
 
 def _fit(probes: List[Probe], limit: Optional[int]) -> Optional[int]:
@@ -412,6 +415,9 @@ def choose(cfg: Config, env, dist, run_dir: Path, model: nn.Module, job, dataset
         write_json(path, record)
     event = {k: record[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes",
                                     "seconds") if k in record}
+    if "per_rank" in record:  # the curve: [size, peak bytes, ok, seconds] per probe, per rank
+        event["curve"] = [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in r["probes"]]
+                          for r in record["per_rank"]]
     return batch, {"cached": False, **event}
 
 

@@ -128,6 +128,8 @@ def test_auto_probes_once_resume_reuses_it_and_the_run_equals_a_fixed_size_run(t
     assert all({"size", "peak_bytes", "ok", "seconds"} <= p.keys() for p in probes)
     event = [e for e in read_jsonl(auto / "events.jsonl") if e["event"] == "autobatch"][0]
     assert event["micro_batch"] == record["micro_batch"] and not event["cached"]
+    assert event["curve"] == [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in probes]]
+    assert "autobatch probe: micro-batch 64 OOM" in (auto / "logs" / "rank-0.log").read_text()
     assert f"all ranks agree on {record['micro_batch']}" in (auto / "logs" / "rank-0.log").read_text()
 
     # Resume: the cached choice, no probing.
