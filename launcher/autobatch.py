@@ -83,16 +83,17 @@ def simulated_limit(value: Any, rank: int) -> Optional[int]:
     return int(values[rank % len(values)])
 
 
-def simulate_oom_above(model: nn.Module, limit: Optional[int]) -> None:
-    """Forward raises a real torch.OutOfMemoryError when the micro-batch is larger than `limit`."""
+def simulate_oom_above(model: nn.Module, limit: Optional[int]):
+    """Forward raises a real torch.OutOfMemoryError when the micro-batch is larger than `limit`;
+    returns the hook's handle (None without a limit)."""
     if limit is None:
-        return
+        return None
 
     def hook(_module, args):
         if args and torch.is_tensor(args[0]) and len(args[0]) > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: micro-batch {len(args[0])} > "
                                          f"debug.simulate_oom_above={limit})")
-    model.register_forward_pre_hook(hook)
+    return model.register_forward_pre_hook(hook)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,9 +317,7 @@ def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_a
         return Search(start, start, None)
     snap = Snapshot(model)
     model.eval()
-    handle = None
-    if simulate is not None:
-        handle = _oom_hook(model, simulate)
+    handle = simulate_oom_above(model, simulate)
     try:
         return search(eval_trial(model, job, dataset, device, amp), start, cfg_autobatch.max,
                       cfg_autobatch.max_probes, memory, cfg_autobatch.margin)
@@ -326,21 +325,6 @@ def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_a
         if handle is not None:
             handle.remove()
         snap.restore()
-
-
-def _oom_hook(model: nn.Module, limit: int):
-    before = set(model._forward_pre_hooks)
-    simulate_oom_above(model, limit)
-    return _Handle(model, set(model._forward_pre_hooks) - before)
-
-
-class _Handle:
-    def __init__(self, model: nn.Module, keys):
-        self.model, self.keys = model, keys
-
-    def remove(self) -> None:
-        for k in self.keys:
-            self.model._forward_pre_hooks.pop(k, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +367,11 @@ def choose(cfg: Config, env, dist, run_dir: Path, model: nn.Module, job, dataset
         log.info("batch.size=auto on %s: no memory to probe, using the job's default micro-batch %d",
                  device.type, found)
     else:
-        extra = sum(p.numel() * p.element_size() for p in model.parameters()) if world > 1 else 0
-        memory = DeviceMemory(device, cfg.autobatch.fraction, extra)  # extra: DDP/our gradient buckets
+        # Not in the trial step but on the device during training: DDP's gradient buckets (a copy of the
+        # gradients) and, with inline validation, rank 0's evaluation copy of the model.
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        copies = (world > 1) + (env.is_main and cfg.validation.mode == "inline")
+        memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
         snap = Snapshot(model)
         start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
         try:
