@@ -428,7 +428,10 @@ class Recovery:
     """Agreement after every forward and backward, gradient sync after the last one, and the policy:
     halve the micro-batch, redo the step, at most `autobatch.max_retries` times.
 
-    With `autobatch.max_retries=0` it steps aside: no agreement, DDP's own overlapped gradient sync."""
+    With `autobatch.max_retries=0` it steps aside: no agreement, DDP's own overlapped gradient sync.
+    The GradScaler needs no reset: an OOM in forward or backward comes before unscale_/step, so the
+    scaler has recorded nothing for this step. Not covered: an OOM in the optimizer step or in our
+    gradient all-reduce (the probe ran both); a non-OOM error ends that rank and torchrun the others."""
 
     def __init__(self, cfg: Config, env, dist, run_dir: Path, model: nn.Module, tel):
         self.enabled = cfg.autobatch.max_retries > 0
