@@ -78,7 +78,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     ema = EMA(model, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled and env.is_main else None
     ddp = DDP(model, process_group=dist.group, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.distributed_training else model
-    tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total)
+    tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total, cfg=cfg, env=env)
     tracker = Tracker(run_dir, cfg) if env.is_main and cfg.validation.mode != "off" else None
     eval_model = copy.deepcopy(model) if tracker else None
 
@@ -104,7 +104,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
             mine = state["ranks"][env.train_rank]
             set_rng_state(mine["rng"])
             loss_sum, loss_count = mine["loss_sum"].to(device), mine["loss_count"]
-            tel.truncate_after(step)
+            tel.truncate_after(step, wandb_id=state.get("wandb_id"))
             tel.event("resume", step=step, epoch=epoch, checkpoint=Path(found).name,
                       restart_count=env.restart_count)
     if cfg.run.resume == "must" and not found:
@@ -125,7 +125,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                      "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "micro_batch": micro,
-                     "accum": accum, "train_world": env.train_world, "ranks": ranks}
+                     "accum": accum, "train_world": env.train_world, "ranks": ranks, "wandb_id": tel.wandb_id}
             path = checkpoint.save(run_dir / "checkpoints", step, state, cfg.checkpoint.keep_last)
             tel.event("checkpoint", step=step, path=path.name)
 
