@@ -193,14 +193,14 @@ def test_broken_wandb_never_stops_training(run_dir, tmp_path):
     import os
 
     env = {"PYTHONPATH": f"{broken}{os.pathsep}{Path(__file__).resolve().parent.parent}"}
-    proc = launch(["train", *NO_WANDB, "logger.wandb.mode=offline", "train.epochs=1", f"run.dir={run_dir}"], env=env)
+    proc = launch(["train", *NO_WANDB, "logger.wandb.mode=offline", "train.max_steps=10", f"run.dir={run_dir}"], env=env)
     assert proc.stdout.count("cannot import wandb") == 1
     assert (run_dir / "summary.json").exists() and not (run_dir / "wandb").exists()
 
     home = tmp_path / "home"
     home.mkdir()
     other = tmp_path / "run2"
-    proc = launch(["train", *NO_WANDB, "logger.wandb.mode=online", "train.epochs=1", f"run.dir={other}"],
+    proc = launch(["train", *NO_WANDB, "logger.wandb.mode=online", "train.max_steps=10", f"run.dir={other}"],
                   env={"HOME": str(home), "WANDB_API_KEY": ""})
     assert "no API key" in proc.stdout and "wandb sync" in proc.stdout
     assert len(offline_runs(other)) == 1
