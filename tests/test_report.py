@@ -98,3 +98,22 @@ def test_report_bad_input_is_one_line(tmp_path, capsys):
     assert report_main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("launcher: error:") for line in err)
+
+
+def test_config_reference_matches_the_schema():
+    """docs/config.md is what scripts/config_reference.py generates, and it lists every schema key."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from launcher.schema import flat_defaults
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = (ROOT / "docs" / "config.md").read_text()
+    for key, _, default in flat_defaults():
+        if key != "job":
+            line = next(ln for ln in doc.splitlines() if ln.startswith(f"| `{key}` |"))
+            shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+            assert f"`{shown}`" in line or "[" in shown, (key, line)
