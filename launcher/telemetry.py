@@ -116,6 +116,10 @@ class RichProgress(PlainProgress):
                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
         self.task = self.bar.add_task("train", total=total, epoch=0, info="")
         self.bar.start()
+        # Console log lines go through rich's stdout proxy, so they print above the bar, not through it.
+        self.handlers = [h for h in logging.getLogger().handlers
+                         if type(h) is logging.StreamHandler and h.stream is sys.__stdout__]
+        self.streams = [h.setStream(sys.stdout) for h in self.handlers]
 
     def update(self, row: dict, eta_s: Optional[float], last_val: Optional[dict]) -> None:
         super().update(row, eta_s, last_val)
@@ -126,6 +130,8 @@ class RichProgress(PlainProgress):
 
     def close(self) -> None:
         self.bar.stop()
+        for h, stream in zip(self.handlers, self.streams):
+            h.setStream(stream)
 
 
 def make_progress(mode: str, total: int, isatty: Optional[bool] = None):
@@ -270,13 +276,15 @@ class GpuMonitor:
             pass
 
 
-def node_cuda_indices(env: Any) -> List[int]:
-    """The CUDA devices of this node's ranks (trainers and a local validator), as rank 0 sees them."""
+def node_cuda_indices(env: Any, cfg: Any) -> List[int]:
+    """The CUDA devices of this node's ranks as rank 0 sees them: trainers, a validator rank, and the next
+    GPU for a lone trainer's validator process (it takes its own GPU when one is free)."""
     if env is None or getattr(env.device, "type", "cpu") != "cuda":
         return []
     import torch
 
-    return list(range(min(max(env.local_world_size, 1), torch.cuda.device_count())))
+    extra = int(env.world_size == 1 and cfg.validation.mode in ("auto", "process"))
+    return list(range(min(max(env.local_world_size, 1) + extra, torch.cuda.device_count())))
 
 
 # --------------------------------------------------------------------------------------------- wandb
@@ -355,7 +363,7 @@ class Telemetry:
             self.progress = PlainProgress(total_steps)
             return
         self.progress = make_progress(cfg.logger.progress, total_steps)
-        self.gpus = GpuMonitor.start(node_cuda_indices(env), cfg.logger.telemetry.every_s)
+        self.gpus = GpuMonitor.start(node_cuda_indices(env, cfg), cfg.logger.telemetry.every_s)
 
     # wandb starts on first use, so that a resume can hand over the checkpoint's run id first.
     @property
