@@ -351,10 +351,9 @@ class WandbSink:
 class Telemetry:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int = 0, cfg: Any = None, env: Any = None):
         self.run_dir, self.enabled, self.total_steps, self.cfg = run_dir, enabled, total_steps, cfg
-        self.t0 = time.time()
         self.step, self.first = 0, None  # (time, step) of the first logged row, for the ETA
         self.last_val: Optional[dict] = None
-        self._wandb, self._wandb_started, self._resume_id = OFF, False, None
+        self._wandb, self._wandb_started, self._resume_id, self._id = OFF, False, None, None
         self.progress, self.gpus, self.results = OFF, OFF, None
         if not enabled:
             return
@@ -371,7 +370,9 @@ class Telemetry:
         """For the checkpoint: the wandb run id (None when wandb is off)."""
         if not self.enabled or self.cfg is None or self.cfg.logger.wandb.mode == "disabled":
             return None
-        return wandb_run_id(self.run_dir, self._resume_id)
+        if self._id is None:
+            self._id = wandb_run_id(self.run_dir, self._resume_id)
+        return self._id
 
     @property
     def wandb(self):
@@ -381,13 +382,13 @@ class Telemetry:
             self._wandb = WandbSink.start(self.run_dir, self.cfg.logger.wandb, self.wandb_id, config)
         return self._wandb
 
-    def _guard(self, fn, *args) -> None:
+    def _guard(self, fn) -> None:
         """Call into wandb; the first failure warns once and turns wandb off."""
         sink = self.wandb
         if sink is OFF:
             return
         try:
-            fn(sink.run, *args)
+            fn(sink.run)
         except Exception as e:
             log.warning("wandb: logging failed (%s); wandb off for the rest of this run", e)
             self._wandb = OFF

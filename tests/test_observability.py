@@ -164,10 +164,11 @@ def test_gpu_monitor_samples_by_uuid():
     assert 0 < rows[0]["mem_used_gb"] <= rows[0]["mem_total_gb"]
 
 
+@pytest.mark.slow
 def test_wandb_resume_continues_the_same_run(run_dir):
     """A run killed at step 25 and relaunched logs into the same wandb run id, from the checkpoint on."""
     args = ["train", *NO_WANDB, "logger.wandb.mode=offline", "train.log_every=5", "checkpoint.every_steps=10",
-            "validation.every_steps=20", "debug.fail_at_step=25", f"run.dir={run_dir}"]
+            "train.max_steps=40", "validation.every_steps=20", "debug.fail_at_step=25", f"run.dir={run_dir}"]
     first = launch(args, check=False)
     assert first.returncode == 13, first.stderr[-2000:]
     launch(args)
@@ -185,6 +186,7 @@ def test_wandb_resume_continues_the_same_run(run_dir):
     assert steps[0] == 25 and steps[-1] == read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]  # resumed at 20
 
 
+@pytest.mark.slow
 def test_broken_wandb_never_stops_training(run_dir, tmp_path):
     """An import that fails, and online mode without an API key: warn once, train on."""
     broken = tmp_path / "broken"
