@@ -76,6 +76,11 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = EMA(model, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled and env.is_main else None
+    if ema is not None:
+        mb = sum(v.numel() * v.element_size() for v in ema.shadow.values()) / 2**20
+        log.info("EMA kept on this rank: %d tensors, %.2f MB fp32", len(ema.shadow), mb)
+    else:
+        log.info("EMA: none on this rank")
     ddp = DDP(model, process_group=dist.group, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.distributed_training else model
     tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total, cfg=cfg, env=env)
@@ -101,9 +106,13 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
             if ema is not None:
                 ema.load_state_dict(state["ema"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            mine = state["ranks"][env.train_rank]
-            set_rng_state(mine["rng"])
-            loss_sum, loss_count = mine["loss_sum"].to(device), mine["loss_count"]
+            if len(state["ranks"]) == env.train_world:
+                mine = state["ranks"][env.train_rank]
+                set_rng_state(mine["rng"])
+                loss_sum, loss_count = mine["loss_sum"].to(device), mine["loss_count"]
+            else:  # another number of ranks: continue, but per-rank randomness starts afresh
+                seed_everything(cfg.run.seed + env.rank + 1000 * step)
+                tel.event("resume_world_changed", saved=len(state["ranks"]), now=env.train_world)
             tel.truncate_after(step, wandb_id=state.get("wandb_id"))
             tel.event("resume", step=step, epoch=epoch, checkpoint=Path(found).name,
                       restart_count=env.restart_count)
