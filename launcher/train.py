@@ -83,7 +83,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
         log.info("EMA: none on this rank")
     ddp = DDP(model, process_group=dist.group, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.distributed_training else model
-    tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total)
+    tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total, cfg=cfg, env=env)
     tel.event("autobatch", **autobatch_event)
     oom = autobatch.Recovery(cfg, env, dist, run_dir, model, tel)
     tracker = Tracker(run_dir, cfg) if env.is_main and cfg.validation.mode != "off" else None
@@ -115,7 +115,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
             else:  # another number of ranks: continue, but per-rank randomness starts afresh
                 seed_everything(cfg.run.seed + env.rank + 1000 * step)
                 tel.event("resume_world_changed", saved=len(state["ranks"]), now=env.train_world)
-            tel.truncate_after(step)
+            tel.truncate_after(step, wandb_id=state.get("wandb_id"))
             tel.event("resume", step=step, epoch=epoch, checkpoint=Path(found).name,
                       restart_count=env.restart_count)
     if cfg.run.resume == "must" and not found:
@@ -137,7 +137,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                      "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "micro_batch": batch.micro,
-                     "accum": batch.accum, "train_world": env.train_world, "ranks": ranks}
+                     "accum": batch.accum, "train_world": env.train_world, "ranks": ranks, "wandb_id": tel.wandb_id}
             path = checkpoint.save(run_dir / "checkpoints", step, state, cfg.checkpoint.keep_last)
             tel.event("checkpoint", step=step, path=path.name)
 
