@@ -64,6 +64,10 @@ class Telemetry:
     def validation(self, row: dict) -> None:
         if not self.enabled:
             return
+        # One metrics.jsonl line per validation, on its own axis (val/step): results arrive late.
+        append_jsonl(self.run_dir / "metrics.jsonl", {"step": row["step"], "val/step": row["step"],
+                                                      "val/weights": row["weights"],
+                                                      **{f"val/{k}": v for k, v in row["metrics"].items()}})
         metrics = " ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items())
         log.info(f"val step {row['step']} ({row['weights']}): {metrics}")
 
