@@ -177,6 +177,11 @@ class Writer:
             finally:
                 self.free.put(slot)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being written."""
+        return self.free.qsize() == 2
+
     def flush(self) -> None:
         """Wait until every snapshot is on disk (used once, after training)."""
         self.jobs.put(None)
@@ -276,7 +281,9 @@ def recover(directory: Path) -> None:
 # ---------------------------------------------------------------- control files
 
 def request_stop(run_dir: Path, step: int, reason: str) -> None:
-    write_json(Path(run_dir) / "handoff" / "stop.json", {"step": step, "reason": reason, "time": time.time()})
+    """The first request stands: later validations of the backlog do not move it."""
+    if not stop_requested(run_dir):
+        write_json(Path(run_dir) / "handoff" / "stop.json", {"step": step, "reason": reason, "time": time.time()})
 
 
 def stop_requested(run_dir: Path) -> bool:
@@ -287,11 +294,14 @@ def mark_done(run_dir: Path, final_step: int, closed: bool = False) -> None:
     write_json(Path(run_dir) / "handoff" / "done.json", {"final_step": final_step, "closed": closed})
 
 
-def done(run_dir: Path) -> Optional[dict]:
-    try:
-        return read_json(Path(run_dir) / "handoff" / "done.json")
-    except (OSError, ValueError):
-        return None
+def done(run_dir: Path, or_summary: bool = False) -> Optional[dict]:
+    """The end marker. `or_summary`: a finished run that had no async validator has only summary.json."""
+    for name in ("handoff/done.json", "summary.json") if or_summary else ("handoff/done.json",):
+        try:
+            return read_json(Path(run_dir) / name)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def reset(run_dir: Path) -> None:

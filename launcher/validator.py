@@ -222,8 +222,9 @@ def serve(cfg: Config, run_dir: Path, device: torch.device, revalidate: bool = F
         while True:
             snap = handoff.claim(queue_dir, cfg.validation.policy)
             if snap is None:
-                end = handoff.done(run_dir)
-                if end and (end.get("closed") or not handoff.pending(queue_dir)):
+                end = handoff.done(run_dir, or_summary=not parent)  # a spawned one never sees an old summary
+                # `closed`: the trainer stopped waiting for its own validator; a standalone one drains everything.
+                if end and ((end.get("closed") and parent) or not handoff.pending(queue_dir)):
                     break
                 if parent and os.getppid() != parent:
                     log.warning("the process that started this validator is gone; exiting")
@@ -249,7 +250,7 @@ def serve(cfg: Config, run_dir: Path, device: torch.device, revalidate: bool = F
                 handoff.request_stop(run_dir, snap.step, f"{cfg.validation.metric}: no improvement > {es.min_delta} "
                                      f"in {es.patience} validations (window {es.window})")
                 log.info("early stopping requested at step %d", snap.step)
-            if (handoff.done(run_dir) or {}).get("closed"):
+            if parent and (handoff.done(run_dir) or {}).get("closed"):
                 break
     except BaseException:
         log.exception("validator failed")
@@ -275,8 +276,10 @@ def spawn(run_dir: Path, device: str) -> subprocess.Popen:
     env["LAUNCHER_PARENT_PID"] = str(os.getpid())
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     with open(run_dir / "logs" / "validator-stderr.log", "ab") as err:
+        # Lower CPU priority: where it shares CPUs with training (data loading, a CPU run), training goes first.
         return subprocess.Popen([sys.executable, "-m", "launcher", "validate", f"run.dir={run_dir}",
-                                 f"validation.device={device}"], env=env, stdout=subprocess.DEVNULL, stderr=err)
+                                 f"validation.device={device}"], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: os.nice(10))
 
 
 def run_validator(cfg: Config, env, run_dir: Path) -> None:
@@ -309,7 +312,7 @@ def validate_command(argv: List[str]) -> int:
         return fail(str(e))
     spawned = "LAUNCHER_PARENT_PID" in os.environ
     setup_logging(run_dir, "validator", console=not spawned)
-    finished = handoff.done(run_dir) is not None or (run_dir / "summary.json").exists()
+    finished = handoff.done(run_dir, or_summary=True) is not None
     # A finished run with nothing left in the queue: re-validate its checkpoints.
     revalidate = not spawned and finished and not handoff.pending(run_dir / "handoff") \
         and not list((run_dir / "handoff").glob("*.claimed"))
@@ -424,8 +427,11 @@ class AsyncValidation(NoValidation):
         return self._stop
 
     def protected_steps(self) -> List[int]:
+        """The best so far, and every step not validated yet: it may still become the best."""
+        self.poll()
         best = _read_best(self.run_dir)
-        return [best["step"]] if best else []
+        waiting = [s for s in self.writer.submitted if s not in self.validated and s not in self.skipped]
+        return ([best["step"]] if best else []) + waiting
 
     def finish(self, step: int, epoch: int) -> dict:
         """Drain: the final weights are handed off and, within drain_timeout_s, validated."""
@@ -445,7 +451,8 @@ class AsyncValidation(NoValidation):
             except subprocess.TimeoutExpired:
                 self.child.terminate()
                 self.child.wait()
-        self.poll()
+        # Retention again, now that the results are in: last K, the true best, what is still unvalidated.
+        checkpoint.prune(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last, self.protected_steps())
         blocked = [b * 1e3 for b in self.writer.blocked_s] or [0.0]
         return {**_best_summary(_read_best(self.run_dir)),
                 "validated_steps": len(self.validated & set(self.writer.submitted)),
