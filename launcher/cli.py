@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from launcher import schema
 from launcher.schema import Config, ConfigError
@@ -101,7 +101,9 @@ def load_run_config(run_dir: Path, overrides: List[str]) -> Config:
         group = group if (CONF_DIR / "job" / f"{group}.yaml").exists() else "custom"
         with initialize_config_dir(str(CONF_DIR), version_base=None, job_name="launcher"):
             cfg = compose("config", overrides=[f"job={group}"])
-        cfg = OmegaConf.merge(cfg, saved, OmegaConf.from_dotlist(overrides))
+        with open_dict(cfg):  # the saved config was valid when it ran (custom jobs add job.params.*)
+            cfg = OmegaConf.merge(cfg, saved)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_object(cfg)
     except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
         raise ConfigError(_one_line(e)) from None
