@@ -100,7 +100,7 @@ def test_async_does_not_slow_training_but_inline_does(tmp_path):
     """A validation slower than a training interval: async (process) stays within 10% of off, inline pays it.
     Also: policy=latest skips the stale snapshots, and the drain still validates the final one.
     Each step sleeps 20 ms like a GPU-bound step, so the shared CPUs' noise does not decide the result."""
-    base = ARGS + ["job=custom", "job.target=tests.sleepy_job:SleepyJob", "+job.params.sleep_s=0.02",
+    base = [a for a in ARGS if not a.startswith("job.model")] + ["job=custom", "job.target=tests.sleepy_job:SleepyJob", "+job.params.sleep_s=0.02",
                    "train.epochs=20", "train.max_steps=400", "validation.every_steps=100", "debug.val_delay_s=3",
                    "train.log_every=50", "validation.policy=latest", "validation.queue=1"]
     wall = {}
