@@ -401,7 +401,7 @@ class AsyncValidation(NoValidation):
         if self.child is not None:
             return self.child.poll() is None
         status = handoff.read_status(self.run_dir)
-        if status is None or status["time"] < self.started - handoff.STALE_S:
+        if status is None or status["time"] < self.started:
             return True  # not started yet (or a previous session's): give it the benefit of the doubt
         return status["state"] == "running" and time.time() - status["time"] < handoff.STALE_S
 
