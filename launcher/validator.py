@@ -95,6 +95,7 @@ class Tracker:
         best_json = run_dir / "best" / "best.json"
         if best_json.exists():
             self.best = read_json(best_json)
+        self.done = {(r["step"], r["weights"]) for r in read_jsonl(self.results_path) if "source" not in r}
         for row in read_jsonl(self.results_path):
             if row.get("weights") == self.primary and self.metric in row.get("metrics", {}):
                 self.history.append(row["metrics"][self.metric])
@@ -122,6 +123,8 @@ class Tracker:
         row = {"step": step, "epoch": epoch, "weights": weights, "metrics": metrics,
                "seconds": round(seconds, 4), "time": time.time(), **extra}
         append_jsonl(self.results_path, row)
+        if not extra:
+            self.done.add((step, weights))
         if weights != self.primary:
             return False
         if self.metric not in metrics:
@@ -240,6 +243,8 @@ def serve(cfg: Config, run_dir: Path, device: torch.device, revalidate: bool = F
                 continue
             stop = False
             for kind, state in sorted(states.items()):
+                if (snap.step, kind) in tracker.done:
+                    continue  # validated just before a restart, which lost the ack
                 metrics, secs = validate_state(model, state, job, val_set, cfg, bs, device)
                 stop |= tracker.record(snap.step, manifest["epoch"], kind, metrics, secs, state)
                 log.info("val step %d (%s): %s [%.2fs]", snap.step, kind, _fmt(metrics), secs)
