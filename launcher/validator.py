@@ -241,11 +241,12 @@ def serve(cfg: Config, run_dir: Path, device: torch.device, revalidate: bool = F
                 log.warning("snapshot %d is corrupt (%s): moved aside as .bad, skipped", snap.step, e)
                 snap.reject(str(e))
                 continue
-            stop = False
-            for kind, state in sorted(states.items()):
+            stop, rows = False, []
+            for kind, state in sorted(states.items(), key=lambda kv: kv[0] == tracker.primary):
                 if (snap.step, kind) in tracker.done:
                     continue  # validated just before a restart, which lost the ack
-                metrics, secs = validate_state(model, state, job, val_set, cfg, bs, device)
+                rows.append((kind, state, *validate_state(model, state, job, val_set, cfg, bs, device)))
+            for kind, state, metrics, secs in rows:  # one step's rows together, the primary (with best/) last
                 stop |= tracker.record(snap.step, manifest["epoch"], kind, metrics, secs, state)
                 log.info("val step %d (%s): %s [%.2fs]", snap.step, kind, _fmt(metrics), secs)
                 count += 1

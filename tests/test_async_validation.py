@@ -116,10 +116,7 @@ def test_async_does_not_slow_training_but_inline_does(tmp_path):
     s = summary(tmp_path / "process")
     validated = [r["step"] for r in results(tmp_path / "process")]
     assert validated[-1] == 400 and s["unvalidated_steps"] == []  # the drain validated the final weights
-    assert s["stale_steps"], "a 3 s validation per ~1 s interval must leave stale snapshots under latest"
-    assert not set(s["stale_steps"]) & set(validated)
-    skipped = {r["step"]: r["reason"] for r in read_jsonl(tmp_path / "process" / "val" / "skipped.jsonl")}
-    assert all(skipped[st] == "stale" for st in s["stale_steps"])
+    assert not set(s["stale_steps"]) & set(validated)  # policy=latest: a skipped step is never validated
 
 
 @pytest.mark.slow
@@ -137,6 +134,10 @@ def test_early_stop_stops_every_training_rank_at_the_same_step(run_dir):
         stops.append(lines[-1].split("early stop at step ")[1])
     assert stops[0] == stops[1] == str(s["steps"]) and s["steps"] >= stop["step"]
     assert results(run_dir)[-1]["step"] == s["steps"]  # the drain validated where training stopped
+    # policy=latest with a 5-step interval: the validator skipped stale snapshots, and says so.
+    skipped = {r["step"]: r["reason"] for r in read_jsonl(run_dir / "val" / "skipped.jsonl")}
+    assert s["stale_steps"] and all(skipped[st] == "stale" for st in s["stale_steps"])
+    assert not set(s["stale_steps"]) & {r["step"] for r in results(run_dir)}
 
 
 @pytest.mark.slow
