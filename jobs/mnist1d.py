@@ -23,8 +23,6 @@ def _cache_dir() -> Path:
 
 
 def make_data(samples: int, seed: int) -> dict:
-    from mnist1d.data import get_dataset_args, make_dataset
-
     key = hashlib.sha1(f"mnist1d-{samples}-{seed}".encode()).hexdigest()[:12]
     path = _cache_dir() / f"mnist1d-{key}.npz"
     if path.exists():
@@ -33,6 +31,8 @@ def make_data(samples: int, seed: int) -> dict:
                 return {k: z[k] for k in z.files}
         except Exception:
             pass  # a torn cache file: regenerate
+    from mnist1d.data import get_dataset_args, make_dataset  # imports matplotlib: only when generating
+
     args = get_dataset_args()
     args.num_samples, args.seed = samples, seed
     data = make_dataset(args)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from launcher import schema
 from launcher.schema import Config, ConfigError
@@ -92,6 +92,23 @@ def load_config(overrides: List[str]) -> Tuple[Config, str]:
     return obj, text
 
 
+def load_run_config(run_dir: Path, overrides: List[str]) -> Config:
+    """A run's own config (its config.yaml) with `overrides` on top: what `launcher validate` uses."""
+    schema.register()
+    try:
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        group = saved.job.get("name")
+        group = group if (CONF_DIR / "job" / f"{group}.yaml").exists() else "custom"
+        with initialize_config_dir(str(CONF_DIR), version_base=None, job_name="launcher"):
+            cfg = compose("config", overrides=[f"job={group}"])
+        with open_dict(cfg):  # the saved config was valid when it ran (custom jobs add job.params.*)
+            cfg = OmegaConf.merge(cfg, saved)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(cfg)
+    except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
+        raise ConfigError(_one_line(e)) from None
+
+
 def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     """Everything that can be rejected without a process group."""
     import jobs
@@ -115,8 +132,11 @@ def agree_run_dir(cfg: Config, dist, config_text: str, overrides: List[str]) -> 
     if dist.env.rank == 0:
         run_id = cfg.run.id or run_id_from_env() or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         run_dir = Path(cfg.run.dir or Path(cfg.run.root) / run_id).resolve()
-        for sub in ("", "checkpoints", "logs", "val", "best"):
+        for sub in ("", "checkpoints", "logs", "val", "best", "handoff"):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        from launcher import handoff
+
+        handoff.reset(run_dir)  # before any validator can see a previous session's stop/done markers
         header = "# launcher train " + " ".join(overrides) + "\n"
         atomic_write(run_dir / "config.yaml", lambda f: f.write(header + config_text), mode="w")
     return Path(dist.broadcast_object(str(run_dir) if run_dir else None))

@@ -51,8 +51,10 @@ def _int(name: str, default: int) -> int:
 
 
 def validation_mode(mode: str, world_size: int) -> str:
-    """What `auto` means here. The separate validator (rank/process) is not built yet: inline."""
-    return "inline" if mode == "auto" else mode
+    """What `auto` means here: the last rank validates with N >= 2, a local child process with N == 1."""
+    if mode == "auto":
+        return "rank" if world_size >= 2 else "process"
+    return mode
 
 
 def detect(validation_mode_: str = "off", validation_rank: int = -1, device: str = "auto") -> Env:

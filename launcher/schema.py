@@ -134,7 +134,7 @@ class EmaConfig:
 
 @dataclass
 class ValidationConfig:
-    mode: str = "auto"  # auto | rank | process | inline | off
+    mode: str = "auto"  # auto | rank | process | inline | off | external (hand-off only; `launcher validate` elsewhere)
     rank: int = -1  # which global rank validates with mode=rank
     every_steps: int = 0  # 0 = use every_epochs
     every_epochs: int = 1
@@ -146,7 +146,7 @@ class ValidationConfig:
     goal: str = "max"  # max | min
     queue: int = 2  # most unclaimed snapshots kept with policy=latest
     drain_timeout_s: float = 300.0
-    device: str = "auto"
+    device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
 
 
 @dataclass
@@ -229,7 +229,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "optim.name": ("adamw", "sgd"),
     "ema.ramp": ("exp", "tf", "none"),
-    "validation.mode": ("auto", "rank", "process", "inline", "off"),
+    "validation.mode": ("auto", "rank", "process", "inline", "off", "external"),
     "validation.weights": ("ema", "raw", "both"),
     "validation.policy": ("latest", "all"),
     "validation.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -240,7 +240,7 @@ CHOICES = {
 
 POSITIVE = ("train.log_every", "ema.every", "checkpoint.keep_last", "validation.queue",
             "early_stop.window", "autobatch.max", "autobatch.max_probes")
-NON_NEGATIVE = ("train.epochs", "train.max_steps", "train.grad_clip", "sched.warmup_steps",
+NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip", "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s",
                 "autobatch.max_retries", "data.workers")
@@ -259,6 +259,11 @@ def _size_or_auto(key: str, value: Any) -> None:
     raise ConfigError(f"{key}={value!r} is not valid; use a positive integer or 'auto'")
 
 
+def check_device(key: str, value: str) -> None:
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise ConfigError(f"{key}={value!r} is not valid; use auto, cpu, cuda or cuda:<index>")
+
+
 def check(cfg: Config, world_size: int = 1) -> None:
     """Reject what the types cannot: bad choices, ranges, impossible combinations."""
     for key, allowed in CHOICES.items():
@@ -272,6 +277,7 @@ def check(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; it must be >= 0")
     _size_or_auto("batch.size", cfg.batch.size)
     _size_or_auto("validation.batch_size", cfg.validation.batch_size)
+    check_device("validation.device", cfg.validation.device)
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         raise ConfigError("train.epochs=0 and train.max_steps=0: set at least one of them > 0")
     if not 0.0 < cfg.ema.decay < 1.0:

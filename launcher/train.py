@@ -7,7 +7,6 @@ recovery) only changes how the same samples are cut up.
 """
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import os
@@ -28,7 +27,7 @@ from launcher.files import read_jsonl, write_json
 from launcher.optim import build_optimizer, build_scheduler, set_momentum, warmup_steps
 from launcher.schema import Config, ConfigError
 from launcher.telemetry import Telemetry
-from launcher.validator import Tracker, autocast, evaluate, resolve_precision, save_weights
+from launcher.validator import autocast, for_training, resolve_precision, save_weights
 
 log = logging.getLogger("launcher.train")
 
@@ -86,8 +85,6 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total, cfg=cfg, env=env)
     tel.event("autobatch", **autobatch_event)
     oom = autobatch.Recovery(cfg, env, dist, run_dir, model, tel)
-    tracker = Tracker(run_dir, cfg) if env.is_main and cfg.validation.mode != "off" else None
-    eval_model = copy.deepcopy(model) if tracker else None
 
     # Resume: rank 0 picks the newest checkpoint that loads; every rank loads that one.
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -138,29 +135,12 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
                      "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                      "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "micro_batch": batch.micro,
                      "accum": batch.accum, "train_world": env.train_world, "ranks": ranks, "wandb_id": tel.wandb_id}
-            path = checkpoint.save(run_dir / "checkpoints", step, state, cfg.checkpoint.keep_last)
+            path = checkpoint.save(run_dir / "checkpoints", step, state, cfg.checkpoint.keep_last,
+                                   protect=validation.protected_steps())
             tel.event("checkpoint", step=step, path=path.name)
 
-    def validate_now() -> bool:
-        """Inline (blocking) validation on rank 0; returns the early-stop decision."""
-        stop = False
-        if tracker is not None:
-            kinds = ["ema", "raw"] if cfg.validation.weights == "both" else [cfg.validation.weights]
-            for kind in kinds:
-                t0 = time.perf_counter()
-                if kind == "ema":
-                    ema.copy_to(eval_model)
-                else:
-                    eval_model.load_state_dict(model.state_dict())
-                if cfg.debug.val_delay_s:
-                    time.sleep(cfg.debug.val_delay_s)
-                bs = cfg.validation.batch_size if cfg.validation.batch_size != "auto" else 4 * batch.micro
-                metrics = evaluate(eval_model, job, val_set, bs, device, resolve_precision(
-                    cfg.validation.precision, device))
-                state = ema.shadow if kind == "ema" else model.state_dict()
-                stop |= tracker.record(step, epoch, kind, metrics, time.perf_counter() - t0, state)
-                tel.validation({"step": step, "weights": kind, "metrics": metrics})
-        return bool(dist.all_reduce(torch.tensor([float(stop)]), "max").item())
+    # Validation: off, inline (blocking baseline) or asynchronous (hand-off to a validator elsewhere).
+    validation = for_training(cfg, env, run_dir, job, val_set, model, ema, batch.micro, tel)
 
     log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
              total, env.train_world, batch.micro, batch.accum, global_batch, precision, device)
@@ -227,13 +207,18 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
                 if ema is not None:
                     row.update(ema_decay=ema.current_decay, ema_updates=ema.updates, ema_skipped=ema.skipped)
                 tel.metrics(row)
+                validation.poll()  # new validation results, skipped snapshots, a dead validator
                 loss_sum, loss_count, t_log, samples_since = torch.zeros((), device=device), 0, now, 0
 
             end_of_epoch = batch_in_epoch == steps_per_epoch
             due = (step % cfg.validation.every_steps == 0) if cfg.validation.every_steps else \
                 (end_of_epoch and (epoch + 1) % cfg.validation.every_epochs == 0)
-            if cfg.validation.mode != "off" and (due or step == total):
-                stopped_early = validate_now()
+            if due or step == total:
+                validation.submit(step, epoch)
+            # Early stopping decided by validation: every training rank stops at this same step.
+            stopped_early = bool(dist.all_reduce(torch.tensor([float(validation.stop_requested())]), "max").item())
+            if stopped_early:
+                log.info("early stop at step %d", step)
             if end_of_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
             if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == total \
@@ -251,13 +236,11 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     # The end: deployable EMA weights, the summary.
     summary = {"steps": step, "epochs": epoch, "stopped_early": stopped_early, "micro_batch": batch.micro,
                "accum": batch.accum, "global_batch": global_batch, "wall_time_s": round(time.time() - t_start, 2)}
+    summary.update(validation.finish(step, epoch))  # drains: the final weights are validated, best is true
     if env.is_main:
         if ema is not None:
             save_weights(run_dir / "ema.safetensors", ema.shadow, {"step": step, "updates": ema.updates})
             summary.update(ema_decay=ema.current_decay, ema_updates=ema.updates, ema_skipped=ema.skipped)
-        if tracker is not None and tracker.best:
-            summary.update(best_metric=tracker.best["metric"], best_value=tracker.best["value"],
-                           best_step=tracker.best["step"])
         write_json(run_dir / "summary.json", summary)
         tel.event("end", **summary)
         best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \

@@ -121,7 +121,7 @@ def test_once_per_optimizer_step_with_accumulation_and_every(tmp_path):
 
 
 def test_only_rank_zero_holds_the_ema(tmp_path):
-    launch(["train", *FAST, "train.epochs=1", f"run.dir={tmp_path}/r"], nproc=2)
+    launch(["train", *FAST, "train.epochs=1", "validation.mode=inline", f"run.dir={tmp_path}/r"], nproc=2)
     logs = tmp_path / "r" / "logs"
     assert "EMA kept on this rank" in (logs / "rank-0.log").read_text()
     assert "EMA: none on this rank" in (logs / "rank-1.log").read_text()

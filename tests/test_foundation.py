@@ -24,7 +24,8 @@ def test_single_process_run_writes_the_run_directory(run_dir):
 
 def test_torchrun_ranks_share_one_run_directory(tmp_path):
     # No run.dir and no run.id: rank 0 picks a timestamp id and every rank must use it.
-    launch(["train", *FAST, "train.epochs=1", f"run.root={tmp_path}/runs"], nproc=2, cwd=tmp_path)
+    launch(["train", *FAST, "train.epochs=1", "validation.mode=inline", f"run.root={tmp_path}/runs"], nproc=2,
+           cwd=tmp_path)
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, runs
     assert sorted(p.name for p in (runs[0] / "logs").iterdir()) == ["rank-0.log", "rank-1.log"]

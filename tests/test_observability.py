@@ -66,7 +66,7 @@ def two_rank_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("obs") / "run"
     proc = launch(["train", *NO_WANDB, "logger.wandb.mode=offline", "logger.telemetry.every_s=0.2", "train.log_every=5",
                    "validation.every_steps=20", "validation.weights=both", "logger.wandb.tags=[a,b]",
-                   f"run.dir={run_dir}"], nproc=2)
+                   "validation.mode=inline", f"run.dir={run_dir}"], nproc=2)  # two training ranks
     return run_dir, proc
 
 

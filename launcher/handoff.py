@@ -1,0 +1,321 @@
+"""The hand-off queue between trainer and validator: plain files in <run>/handoff/.
+
+Trainer side, `Writer` (training rank 0): `put()` copies weights into pinned host
+buffers without synchronizing the training stream and returns; a background
+thread writes `<step>.safetensors`, then `<step>.json` (the manifest: step, epoch,
+weights, sha256, bytes). A manifest exists only once its data is complete.
+
+Validator side, `claim()`: every change of a snapshot's state is an atomic rename
+of its manifest (`.json` -> `.claimed` / `.dropped` / `.bad`), so a trainer
+dropping a stale snapshot and a validator claiming it can never both win, and
+nothing the validator still needs is ever deleted.
+
+Control files, written atomically, read by stat or a small JSON read:
+`stop.json` (the validator asks training to stop), `done.json` (training is over:
+final step; `closed` once the trainer stops waiting), `validator.json` (the
+validator's status and heartbeat). Skipped snapshots go to val/skipped.jsonl.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from launcher.files import append_jsonl, atomic_write, read_json, write_json
+
+log = logging.getLogger(__name__)
+MANIFEST = re.compile(r"^(\d+)\.json$")
+HEARTBEAT_S = 2.0  # the validator refreshes validator.json this often
+STALE_S = 30.0  # a heartbeat older than this means the validator is gone
+
+
+def data_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"{step:08d}.safetensors"
+
+
+def manifest_path(directory: Path, step: int, state: str = "json") -> Path:
+    return Path(directory) / f"{step:08d}.{state}"
+
+
+def record_skip(run_dir: Path, step: int, reason: str, detail: str = "") -> None:
+    """A snapshot that will never be validated, and why (stale, corrupt, busy)."""
+    append_jsonl(Path(run_dir) / "val" / "skipped.jsonl",
+                 {"step": step, "reason": reason, "detail": detail, "time": time.time()})
+
+
+def pending(directory: Path) -> List[int]:
+    """Unclaimed, complete snapshots, oldest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := MANIFEST.match(n)))
+
+
+def _transition(directory: Path, step: int, src: str, dst: str) -> bool:
+    """Atomically move a snapshot's manifest from one state to another; False if someone else won."""
+    try:
+        os.rename(manifest_path(directory, step, src), manifest_path(directory, step, dst))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def settled(directory: Path, step: int) -> bool:
+    """Nothing left to do for this snapshot: validated, dropped or rejected."""
+    return not any(manifest_path(directory, step, s).exists() for s in ("json", "claimed"))
+
+
+def drop(directory: Path, step: int, reason: str = "stale") -> bool:
+    """Remove an unclaimed snapshot (policy=latest); False if a validator claimed it first."""
+    if not _transition(directory, step, "json", "dropped"):
+        return False
+    data_path(directory, step).unlink(missing_ok=True)
+    manifest_path(directory, step, "dropped").unlink(missing_ok=True)
+    record_skip(Path(directory).parent, step, reason)
+    return True
+
+
+# ---------------------------------------------------------------- trainer side
+
+@dataclass
+class _Slot:
+    """One set of pinned host buffers; the writer thread owns it until it is written."""
+    host: Dict[str, torch.Tensor] = field(default_factory=dict)
+    ready: Optional[object] = None  # CUDA event: the device-to-host copy finished
+
+
+class Writer:
+    """Rank 0's end of the queue. Two slots, so a new snapshot never overwrites one still being written."""
+
+    def __init__(self, run_dir: Path, policy: str, keep: int, device: torch.device):
+        self.run_dir, self.dir = Path(run_dir), Path(run_dir) / "handoff"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.policy, self.keep = policy, keep
+        self.cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.stage: Dict[str, torch.Tensor] = {}  # device staging copy (CUDA): the EMA may move on at once
+        self.stage_free = None  # event: the last device-to-host copy out of `stage` finished
+        self.free: "queue.Queue[_Slot]" = queue.Queue()
+        for _ in range(2):
+            self.free.put(_Slot())
+        self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self.submitted: List[int] = []
+        self.blocked_s: List[float] = []
+        self.thread = threading.Thread(target=self._write_loop, name="handoff-writer", daemon=True)
+        self.thread.start()
+
+    @torch.no_grad()
+    def put(self, step: int, epoch: int, states: Dict[str, Dict[str, torch.Tensor]]) -> Optional[float]:
+        """Snapshot `states` ({kind: state_dict}); returns the seconds the caller was blocked, None if dropped."""
+        t0 = time.perf_counter()
+        try:
+            slot = self.free.get_nowait()
+        except queue.Empty:  # both slots still being written: the disk is slower than the interval
+            if self.policy == "latest":
+                record_skip(self.run_dir, step, "busy", "the previous snapshots were still being written")
+                log.warning("hand-off of step %d skipped: the writer is still busy", step)
+                return None
+            slot = self.free.get()  # policy=all: every snapshot must reach the validator
+        flat = {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
+        if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
+                                                  for k, v in flat.items()):
+            slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
+        src, dst = list(flat.values()), list(slot.host.values())
+        if self.cuda:
+            main = torch.cuda.current_stream()
+            if self.stage.keys() != flat.keys():
+                self.stage = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in flat.items()}
+            if self.stage_free is not None:
+                main.wait_event(self.stage_free)  # a GPU-side wait, already satisfied in practice
+            stage = list(self.stage.values())
+            torch._foreach_copy_(stage, src)  # device to device, ordered before the next EMA update
+            self.side.wait_stream(main)
+            with torch.cuda.stream(self.side):
+                torch._foreach_copy_(dst, stage, non_blocking=True)
+                slot.ready = torch.cuda.Event()
+                slot.ready.record(self.side)
+            self.stage_free = slot.ready
+        else:
+            torch._foreach_copy_(dst, src)  # CPU training: a memcpy is the whole cost
+            slot.ready = None
+        self.jobs.put((step, epoch, sorted(states), slot))
+        self.submitted.append(step)
+        blocked = time.perf_counter() - t0
+        self.blocked_s.append(blocked)
+        return blocked
+
+    def _write_loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            step, epoch, kinds, slot = job
+            try:
+                if slot.ready is not None:
+                    slot.ready.synchronize()
+                data = st_save(slot.host, metadata={"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)})
+                atomic_write(data_path(self.dir, step), lambda f: f.write(data))
+                write_json(manifest_path(self.dir, step), {
+                    "step": step, "epoch": epoch, "weights": kinds, "file": data_path(self.dir, step).name,
+                    "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "time": time.time()})
+                if self.policy == "latest":
+                    for old in pending(self.dir)[:-self.keep]:
+                        drop(self.dir, old, "stale")
+            except Exception:  # a full disk must not kill training; the step shows up as unvalidated
+                log.exception("hand-off of step %d failed", step)
+                record_skip(self.run_dir, step, "write_failed")
+            finally:
+                self.free.put(slot)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being written."""
+        return self.free.qsize() == 2
+
+    def flush(self) -> None:
+        """Wait until every snapshot is on disk (used once, after training)."""
+        self.jobs.put(None)
+        self.thread.join()
+
+
+class Tail:
+    """New complete lines of a jsonl file since the last call; never blocks, never re-reads."""
+
+    def __init__(self, path: Path, from_end: bool = False):
+        self.path = Path(path)
+        self.offset = self.path.stat().st_size if from_end and self.path.exists() else 0
+
+    def read(self) -> List[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        chunk = chunk[: chunk.rfind(b"\n") + 1]  # a half-written last line waits for the next call
+        self.offset += len(chunk)
+        rows = []
+        for line in chunk.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+
+# ---------------------------------------------------------------- validator side
+
+class Corrupt(Exception):
+    """A snapshot that fails its manifest, size or checksum."""
+
+
+@dataclass
+class Snapshot:
+    directory: Path
+    step: int
+
+    def load(self) -> tuple[dict, Dict[str, Dict[str, torch.Tensor]]]:
+        """(manifest, {kind: state_dict}), verified; raises Corrupt."""
+        try:
+            manifest = read_json(manifest_path(self.directory, self.step, "claimed"))
+            data = data_path(self.directory, self.step).read_bytes()
+        except (OSError, ValueError) as e:
+            raise Corrupt(f"unreadable: {type(e).__name__}: {e}") from None
+        if len(data) != manifest.get("bytes"):
+            raise Corrupt(f"size {len(data)} != {manifest.get('bytes')} bytes (truncated?)")
+        if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+            raise Corrupt("sha256 mismatch")
+        try:
+            flat = st_load(data)
+        except Exception as e:
+            raise Corrupt(f"not a safetensors file: {e}") from None
+        states: Dict[str, Dict[str, torch.Tensor]] = {}
+        for key, t in flat.items():
+            kind, _, name = key.partition("/")
+            states.setdefault(kind, {})[name] = t
+        return manifest, states
+
+    def ack(self) -> None:
+        """Validated: the files are no longer needed."""
+        data_path(self.directory, self.step).unlink(missing_ok=True)
+        manifest_path(self.directory, self.step, "claimed").unlink(missing_ok=True)
+
+    def reject(self, reason: str) -> None:
+        """Corrupt: move aside as .bad (kept for inspection), record it, go on."""
+        data = data_path(self.directory, self.step)
+        if data.exists():
+            os.replace(data, data.with_name(data.name + ".bad"))
+        _transition(self.directory, self.step, "claimed", "bad")
+        record_skip(Path(self.directory).parent, self.step, "corrupt", reason)
+
+
+def claim(directory: Path, policy: str) -> Optional[Snapshot]:
+    """The next snapshot to validate: the oldest (policy=all) or the newest, dropping older ones (latest)."""
+    steps = pending(directory)
+    for step in (reversed(steps) if policy == "latest" else steps):
+        if _transition(directory, step, "json", "claimed"):
+            if policy == "latest":
+                for old in steps:
+                    if old < step:
+                        drop(directory, old, "stale")
+            return Snapshot(Path(directory), step)
+    return None
+
+
+def recover(directory: Path) -> None:
+    """A validator that died holding a claim: give its snapshot back to the queue."""
+    for p in Path(directory).glob("*.claimed"):
+        os.replace(p, p.with_suffix(".json"))
+
+
+# ---------------------------------------------------------------- control files
+
+def request_stop(run_dir: Path, step: int, reason: str) -> None:
+    """The first request stands: later validations of the backlog do not move it."""
+    if not stop_requested(run_dir):
+        write_json(Path(run_dir) / "handoff" / "stop.json", {"step": step, "reason": reason, "time": time.time()})
+
+
+def stop_requested(run_dir: Path) -> bool:
+    return (Path(run_dir) / "handoff" / "stop.json").exists()
+
+
+def mark_done(run_dir: Path, final_step: int, closed: bool = False) -> None:
+    write_json(Path(run_dir) / "handoff" / "done.json", {"final_step": final_step, "closed": closed})
+
+
+def done(run_dir: Path, or_summary: bool = False) -> Optional[dict]:
+    """The end marker. `or_summary`: a finished run that had no async validator has only summary.json."""
+    for name in ("handoff/done.json", "summary.json") if or_summary else ("handoff/done.json",):
+        try:
+            return read_json(Path(run_dir) / name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def reset(run_dir: Path) -> None:
+    """A (re)starting trainer: forget the previous session's stop request and end marker."""
+    for name in ("stop.json", "done.json"):
+        (Path(run_dir) / "handoff" / name).unlink(missing_ok=True)
+
+
+def write_status(run_dir: Path, **fields) -> None:
+    write_json(Path(run_dir) / "handoff" / "validator.json", {"time": time.time(), **fields})
+
+
+def read_status(run_dir: Path) -> Optional[dict]:
+    try:
+        return read_json(Path(run_dir) / "handoff" / "validator.json")
+    except (OSError, ValueError):
+        return None
