@@ -76,14 +76,24 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 = off
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
-    channels_last: bool = False
+    compile: bool = False  # torch.compile the forward (DDP-aware: compiles the DDP wrapper in place)
+    channels_last: bool = False  # NHWC weights and inputs for conv nets (faster convolutions on tensor cores)
 
 
 @dataclass
 class DataConfig:
     workers: int = 0
     pin_memory: bool = True  # only where a GPU is used
+    persistent_workers: bool = True  # keep loader workers alive across epochs (with workers > 0)
+    prefetch: int = 2  # batches each worker loads ahead (with workers > 0)
+
+
+@dataclass
+class DdpConfig:
+    """DistributedDataParallel settings (used with 2+ training ranks)."""
+    bucket_cap_mb: float = 25.0  # gradient bucket size; larger = fewer, bigger all-reduces
+    gradient_as_bucket_view: bool = True  # grads are views into the buckets: no copy, less memory
+    static_graph: bool = False  # same graph every step: lets DDP skip its per-step bookkeeping
 
 
 @dataclass
@@ -198,6 +208,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -237,7 +248,7 @@ CHOICES = {
     "logger.progress": ("auto", "rich", "plain", "off"),
 }
 
-POSITIVE = ("train.log_every", "ema.every", "checkpoint.keep_last", "validation.queue",
+POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last", "validation.queue",
             "early_stop.window", "autobatch.max", "autobatch.max_probes")
 NON_NEGATIVE = ("train.epochs", "train.max_steps", "train.grad_clip", "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
