@@ -1,6 +1,8 @@
 """Shared by the benchmark scripts: run the launcher (or a baseline) in a subprocess,
 name the device, and write `benchmarks/out/<name>.json` in the format run_all.py reads.
 
+Each script writes `$BENCH_OUT/<name>.json` (default benchmarks/out/):
+
     {"benchmark": name, "device": "...", "date": "YYYY-MM-DD HH:MM UTC", "quick": bool,
      "rows": [{"case", "ours", "baseline", "baseline_name", "ratio", "unit", "target", "met"}],
      "notes": ["..."]}
@@ -26,7 +28,7 @@ from typing import List, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "out"
+OUT = Path(os.environ.get("BENCH_OUT") or ROOT / "benchmarks" / "out")  # run_all.py --out-dir sets BENCH_OUT
 sys.path.insert(0, str(ROOT))
 
 
