@@ -118,12 +118,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in s.models.split(","):
             job = sizes[name]
-            bare, ours, no_val = common.best_of(s.repeat, lambda: rate("bare", job, s, Path(tmp)),
-                                                lambda: rate("launcher", job, s, Path(tmp)),
-                                                lambda: rate("launcher", job, s, Path(tmp), ["validation.mode=off"]))
+            off = ["validation.mode=off"]
+            bare, ours, no_val, no_ema = common.best_of(
+                s.repeat, lambda: rate("bare", job, s, Path(tmp)), lambda: rate("launcher", job, s, Path(tmp)),
+                lambda: rate("launcher", job, s, Path(tmp), off),
+                lambda: rate("launcher", job, s, Path(tmp), off + ["ema.enabled=false"]))
             rows.append(common.row(f"{name}: launcher train (EMA, validation, metrics) vs bare DDP loop", ours, bare,
                                    "bare DDP loop", unit, target=0.98))
             rows.append(common.row(f"{name}: launcher train, validation.mode=off, vs bare DDP loop", no_val, bare,
+                                   "bare DDP loop", unit, target=0.98))
+            rows.append(common.row(f"{name}: launcher train, validation and EMA off, vs bare DDP loop", no_ema, bare,
                                    "bare DDP loop", unit, target=0.98))
             if s.no_options:
                 continue
