@@ -1,69 +1,81 @@
-"""Shared by the benchmark scripts: run the launcher (or a baseline) in a subprocess,
-name the device, and write `benchmarks/out/<name>.json` in the format run_all.py reads.
+"""Shared by the benchmarks: timing, device info, and the JSON every benchmark writes.
 
-Each script writes `$BENCH_OUT/<name>.json` (default benchmarks/out/):
-
-    {"benchmark": name, "device": "...", "date": "YYYY-MM-DD HH:MM UTC", "quick": bool,
-     "rows": [{"case", "ours", "baseline", "baseline_name", "ratio", "unit", "target", "met"}],
-     "notes": ["..."]}
-
-`ratio` is ours / baseline for rates (higher is better) and baseline / ours for
-times (lower is better), so a ratio above 1 always means "ours is faster". `target`
-is the ratio the issue asks for (or null), `met` whether ratio >= target (null when
-there is no target).
+Each benchmark writes $BENCH_OUT/<name>.json (default benchmarks/out/; run_all.py --out-dir sets it):
+{"benchmark": name, "device": ..., "date": ..., "rows": [{"case", "ours", "baseline", "baseline_name",
+ "ratio", "unit", "target", "met"}]}; benchmarks/run_all.py turns them into RESULTS.md.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = Path(os.environ.get("BENCH_OUT") or ROOT / "benchmarks" / "out")  # run_all.py --out-dir sets BENCH_OUT
+OUT = Path(os.environ.get("BENCH_OUT") or ROOT / "benchmarks" / "out")
 sys.path.insert(0, str(ROOT))
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch {torch.__version__})"
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def row(case: str, ours: float, baseline: Optional[float], baseline_name: str, unit: str,
-        target: Optional[float] = None, lower_is_better: bool = False) -> dict:
-    ratio = None
-    if baseline:
-        ratio = (baseline / ours if lower_is_better else ours / baseline) if ours else None
-    met = None if target is None or ratio is None else ratio >= target
-    return {"case": case, "ours": round(ours, 4), "baseline": None if baseline is None else round(baseline, 4),
-            "baseline_name": baseline_name, "ratio": None if ratio is None else round(ratio, 4), "unit": unit,
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], None], device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def row(case: str, ours: float, baseline: float, baseline_name: str, unit: str, target: Optional[str] = None,
+        met: Optional[bool] = None, ratio: Optional[float] = None) -> dict:
+    return {"case": case, "ours": ours, "baseline": baseline, "baseline_name": baseline_name,
+            "ratio": ratio if ratio is not None else (baseline / ours if ours else None), "unit": unit,
             "target": target, "met": met}
 
 
-def write_result(name: str, rows: List[dict], quick: bool, notes: Optional[List[str]] = None,
-                 out_dir: Path = OUT) -> Path:
-    from launcher.files import write_json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    write_json(path, {"benchmark": name, "device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                      time.gmtime()), "quick": quick, "rows": rows, "notes": notes or []})
-    for r in rows:
-        ratio = "" if r["ratio"] is None else f"  ratio {r['ratio']:.3f}"
-        base = "" if r["baseline"] is None else f"  {r['baseline_name']} {r['baseline']:.4g}"
-        print(f"{name}: {r['case']}: ours {r['ours']:.4g} {r['unit']}{base}{ratio}", flush=True)
-    print(f"wrote {path}", flush=True)
+def write(name: str, device: torch.device, rows: List[dict], **extra) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{name}.json"
+    data = {"benchmark": name, "device": device_name(device), "date": datetime.date.today().isoformat(),
+            "rows": rows, **extra}
+    path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
+
+def print_rows(rows: List[dict]) -> None:
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        met = {True: "met", False: "NOT met", None: ""}[r["met"]]
+        print(f"{r['case']:<42} ours {r['ours']:.4g} {r['unit']:<6} {r['baseline_name']} {r['baseline']:.4g}"
+              f"  ratio {ratio}  {r['target'] or ''} {met}")
+
+
+# Running the launcher (or a baseline) as a user would: a subprocess, timed from outside.
 
 def best_of(repeat: int, *measures):
     """Run each measurement `repeat` times, interleaved, and keep each one's best (largest)

@@ -22,6 +22,13 @@ import torch
 
 import common
 
+
+def rate_row(case: str, ours: float, base: float, base_name: str, unit: str, target: float = None) -> dict:
+    """A row for a rate (higher is better): ratio = ours / baseline."""
+    ratio = ours / base
+    return common.row(case, round(ours, 2), round(base, 2), base_name, unit, None if target is None else
+                      f">= {target}", None if target is None else ratio >= target, round(ratio, 4))
+
 FULL = {  # GPU: the anchor sizes (h100-measurements.md), batch 128, bf16
     "resnet": {"model": "resnet", "train_samples": 8192, "val_samples": 1024},
     "vit": {"model": "vit", "train_samples": 8192, "val_samples": 1024},
@@ -123,11 +130,11 @@ def main() -> None:
                 s.repeat, lambda: rate("bare", job, s, Path(tmp)), lambda: rate("launcher", job, s, Path(tmp)),
                 lambda: rate("launcher", job, s, Path(tmp), off),
                 lambda: rate("launcher", job, s, Path(tmp), off + ["ema.enabled=false"]))
-            rows.append(common.row(f"{name}: launcher train (EMA, validation, metrics) vs bare DDP loop", ours, bare,
+            rows.append(rate_row(f"{name}: launcher train (EMA, validation, metrics) vs bare DDP loop", ours, bare,
                                    "bare DDP loop", unit, target=0.98))
-            rows.append(common.row(f"{name}: launcher train, validation.mode=off, vs bare DDP loop", no_val, bare,
+            rows.append(rate_row(f"{name}: launcher train, validation.mode=off, vs bare DDP loop", no_val, bare,
                                    "bare DDP loop", unit, target=0.98))
-            rows.append(common.row(f"{name}: launcher train, validation and EMA off, vs bare DDP loop", no_ema, bare,
+            rows.append(rate_row(f"{name}: launcher train, validation and EMA off, vs bare DDP loop", no_ema, bare,
                                    "bare DDP loop", unit, target=0.98))
             if s.no_options:
                 continue
@@ -138,14 +145,15 @@ def main() -> None:
                 flip = [f"{key}={str(not default).lower()}"]
                 other = common.best_of(s.repeat, lambda: rate("launcher", job, s, Path(tmp), flip))[0]
                 on, off = (ours, other) if default else (other, ours)
-                rows.append(common.row(f"{name}: {key}=true", on, off, f"{key}=false", unit))
+                rows.append(rate_row(f"{name}: {key}=true", on, off, f"{key}=false", unit))
         first = s.models.split(",")[0]
         sync_ms, gate_ms = ema_gate(sizes[first], s, 10 if sizes is QUICK else 50)
-        rows.append(common.row(f"{first}: train step + EMA, device gate vs host sync", gate_ms, sync_ms,
-                               "bool(isfinite(loss)) per step", "ms/step" if gpu else "CPU-ms/step",
-                               lower_is_better=True))
+        rows.append(common.row(f"{first}: train step + EMA, device gate vs host sync", round(gate_ms, 3),
+                               round(sync_ms, 3), "bool(isfinite(loss)) per step", "ms/step" if gpu else "CPU-ms/step"))
     notes.append("optim.fused defaults to true on CUDA and false on CPU; on CPU the fused case is the option.")
-    common.write_result("overhead", rows, s.quick, notes)
+    common.print_rows(rows)
+    print("wrote", common.write("overhead", torch.device("cuda" if gpu else "cpu"), rows, quick=sizes is QUICK,
+                                notes=notes))
 
 
 if __name__ == "__main__":

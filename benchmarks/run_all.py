@@ -9,18 +9,19 @@ The convention every benchmark script follows (helpers in benchmarks/common.py):
 
 - it lives at `benchmarks/<name>.py`, accepts `--quick` (CPU/CI sizes, minutes at most)
   and measures ours against a baseline in the same run;
-- it writes `$BENCH_OUT/<name>.json` (BENCH_OUT defaults to benchmarks/out/):
+- it writes `$BENCH_OUT/<name>.json` (BENCH_OUT defaults to benchmarks/out/), with
+  `common.row` and `common.write`:
 
       {"benchmark": "<name>", "device": "NVIDIA H100 80GB HBM3 x1 (torch 2.13)",
-       "date": "2026-11-23 15:00 UTC", "quick": true,
+       "date": "2026-11-23", "quick": true,
        "rows": [{"case": "resnet: ...", "ours": 3650.0, "baseline": 3700.0,
                  "baseline_name": "bare DDP loop", "ratio": 0.986, "unit": "samples/s",
-                 "target": 0.98, "met": true}],
+                 "target": ">= 0.98", "met": true}],
        "notes": ["what was run, and why a gap is what it is"]}
 
-  `ratio` > 1 always means ours is better (ours/baseline for rates, baseline/ours for
-  times); `target` is the ratio the issue asks for or null; `met` is ratio >= target,
-  or null without a target. `baseline`, `ratio` may be null for a plain figure.
+  `ratio` > 1 means ours is better (ours/baseline for rates, baseline/ours for times);
+  `target` is what the issue asks for, as text, or null; `met` says whether it was met,
+  or null without a target. Extra top-level keys (`quick`, `notes`) are optional.
 
 A missing script, a failed run or a missing/invalid JSON is reported in RESULTS.md and
 skipped; it never stops the others. RESULTS.md keeps everything outside the generated

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import common
-from overhead import FULL, QUICK, job_overrides
+from overhead import FULL, QUICK, job_overrides, rate_row
 
 
 def measure(job: dict, s: argparse.Namespace, nproc: int, tmp: Path, extra=()) -> dict:
@@ -51,10 +51,9 @@ def main() -> None:
                               lambda: measure(job, s, 1, Path(tmp))["cpu_rate"],
                               lambda: measure(job, s, n, Path(tmp))["cpu_rate"])
         wall1, walln, cpu1, cpun = best
-        rows = [common.row("steps/s, 1 rank", wall1 / s.batch, None, "", "steps/s"),
-                common.row(f"steps/s, {n} ranks", walln / (s.batch * n), wall1 / s.batch, "1 rank", "steps/s"),
-                common.row(f"samples/s, {n} ranks vs 1 (ideal {n})", walln, wall1, "1 rank", "samples/s"),
-                common.row(f"samples per CPU-second, {n} ranks vs 1 (ideal 1)", cpun, cpu1, "1 rank", "samples/CPU-s")]
+        rows = [rate_row(f"steps/s, {n} ranks vs 1 rank", walln / (s.batch * n), wall1 / s.batch, "1 rank", "steps/s"),
+                rate_row(f"samples/s, {n} ranks vs 1 (ideal {n})", walln, wall1, "1 rank", "samples/s"),
+                rate_row(f"samples per CPU-second, {n} ranks vs 1 (ideal 1)", cpun, cpu1, "1 rank", "samples/CPU-s")]
         if n > 1:
             for key, default in (("ddp.gradient_as_bucket_view", True), ("ddp.static_graph", False)):
                 kind = "wall_rate" if gpu else "cpu_rate"
@@ -62,12 +61,13 @@ def main() -> None:
                 mine, other = common.best_of(s.repeat, lambda: measure(job, s, n, Path(tmp))[kind],
                                              lambda: measure(job, s, n, Path(tmp), flip)[kind])
                 on, off = (mine, other) if default else (other, mine)
-                rows.append(common.row(f"{n} ranks: {key}=true", on, off, f"{key}=false",
+                rows.append(rate_row(f"{n} ranks: {key}=true", on, off, f"{key}=false",
                                        "samples/s" if gpu else "samples/CPU-s"))
     notes = [f"{'CPU gloo' if not gpu else 'NCCL'}, ResNet ({'tiny' if quick else '50'}), batch {s.batch} per rank, "
              f"{s.precision}, EMA on, validation off, {s.steps} steps timed after step {s.warmup}",
-             f"machine: {common.device_name()}; wall-clock rates on a shared CPU include other load"]
-    common.write_result("scaling", rows, quick, notes)
+             "wall-clock rates on a shared CPU include other load"]
+    common.print_rows(rows)
+    print("wrote", common.write("scaling", torch.device("cuda" if gpu else "cpu"), rows, quick=quick, notes=notes))
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_run_all_quick_overhead_writes_json_and_results(tmp_path):
     assert data["benchmark"] == "overhead" and data["quick"] is True
     cases = {r["case"]: r for r in data["rows"]}
     vs_bare = cases["resnet: launcher train (EMA, validation, metrics) vs bare DDP loop"]
-    assert vs_bare["ours"] > 0 and vs_bare["baseline"] > 0 and vs_bare["target"] == 0.98
+    assert vs_bare["ours"] > 0 and vs_bare["baseline"] > 0 and vs_bare["target"] == ">= 0.98"
     assert vs_bare["ratio"] == pytest.approx(vs_bare["ours"] / vs_bare["baseline"], rel=1e-3)
     assert isinstance(vs_bare["met"], bool)
     assert "### overhead" in results.read_text() and vs_bare["case"] in results.read_text()
