@@ -305,6 +305,9 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
+    if cfg.ddp.static_graph and cfg.autobatch.max_retries > 0:
+        raise ConfigError("ddp.static_graph=true needs autobatch.max_retries=0: OOM recovery averages gradients "
+                          "itself, outside DDP's recorded graph; or keep ddp.static_graph=false")
     oom = cfg.debug.simulate_oom_above
     if oom is not None:
         limits = list(oom) if isinstance(oom, (list, tuple)) or hasattr(oom, "__iter__") and not isinstance(oom, str) else [oom]
