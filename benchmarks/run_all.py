@@ -108,8 +108,10 @@ def table(data: dict) -> str:
 
 def render(names: List[str], out_dir: Path, notes: dict) -> str:
     parts = [BEGIN, "", f"_Regenerated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}._", ""]
-    extra = sorted(p.stem for p in out_dir.glob("*.json") if p.stem not in names)
-    for name in names + extra:
+    present = {p.stem for p in out_dir.glob("*.json")}
+    order = [n for n in BENCHMARKS if n in names or n in present] + sorted(present - set(BENCHMARKS) - set(names)) \
+        + [n for n in names if n not in BENCHMARKS]
+    for name in order:
         data, note = load(name, out_dir)
         if data is not None:
             parts.append(table(data))
