@@ -68,11 +68,18 @@ def run_one(name: str, quick: bool, out_dir: Path, extra: List[str], timeout: fl
     return None
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
+
+
 def load(name: str, out_dir: Path) -> tuple:
     """(result, note): the parsed JSON if it follows the convention, else a note why not."""
     path = out_dir / f"{name}.json"
     if not path.exists():
-        return None, f"no `{path.name}` in {out_dir}; nothing to show."
+        return None, f"no `{path.name}` in {_rel(out_dir)}; nothing to show."
     try:
         data = json.loads(path.read_text())
         missing = [k for k in ("benchmark", "device", "date", "rows") if k not in data]
