@@ -249,8 +249,8 @@ CHOICES = {
     "logger.progress": ("auto", "rich", "plain", "off"),
 }
 
-POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last", "validation.queue",
-            "early_stop.window", "autobatch.max", "autobatch.max_probes")
+POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
+            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes")
 NON_NEGATIVE = ("train.epochs", "train.max_steps", "train.grad_clip", "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s",
