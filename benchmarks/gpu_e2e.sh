@@ -65,7 +65,7 @@ rates = sorted(r["samples_per_s"] for r in m if "samples_per_s" in r)
 print("figure micro_batch", start.get("micro_batch"), "| steps", summary.get("steps"),
       "| median samples/s", round(rates[len(rates) // 2], 1) if rates else None,
       "| validations", len(val), "| events", sorted(set(kinds)))
-ok = eval(expr)
+ok = eval(f"({expr})")  # parenthesised: the expression may span lines
 sys.exit(0 if ok else 1)
 EOF
 }
