@@ -28,6 +28,7 @@ def decay_at(n: int, decay: float, ramp: str, tau: float) -> float:
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: str = "exp", tau: float = 2000.0):
         self.decay, self.ramp, self.tau = decay, ramp, tau
+        self._pending: Optional[torch.Tensor] = None  # skips decided on the device, not yet counted
         self.updates = 0
         self.skipped = 0
         sd = model.state_dict()
@@ -55,9 +56,12 @@ class EMA:
         return decay_at(n, self.decay, self.ramp, self.tau)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, skip: bool = False) -> None:
+    def update(self, model: nn.Module, skip: "bool | torch.Tensor" = False) -> None:
         """Move the average towards `model`. `skip` (a step the GradScaler skipped, a
-        non-finite loss) leaves it untouched and does not advance the ramp."""
+        non-finite loss) leaves it untouched and does not advance the ramp. A 0-d bool
+        *tensor* `skip` is decided on the device, so the step needs no host-device sync."""
+        if isinstance(skip, torch.Tensor):
+            return self._update_gated(model, skip)
         if skip:
             self.skipped += 1
             return
@@ -71,6 +75,48 @@ class EMA:
             torch._foreach_lerp_(ema, src, weight)
         if self._ints[0]:
             torch._foreach_copy_(self._ints[0], self._ints[1])
+
+    def _update_gated(self, model: nn.Module, skip: torch.Tensor) -> None:
+        """Where the step is skipped every source is swapped for the average itself, so
+        lerp(v, v) leaves v bit-exact (a NaN weight never enters); where it is not, the
+        result is bit-identical to the host path. Costs one `where` pass over the weights
+        (it replaces the fp32 cast for bf16/fp16 weights). The counters are settled from the
+        device when read; until then the ramp assumes the step was not skipped."""
+        if model is not self._model_ref:
+            self._bind(model)
+        self._updates += 1
+        weight = 1.0 - self.decay_at(self._updates)
+        keep = ~skip
+        for _, (ema, src) in self._groups:
+            torch._foreach_lerp_(ema, [torch.where(keep, s, e) for s, e in zip(src, ema)], weight)
+        if self._ints[0]:
+            torch._foreach_copy_(self._ints[0], [torch.where(keep, s, e) for s, e in zip(self._ints[1], self._ints[0])])
+        self._pending = skip.long() if self._pending is None else self._pending + skip
+
+    def _settle(self) -> None:
+        if self._pending is not None:
+            n, self._pending = int(self._pending.item()), None
+            self._updates, self._skipped = self._updates - n, self._skipped + n
+
+    @property
+    def updates(self) -> int:
+        self._settle()
+        return self._updates
+
+    @updates.setter
+    def updates(self, n: int) -> None:
+        self._settle()
+        self._updates = n
+
+    @property
+    def skipped(self) -> int:
+        self._settle()
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, n: int) -> None:
+        self._settle()
+        self._skipped = n
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -76,14 +76,24 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 = off
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
-    channels_last: bool = False
+    compile: bool = False  # torch.compile the forward (DDP-aware: compiles the DDP wrapper in place)
+    channels_last: bool = False  # NHWC weights and inputs for conv nets (faster convolutions on tensor cores)
 
 
 @dataclass
 class DataConfig:
     workers: int = 0
     pin_memory: bool = True  # only where a GPU is used
+    persistent_workers: bool = True  # keep loader workers alive across epochs (with workers > 0)
+    prefetch: int = 2  # batches each worker loads ahead (with workers > 0)
+
+
+@dataclass
+class DdpConfig:
+    """DistributedDataParallel settings (used with 2+ training ranks)."""
+    bucket_cap_mb: float = 25.0  # gradient bucket size; larger = fewer, bigger all-reduces
+    gradient_as_bucket_view: bool = True  # grads are views into the buckets: no copy, less memory
+    static_graph: bool = False  # same graph every step: lets DDP skip its per-step bookkeeping
 
 
 @dataclass
@@ -199,6 +209,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -238,9 +249,10 @@ CHOICES = {
     "logger.progress": ("auto", "rich", "plain", "off"),
 }
 
-POSITIVE = ("train.log_every", "ema.every", "checkpoint.keep_last", "validation.queue",
-            "early_stop.window", "autobatch.max", "autobatch.max_probes")
-NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip", "sched.warmup_steps",
+POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
+            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes")
+NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
+                "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s",
                 "autobatch.max_retries", "data.workers")
@@ -300,6 +312,9 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
+    if cfg.ddp.static_graph and cfg.autobatch.max_retries > 0:
+        raise ConfigError("ddp.static_graph=true needs autobatch.max_retries=0: OOM recovery averages gradients "
+                          "itself, outside DDP's recorded graph; or keep ddp.static_graph=false")
     oom = cfg.debug.simulate_oom_above
     if oom is not None:
         limits = list(oom) if isinstance(oom, (list, tuple)) or hasattr(oom, "__iter__") and not isinstance(oom, str) else [oom]

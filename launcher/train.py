@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import jobs
-from launcher import autobatch, checkpoint
+from launcher import autobatch, checkpoint, speed
 from launcher.dist import Dist, rng_state, seed_everything, set_rng_state
 from launcher.ema import EMA
 from launcher.env import Env
@@ -80,8 +79,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
         log.info("EMA kept on this rank: %d tensors, %.2f MB fp32", len(ema.shadow), mb)
     else:
         log.info("EMA: none on this rank")
-    ddp = DDP(model, process_group=dist.group, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.distributed_training else model
+    ddp = speed.wrap(model, cfg, dist.group if dist.distributed_training else None, device)  # DDP, compile
     tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total, cfg=cfg, env=env)
     tel.event("autobatch", **autobatch_event)
     oom = autobatch.Recovery(cfg, env, dist, run_dir, model, tel)
@@ -147,12 +145,12 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     t_start, t_log, samples_since = time.time(), time.perf_counter(), 0
     stopped_early = False
     ddp.train()
+    indices = speed.EpochIndices()  # one loader for the run: its workers persist across epochs
+    loader = DataLoader(train_set, batch_size=step_batch, sampler=indices, drop_last=True,
+                        **speed.loader_options(cfg.data, device))
     while step < total and not stopped_early:
         sampler.set_epoch(epoch)
-        indices = list(sampler)[batch_in_epoch * step_batch: steps_per_epoch * step_batch]
-        loader = DataLoader(train_set, batch_size=step_batch, sampler=indices, drop_last=True,
-                            num_workers=cfg.data.workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                            persistent_workers=False)
+        indices.set(list(sampler)[batch_in_epoch * step_batch: steps_per_epoch * step_batch])
         for x, y in loader:
             if cfg.train.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -191,9 +189,10 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
             step += 1
             batch_in_epoch += 1
             if ema is not None and step % cfg.ema.every == 0:
-                # fp16: the scaler already synchronized, so reading its scale is free.
+                # fp16: the scaler already synchronized, so reading its scale is free; otherwise
+                # a device flag on a GPU (no sync in the step).
                 skipped = scaler.get_scale() < scale_before if scale_before is not None \
-                    else not bool(torch.isfinite(step_loss))
+                    else speed.nonfinite(step_loss)
                 ema.update(model, skip=skipped)
             loss_sum += step_loss
             loss_count += 1

@@ -1,0 +1,160 @@
+"""What the launcher costs: `launcher train` (EMA, validation, metrics and telemetry on)
+against a bare DDP loop (benchmarks/bare_ddp.py) with the same model, batch, precision and
+optimizer, in the same run; then what each speed option buys, and what the EMA's finite-loss
+check costs with a host sync against the device-side gate.
+
+    python benchmarks/overhead.py            # GPU sizes: ResNet-50 and ViT-B/16, bf16
+    python benchmarks/overhead.py --quick    # CPU/CI sizes: tiny nets, fp32, seconds
+
+Writes benchmarks/out/overhead.json (format: benchmarks/common.py). Target: ratio >= 0.98.
+Checkpoints are written at the end only (outside the timed window); their cost is the
+fault-tolerance benchmark's subject, not this one's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import common
+
+
+def rate_row(case: str, ours: float, base: float, base_name: str, unit: str, target: float = None) -> dict:
+    """A row for a rate (higher is better): ratio = ours / baseline."""
+    ratio = ours / base
+    return common.row(case, round(ours, 2), round(base, 2), base_name, unit, None if target is None else
+                      f">= {target}", None if target is None else ratio >= target, round(ratio, 4))
+
+FULL = {  # GPU: the anchor sizes (h100-measurements.md), batch 128, bf16
+    "resnet": {"model": "resnet", "train_samples": 8192, "val_samples": 1024},
+    "vit": {"model": "vit", "train_samples": 8192, "val_samples": 1024},
+}
+QUICK = {  # CPU: the same architectures, shrunk
+    "resnet": {"model": "resnet", "width": 8, "depth": [1, 1, 1, 1], "image_size": 32, "num_classes": 10,
+               "train_samples": 2048, "val_samples": 64},
+    "vit": {"model": "vit", "dim": 64, "layers": 2, "heads": 2, "patch": 8, "image_size": 32, "num_classes": 10,
+            "train_samples": 2048, "val_samples": 64},
+}
+
+
+def job_overrides(job: dict) -> list:
+    return ["job=synthetic"] + [f"job.{k}={json.dumps(v).replace(' ', '')}" for k, v in job.items()]
+
+
+def rate(kind: str, job: dict, s: argparse.Namespace, tmp: Path, extra=()) -> float:
+    """Steady-state samples/s of `launcher train` or the bare loop, over the steps after warmup:
+    wall clock on a GPU, per CPU-second on a CPU (see common.launcher_window)."""
+    metrics = tmp / f"{kind}-{time.monotonic_ns()}" / "metrics.jsonl"
+    if kind == "bare":
+        metrics.parent.mkdir(parents=True)
+        cmd = common.python_cmd(s.nproc, str(common.ROOT / "benchmarks" / "bare_ddp.py"), "--job", json.dumps(job),
+                                "--batch", str(s.batch), "--steps", str(s.steps), "--warmup", str(s.warmup),
+                                "--precision", s.precision, "--workers", str(s.workers), "--out", str(metrics))
+    else:
+        cmd = common.python_cmd(s.nproc, "-m", "launcher", "train", *job_overrides(job), f"run.dir={metrics.parent}",
+                                f"batch.size={s.batch}", f"train.max_steps={s.steps}", f"train.precision={s.precision}",
+                                f"train.log_every={s.log_every}", f"data.workers={s.workers}",
+                                f"validation.every_steps={s.val_every}", f"validation.batch_size={s.batch}",
+                                "checkpoint.every_steps=0", "logger.progress=plain", *extra)
+    w = common.launcher_window(cmd, metrics, s.warmup, s.steps, s.batch * s.nproc)
+    return w["wall_rate"] if s.gpu else w["cpu_rate"]
+
+
+def ema_gate(job: dict, s: argparse.Namespace, steps: int) -> tuple:
+    """ms per training step with the EMA skipped on a host-read finiteness check (a sync
+    per step) and with the device-side gate (launcher.speed.nonfinite on a GPU)."""
+    from jobs.synthetic import Synthetic
+    from launcher.ema import EMA
+    from launcher.schema import SyntheticJob
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as the child processes (common.env)
+    model = Synthetic(SyntheticJob(**job)).model().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ema = EMA(model, 0.9999, "exp", 2000.0)
+    size = job.get("image_size", 224)
+    x = torch.randn(s.batch, 3, size, size, device=device)
+    y = torch.randint(job.get("num_classes", 1000), (s.batch,), device=device)
+    dtype = torch.bfloat16 if s.precision == "bf16" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time  # CPU: see rate()
+
+    def timed(gate_on_device: bool) -> float:
+        for i in range(steps + 3):
+            if i == 3:
+                sync()
+                t0 = clock()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            flag = ~torch.isfinite(loss.detach())
+            ema.update(model, skip=flag if gate_on_device else bool(flag))
+        sync()
+        return (clock() - t0) / steps * 1000
+
+    timed(False)  # warm up allocator and kernels
+    sync_ms, gate_ms = common.best_of(s.repeat, lambda: -timed(False), lambda: -timed(True))
+    return -sync_ms, -gate_ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CPU/CI sizes")
+    ap.add_argument("--models", default="resnet,vit")
+    ap.add_argument("--nproc", type=int, default=1, help="training processes (torchrun when > 1)")
+    ap.add_argument("--no-options", action="store_true", help="skip the speed-option cases")
+    ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats; the best of each is kept")
+    s = ap.parse_args()
+    gpu = s.gpu = torch.cuda.is_available()
+    sizes = QUICK if s.quick or not gpu else FULL
+    s.batch, s.steps, s.warmup, s.log_every, s.val_every = (16, 50, 10, 5, 10) if sizes is QUICK else \
+        (128, 120, 20, 10, 50)
+    s.precision = "bf16" if gpu else "fp32"
+    s.workers = 0 if sizes is QUICK else 8
+    unit = "samples/s" if gpu else "samples/CPU-s"
+    rows, notes = [], [f"{'CPU/CI' if sizes is QUICK else 'full'} sizes, batch {s.batch} per rank, {s.nproc} "
+                       f"process(es), {s.precision}, {s.steps} steps, timed after step {s.warmup}; validation "
+                       f"(validation.mode=auto) every {s.val_every} steps inside the window, checkpoint at the end only"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in s.models.split(","):
+            job = sizes[name]
+            off = ["validation.mode=off"]
+            bare, ours, no_val, no_ema = common.best_of(
+                s.repeat, lambda: rate("bare", job, s, Path(tmp)), lambda: rate("launcher", job, s, Path(tmp)),
+                lambda: rate("launcher", job, s, Path(tmp), off),
+                lambda: rate("launcher", job, s, Path(tmp), off + ["ema.enabled=false"]))
+            rows.append(rate_row(f"{name}: launcher train (EMA, validation, metrics) vs bare DDP loop", ours, bare,
+                                   "bare DDP loop", unit, target=0.98))
+            rows.append(rate_row(f"{name}: launcher train, validation.mode=off, vs bare DDP loop", no_val, bare,
+                                   "bare DDP loop", unit, target=0.98))
+            rows.append(rate_row(f"{name}: launcher train, validation and EMA off, vs bare DDP loop", no_ema, bare,
+                                   "bare DDP loop", unit, target=0.98))
+            if s.no_options:
+                continue
+            # (key, its default here): each option on against off; the default run is reused.
+            options = [("optim.fused", gpu)] + [("train.channels_last", False)] * (name == "resnet") \
+                + [("train.compile", False)] * (not s.quick)  # compiling takes minutes on a CPU
+            for key, default in options:
+                flip = [f"{key}={str(not default).lower()}"]
+                other = common.best_of(s.repeat, lambda: rate("launcher", job, s, Path(tmp), flip))[0]
+                on, off = (ours, other) if default else (other, ours)
+                rows.append(rate_row(f"{name}: {key}=true", on, off, f"{key}=false", unit))
+        first = s.models.split(",")[0]
+        sync_ms, gate_ms = ema_gate(sizes[first], s, 10 if sizes is QUICK else 50)
+        rows.append(common.row(f"{first}: train step + EMA, device gate vs host sync", round(gate_ms, 3),
+                               round(sync_ms, 3), "bool(isfinite(loss)) per step", "ms/step" if gpu else "CPU-ms/step"))
+    notes.append("optim.fused defaults to true on CUDA and false on CPU; on CPU the fused case is the option.")
+    common.print_rows(rows)
+    print("wrote", common.write("overhead", torch.device("cuda" if gpu else "cpu"), rows, quick=sizes is QUICK,
+                                notes=notes))
+
+
+if __name__ == "__main__":
+    main()

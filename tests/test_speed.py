@@ -1,0 +1,145 @@
+"""Speed options (issue 9): the sync-free EMA gate, the persistent loader, DDP bucket
+settings, torch.compile, and the benchmark collector. Speed itself is measured by
+benchmarks/ (RESULTS.md), not asserted here; these tests check the options are correct."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import FAST, ROOT, child_env, final_weights, launch
+from launcher.ema import EMA
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+
+def test_ema_device_gate_is_the_host_path_without_a_sync():
+    """A 0-d tensor `skip` (what train.py passes on a GPU) averages exactly like the host
+    bool when the step is finite, leaves the average bit-exact when it is not (even with
+    NaN weights), and settles the counters when they are read."""
+    model, host_model = _model(0), _model(0)
+    host, gated = EMA(host_model, 0.9, "exp", 3.0), EMA(model, 0.9, "exp", 3.0)
+    for step in range(5):
+        for m in (model, host_model):
+            torch.manual_seed(step)
+            m(torch.randn(6, 4))  # BatchNorm statistics and num_batches_tracked move
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+        host.update(host_model, skip=False)
+        gated.update(model, skip=torch.tensor(False))
+    for k in host.shadow:
+        assert torch.equal(host.shadow[k], gated.shadow[k]), k
+    assert gated.updates == host.updates == 5 and gated.skipped == 0
+
+    before = {k: v.clone() for k, v in gated.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+        model[1].num_batches_tracked.fill_(999)
+    gated.update(model, skip=torch.tensor(True))
+    gated.update(model, skip=torch.tensor(True))
+    for k, v in before.items():
+        assert torch.equal(gated.shadow[k], v), k
+    assert gated.updates == 5 and gated.skipped == 2
+    assert gated.state_dict()["updates"] == 5 and gated.current_decay == host.current_decay
+
+
+def test_persistent_loader_resumes_mid_epoch_like_a_fresh_loader(tmp_path):
+    """One DataLoader for the whole run (a persistent worker, prefetch), hard-killed mid-epoch
+    and relaunched, ends bit-identical to a run with a fresh single-process loader per epoch
+    that never stopped: same samples, same order, epoch after epoch, resume included."""
+    args = [*FAST, "batch.size=128", "validation.mode=off", "checkpoint.every_steps=10"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    launch(["train", *args, f"run.dir={straight}", "data.workers=0"])
+    workers = [*args, f"run.dir={broken}", "data.workers=1", "data.prefetch=3"]
+    assert launch(["train", *workers, "debug.fail_at_step=40"], check=False).returncode != 0
+    launch(["train", *workers])
+    a, b = final_weights(straight), final_weights(broken)
+    assert a["step"] == b["step"] == 62 and a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+@pytest.mark.slow
+def test_ddp_bucket_settings_two_ranks(tmp_path):
+    """The ddp.* keys reach DDP and do not change the math: 2 ranks with other bucket settings
+    end bit-identical to the defaults on CPU. (DDP syncs gradients itself only with
+    autobatch.max_retries=0; OOM recovery otherwise all-reduces them after backward.)"""
+    base = [*FAST, "train.epochs=1", "validation.mode=off", "ema.enabled=false", "autobatch.max_retries=0"]
+    default, tuned = tmp_path / "default", tmp_path / "tuned"
+    launch(["train", *base, f"run.dir={default}"], nproc=2)
+    launch(["train", *base, f"run.dir={tuned}", "ddp.static_graph=true", "ddp.gradient_as_bucket_view=false",
+            "ddp.bucket_cap_mb=0.01"], nproc=2)
+    a, b = final_weights(default), final_weights(tuned)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_bad_ddp_settings_exit_2(tmp_path):
+    for bad, key in ((["ddp.bucket_cap_mb=0"], "ddp.bucket_cap_mb"), (["ddp.static_graph=true"], "max_retries=0")):
+        proc = launch(["train", *FAST, f"run.dir={tmp_path / 'r'}", *bad], check=False)
+        assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compile_trains_and_keeps_checkpoint_keys(tmp_path):
+    """train.compile=true compiles the forward in place: same state-dict keys in the checkpoint
+    (so compiled and eager runs resume each other), and the same training up to float noise."""
+    args = [*FAST, "train.epochs=0", "train.max_steps=8", "validation.mode=off", "ema.enabled=false"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    launch(["train", *args, f"run.dir={eager}"])
+    launch(["train", *args, f"run.dir={compiled}", "train.compile=true"], timeout=600)
+    a, b = final_weights(eager), final_weights(compiled)
+    assert a["model"].keys() == b["model"].keys()
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def _run_all(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), *args], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_run_all_reports_tables_and_skips_what_is_missing(tmp_path):
+    """RESULTS.md gets one table per valid JSON; a missing or malformed JSON becomes a note;
+    text outside the generated block survives regeneration."""
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    out.mkdir()
+    row = {"case": "resnet: x", "ours": 2.0, "baseline": 4.0, "baseline_name": "base", "ratio": 0.5,
+           "unit": "ms", "target": 0.98, "met": False}
+    (out / "ema.json").write_text(json.dumps({"benchmark": "ema", "device": "cpu", "date": "d", "rows": [row]}))
+    (out / "autobatch.json").write_text("{not json")
+    results.write_text("# Results\n\nHand-written prose.\n")
+    for _ in range(2):
+        proc = _run_all("--no-run", "--out-dir", str(out), "--results", str(results))
+        assert proc.returncode == 0, proc.stderr
+    text = results.read_text()
+    assert text.startswith("# Results\n\nHand-written prose.\n") and text.count("run_all:begin") == 1
+    assert "| resnet: x | 2 | 4 (base) | 0.5 | 0.98 | **no** | ms |" in text
+    assert "`autobatch.json` is not valid JSON" in text and "no `scaling.json`" in text
+    assert _run_all("--no-run", "--only", "nonsense", "--results", str(results)).returncode == 2
+
+
+@pytest.mark.slow
+def test_run_all_quick_overhead_writes_json_and_results(tmp_path):
+    """The real overhead benchmark, CI-sized: launcher and bare loop both run and get timed."""
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    proc = _run_all("--quick", "--only", "overhead", "--out-dir", str(out), "--results", str(results),
+                    "--args", "--models resnet --no-options --repeat 1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((out / "overhead.json").read_text())
+    assert data["benchmark"] == "overhead" and data["quick"] is True
+    cases = {r["case"]: r for r in data["rows"]}
+    vs_bare = cases["resnet: launcher train (EMA, validation, metrics) vs bare DDP loop"]
+    assert vs_bare["ours"] > 0 and vs_bare["baseline"] > 0 and vs_bare["target"] == ">= 0.98"
+    assert vs_bare["ratio"] == pytest.approx(vs_bare["ours"] / vs_bare["baseline"], rel=1e-3)
+    assert isinstance(vs_bare["met"], bool)
+    assert "### overhead" in results.read_text() and vs_bare["case"] in results.read_text()
