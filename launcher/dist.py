@@ -27,7 +27,9 @@ class Dist:
             backend = "cpu:gloo,cuda:nccl" if env.device.type == "cuda" else "gloo"
             if env.device.type == "cuda":
                 torch.cuda.set_device(env.device)
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            timeout = datetime.timedelta(minutes=30)
+            dist.init_process_group(backend, store=attempt_store(env, timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
         if env.world_size > 1:
             # All ranks, the validator included, must create groups in the same order.
             group = dist.new_group(env.train_ranks) if env.validator_rank is not None else dist.group.WORLD
@@ -73,6 +75,20 @@ class Dist:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def attempt_store(env: Env, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """torchrun's agent store, with a key prefix per restart attempt (None: env:// as usual).
+
+    With a static rendezvous (plain torchrun) the agent keeps one store across `--max-restarts`
+    restarts, so a restarted group would read the dead group's keys (gloo addresses) and fail to
+    connect. A prefix per TORCHELASTIC_RESTART_COUNT keeps each attempt to its own keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"/launcher/attempt_{env.restart_count}", store)
 
 
 def seed_everything(seed: int) -> None:

@@ -66,6 +66,8 @@ class RunConfig:
     id: Optional[str] = None  # default: SLURM_JOB_ID, TORCHELASTIC_RUN_ID, timestamp
     resume: str = "auto"  # auto | never | must
     seed: int = 0
+    # Signals that stop training cleanly at the next step (checkpoint, exit 128+signum); see launcher/signals.py.
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
 
 @dataclass
@@ -189,6 +191,7 @@ class DebugConfig:
     simulate_oom_above: Any = None  # int, or a list with one limit per rank
     simulate_oom_at_step: Optional[int] = None
     fail_at_step: Optional[int] = None  # os._exit at this step, once per run
+    step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
     val_delay_s: float = 0.0
 
 
@@ -241,7 +244,7 @@ POSITIVE = ("train.log_every", "ema.every", "checkpoint.keep_last", "validation.
             "early_stop.window", "autobatch.max", "autobatch.max_probes")
 NON_NEGATIVE = ("train.epochs", "train.max_steps", "train.grad_clip", "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
-                "validation.every_epochs", "early_stop.patience", "debug.val_delay_s",
+                "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",
                 "autobatch.max_retries", "data.workers")
 
 
@@ -293,6 +296,9 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
+    from launcher.signals import parse
+
+    parse(cfg.run.stop_signals)
     oom = cfg.debug.simulate_oom_above
     if oom is not None:
         limits = list(oom) if isinstance(oom, (list, tuple)) or hasattr(oom, "__iter__") and not isinstance(oom, str) else [oom]
