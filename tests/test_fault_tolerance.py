@@ -17,18 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, child_env, command, final_weights, free_port, launch, read_jsonl
+from tests.conftest import FAST, assert_same_final_weights, child_env, command, free_port, launch, read_jsonl
 
 SLOW = ["debug.step_delay_s=0.04"]
-
-
-def same_weights(a: Path, b: Path) -> None:
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa["step"] == wb["step"]
-    for k in wa["model"]:
-        assert torch.equal(wa["model"][k], wb["model"][k]), k
-    for k in wa["ema"]["shadow"] if wa["ema"] else ():
-        assert torch.equal(wa["ema"]["shadow"][k], wb["ema"]["shadow"][k]), k
 
 
 def losses(run: Path) -> list:
@@ -69,15 +60,6 @@ def children(pid: int) -> list:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """Uninterrupted runs, one process and two ranks, to compare every resumed run with."""
-    root = tmp_path_factory.mktemp("reference")
-    launch(["train", *FAST, f"run.dir={root / 'one'}"])
-    launch(["train", *FAST, f"run.dir={root / 'two'}"], nproc=2)
-    return {1: root / "one", 2: root / "two"}
-
-
 def test_sigterm_to_torchrun_agent_stops_all_ranks_then_relaunch_is_exact(reference, run_dir):
     proc = start(["train", *FAST, *SLOW, f"run.dir={run_dir}"], nproc=2)
     wait_for_step(proc, run_dir, 30)
@@ -98,7 +80,7 @@ def test_sigterm_to_torchrun_agent_stops_all_ranks_then_relaunch_is_exact(refere
     [res] = events(run_dir, "resume")
     assert res["step"] == pre["step"]  # no step lost
     assert losses(run_dir) == losses(reference[2])
-    same_weights(run_dir, reference[2])
+    assert_same_final_weights(run_dir, reference[2])
 
 
 def test_sigusr1_single_process_exit_status_and_exact_resume(reference, run_dir):
@@ -114,7 +96,7 @@ def test_sigusr1_single_process_exit_status_and_exact_resume(reference, run_dir)
     launch(["train", *FAST, f"run.dir={run_dir}", "run.resume=must"])
     assert events(run_dir, "resume")[0]["step"] == pre["step"]
     assert losses(run_dir) == losses(reference[1])
-    same_weights(run_dir, reference[1])
+    assert_same_final_weights(run_dir, reference[1])
 
 
 def test_stop_signals_is_configurable(run_dir):
@@ -139,7 +121,7 @@ def test_max_restarts_resumes_into_the_same_run_dir(reference, tmp_path):
     assert restart["restart_count"] == 1
     assert events(run, "resume")[0]["restart_count"] == 1
     assert losses(run) == losses(reference[2])
-    same_weights(run, reference[2])
+    assert_same_final_weights(run, reference[2])
 
 
 @pytest.mark.slow
@@ -163,7 +145,7 @@ def test_two_agents_kill_one_worker_restarts_both_and_resumes(reference, run_dir
     assert res["step"] == restart["step"] and res["step"] % 20 == 0 and res["step"] >= 20
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank-0.log", "rank-1.log"]
     assert losses(run_dir) == losses(reference[2])
-    same_weights(run_dir, reference[2])
+    assert_same_final_weights(run_dir, reference[2])
 
 
 def _small_fs(path: Path, size: str) -> None:
