@@ -70,7 +70,7 @@ def wait_for_step(job_id: str, run: Path, step: int) -> None:
 
 def test_train_sbatch_requeues_on_its_signal_and_on_scontrol_requeue(reference, tmp_path):
     run = tmp_path / "run"
-    job_id = sbatch("train.sbatch", ["train", *FAST, *SLOW, f"run.dir={run}", "checkpoint.every_steps=1000"],
+    job_id = sbatch("train.sbatch", [*FAST, *SLOW, f"run.dir={run}", "checkpoint.every_steps=1000"],
                     tmp_path, NPROC="2")
     try:
         # 1. The time-limit warning: what --signal=B:USR1@<s> sends, now. The job checkpoints and requeues itself.
@@ -98,8 +98,8 @@ def test_train_sbatch_requeues_on_its_signal_and_on_scontrol_requeue(reference, 
 def test_multinode_sbatch_two_agents_rendezvous(reference, tmp_path):
     """Two srun tasks on the one local node stand for two nodes: two torchrun agents, c10d rendezvous."""
     run = tmp_path / "run"
-    job_id = sbatch("multinode.sbatch", ["train", *FAST, f"run.dir={run}"], tmp_path,
-                    options=["--nodes=1", "--ntasks=2"], NPROC="1", RDZV_PORT=str(free_port()))
+    job_id = sbatch("multinode.sbatch", [*FAST, f"run.dir={run}"], tmp_path,
+                    options=["--nodes=1", "--ntasks-per-node=2"], NPROC="1", RDZV_PORT=str(free_port()))
     try:
         info = wait_for(job_id, lambda i: i.get("JobState") == "COMPLETED", "completed", timeout=300)
     finally:
