@@ -78,17 +78,21 @@ class Dist:
 
 
 def attempt_store(env: Env, timeout: datetime.timedelta) -> Optional[dist.Store]:
-    """torchrun's agent store, with a key prefix per restart attempt (None: env:// as usual).
+    """torchrun's agent store with a key prefix per worker-group round (None: env:// as usual).
 
-    With a static rendezvous (plain torchrun) the agent keeps one store across `--max-restarts`
-    restarts, so a restarted group would read the dead group's keys (gloo addresses) and fail to
-    connect. A prefix per TORCHELASTIC_RESTART_COUNT keeps each attempt to its own keys.
+    torchrun keeps its store across `--max-restarts` restarts (static and c10d rendezvous alike), and
+    the workers' keys carry no round, so a restarted group can read the dead group's gloo addresses
+    and fail to connect. TORCHELASTIC_RESTART_COUNT cannot name the round: with c10d a node restarted
+    for a peer's failure does not count it. So every rank counts itself in once per start; the
+    round is (count - 1) // world_size, the same on every rank of a round (fixed world size).
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timeout)
-    return dist.PrefixStore(f"/launcher/attempt_{env.restart_count}", store)
+    key = f"/launcher/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    round_ = (store.add(f"{key}/starts", 1) - 1) // env.world_size
+    return dist.PrefixStore(f"{key}/round_{round_}", store)
 
 
 def seed_everything(seed: int) -> None:

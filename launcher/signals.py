@@ -86,6 +86,13 @@ class Guard:
         self.delay, self.fail_at = cfg.debug.step_delay_s, None if failed_before else cfg.debug.fail_at_step
         self.flag = StopFlag(cfg.run.stop_signals)
 
+    def log_restart(self, restart_count: int, step: int) -> None:
+        """A `restart` event when torchrun restarted the group. The count is the max over the training
+        ranks: with c10d a node restarted only because a peer failed does not count it."""
+        count = int(self.dist.all_reduce(torch.tensor([restart_count]), "max").item())
+        if count:
+            self.tel.event("restart", restart_count=count, step=step)
+
     def step_end(self, step: int) -> Stop:
         """Call on every training rank after every optimizer step; all get the same answer."""
         if self.delay:

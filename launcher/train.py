@@ -114,8 +114,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
         seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
     failed_before = any(e.get("event") == "debug_fail" for e in read_jsonl(run_dir / "events.jsonl"))
     guard = Guard(cfg, dist, tel, failed_before)  # signals -> an agreed stop; debug faults
-    if env.restart_count:
-        tel.event("restart", restart_count=env.restart_count, step=step)
+    guard.log_restart(env.restart_count, step)
     tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=micro, accum=accum,
               global_batch=global_batch, steps=total, steps_per_epoch=steps_per_epoch, precision=precision,
               device=str(device), start_step=step)

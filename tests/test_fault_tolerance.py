@@ -30,8 +30,10 @@ def events(run: Path, kind: str) -> list:
     return [e for e in read_jsonl(run / "events.jsonl") if e["event"] == kind]
 
 
-def start(args, nproc=0, torchrun_args=None) -> subprocess.Popen:
-    return subprocess.Popen(command(args, nproc, torchrun_args), env=child_env(), stdout=subprocess.PIPE,
+def start(args, nproc=0, torchrun_args=None, log=None) -> subprocess.Popen:
+    """Start in the background; output to a pipe, or to the file `log` (read it when a test fails)."""
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen(command(args, nproc, torchrun_args), env=child_env(), stdout=out,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -131,12 +133,19 @@ def test_two_agents_kill_one_worker_restarts_both_and_resumes(reference, run_dir
     rdzv = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-agents",
             "--max-restarts=1", "--monitor-interval=0.5"]
     args = ["train", *FAST, *SLOW, f"run.dir={run_dir}", "checkpoint.every_steps=20"]
-    agents = [start(args, nproc=1, torchrun_args=rdzv) for _ in range(2)]
-    wait_for_step(agents[0], run_dir, 30)
-    [worker] = children(agents[1].pid)
-    os.kill(worker, signal.SIGKILL)  # kill -9 one worker of the second agent
-    outs = [a.communicate(timeout=240)[0] for a in agents]
-    assert [a.returncode for a in agents] == [0, 0], outs
+    logs = [run_dir.parent / f"agent-{i}.log" for i in range(2)]
+    agents = [start(args, nproc=1, torchrun_args=rdzv, log=log) for log in logs]
+    try:
+        wait_for_step(agents[0], run_dir, 30)
+        [worker] = children(agents[1].pid)
+        os.kill(worker, signal.SIGKILL)  # kill -9 one worker of the second agent
+        codes = [a.wait(timeout=240) for a in agents]
+    finally:
+        for a in agents:
+            for pid in children(a.pid) if a.poll() is None else []:
+                os.kill(pid, signal.SIGKILL)
+            a.kill()
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     [start0, start1] = events(run_dir, "start")
     assert start0["world"] == start1["world"] == 2
     [restart] = events(run_dir, "restart")
