@@ -96,11 +96,12 @@ class BatchConfig:
 
 @dataclass
 class AutobatchConfig:
-    fraction: float = 0.85  # of device memory the chosen batch may peak at
-    margin: float = 0.1  # the chosen batch is this much below the largest that fit
-    max: int = 4096
-    max_probes: int = 10
-    max_retries: int = 3  # runtime OOM recoveries before giving up
+    fraction: float = 0.9  # of device memory the chosen batch may peak at (the margin where memory is measured)
+    margin: float = 0.05  # where memory is not measured (simulated limits): this much below the largest that ran;
+    #                       also the search's resolution (it stops when fit and failure are margin/2 apart)
+    max: int = 4096  # largest micro-batch tried
+    max_probes: int = 10  # trial steps per rank at most
+    max_retries: int = 3  # runtime OOM recoveries before giving up; 0 = off (then DDP syncs inside backward)
 
 
 @dataclass
@@ -189,7 +190,7 @@ class LoggerConfig:
 class DebugConfig:
     """Real fault injection for tests and demos; all off by default."""
     simulate_oom_above: Any = None  # int, or a list with one limit per rank
-    simulate_oom_at_step: Optional[int] = None
+    simulate_oom_at_step: Optional[int] = None  # one OOM in backward of this step (from 1), last training rank
     fail_at_step: Optional[int] = None  # os._exit at this step, once per run
     step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
     val_delay_s: float = 0.0

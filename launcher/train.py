@@ -11,7 +11,6 @@ import copy
 import io
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 import jobs
-from launcher import checkpoint
+from launcher import autobatch, checkpoint
 from launcher.dist import Dist, rng_state, seed_everything, set_rng_state
 from launcher.ema import EMA
 from launcher.env import Env
@@ -55,12 +54,13 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
         model = model.to(memory_format=torch.channels_last)
     train_set, val_set = job.datasets()
 
-    # Batch geometry.
-    micro = job.cfg.batch_size if cfg.batch.size == "auto" else int(cfg.batch.size)
-    if cfg.batch.size == "auto":
-        log.info("batch.size=auto on %s: using the job's default micro-batch %d", device.type, micro)
-    accum, global_batch = batch_geometry(cfg, micro, env.train_world)
-    step_batch = micro * accum  # per rank, per optimizer step
+    # Batch geometry: the micro-batch (probed and agreed by all ranks with batch.size=auto) and the
+    # per-rank step batch, which stays fixed; a runtime OOM only changes how it is cut (batch.micro).
+    batch, autobatch_event = autobatch.choose(
+        cfg, env, dist, run_dir, model, job, train_set, precision, lambda: autocast(device, precision),
+        lambda m: build_optimizer(m, cfg.optim, device),
+        lambda m: EMA(m, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled else None)
+    step_batch, global_batch = batch.step, batch.global_size
     sampler = DistributedSampler(train_set, num_replicas=env.train_world, rank=env.train_rank,
                                  shuffle=True, seed=cfg.run.seed, drop_last=True)
     steps_per_epoch = len(sampler) // step_batch
@@ -76,9 +76,16 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = EMA(model, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled and env.is_main else None
+    if ema is not None:
+        mb = sum(v.numel() * v.element_size() for v in ema.shadow.values()) / 2**20
+        log.info("EMA kept on this rank: %d tensors, %.2f MB fp32", len(ema.shadow), mb)
+    else:
+        log.info("EMA: none on this rank")
     ddp = DDP(model, process_group=dist.group, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.distributed_training else model
-    tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total)
+    tel = Telemetry(run_dir, enabled=env.is_main, total_steps=total, cfg=cfg, env=env)
+    tel.event("autobatch", **autobatch_event)
+    oom = autobatch.Recovery(cfg, env, dist, run_dir, model, tel)
     tracker = Tracker(run_dir, cfg) if env.is_main and cfg.validation.mode != "off" else None
     eval_model = copy.deepcopy(model) if tracker else None
 
@@ -101,10 +108,14 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
             if ema is not None:
                 ema.load_state_dict(state["ema"])
             step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            mine = state["ranks"][env.train_rank]
-            set_rng_state(mine["rng"])
-            loss_sum, loss_count = mine["loss_sum"].to(device), mine["loss_count"]
-            tel.truncate_after(step)
+            if len(state["ranks"]) == env.train_world:
+                mine = state["ranks"][env.train_rank]
+                set_rng_state(mine["rng"])
+                loss_sum, loss_count = mine["loss_sum"].to(device), mine["loss_count"]
+            else:  # another number of ranks: continue, but per-rank randomness starts afresh
+                seed_everything(cfg.run.seed + env.rank + 1000 * step)
+                tel.event("resume_world_changed", saved=len(state["ranks"]), now=env.train_world)
+            tel.truncate_after(step, wandb_id=state.get("wandb_id"))
             tel.event("resume", step=step, epoch=epoch, checkpoint=Path(found).name,
                       restart_count=env.restart_count)
     if cfg.run.resume == "must" and not found:
@@ -115,8 +126,9 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     failed_before = any(e.get("event") == "debug_fail" for e in read_jsonl(run_dir / "events.jsonl"))
     guard = Guard(cfg, dist, tel, failed_before)  # signals -> an agreed stop; debug faults
     guard.log_restart(env.restart_count, step)
-    tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=micro, accum=accum,
-              global_batch=global_batch, steps=total, steps_per_epoch=steps_per_epoch, precision=precision,
+    tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
+              accum=batch.accum, global_batch=global_batch, steps=total, steps_per_epoch=steps_per_epoch,
+              precision=precision,
               device=str(device), start_step=step)
 
     def checkpoint_now() -> None:
@@ -127,8 +139,8 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
         if env.is_main:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
-                     "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "micro_batch": micro,
-                     "accum": accum, "train_world": env.train_world, "ranks": ranks}
+                     "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "micro_batch": batch.micro,
+                     "accum": batch.accum, "train_world": env.train_world, "ranks": ranks, "wandb_id": tel.wandb_id}
             try:
                 path = checkpoint.save(run_dir / "checkpoints", step, state, cfg.checkpoint.keep_last)
                 tel.event("checkpoint", step=step, path=path.name)
@@ -151,7 +163,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
                     eval_model.load_state_dict(model.state_dict())
                 if cfg.debug.val_delay_s:
                     time.sleep(cfg.debug.val_delay_s)
-                bs = cfg.validation.batch_size if cfg.validation.batch_size != "auto" else 4 * micro
+                bs = cfg.validation.batch_size if cfg.validation.batch_size != "auto" else 4 * batch.micro
                 metrics = evaluate(eval_model, job, val_set, bs, device, resolve_precision(
                     cfg.validation.precision, device))
                 state = ema.shadow if kind == "ema" else model.state_dict()
@@ -160,7 +172,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
         return bool(dist.all_reduce(torch.tensor([float(stop)]), "max").item())
 
     log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
-             total, env.train_world, micro, accum, global_batch, precision, device)
+             total, env.train_world, batch.micro, batch.accum, global_batch, precision, device)
     t_start, t_log, samples_since = time.time(), time.perf_counter(), 0
     stopped_early, stop = False, Stop()
     ddp.train()
@@ -171,19 +183,29 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
                             num_workers=cfg.data.workers, pin_memory=cfg.data.pin_memory and device.type == "cuda",
                             persistent_workers=False)
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cfg.train.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
 
-            # Forward and backward over the micro-batches; DDP syncs gradients on the last one only.
-            xs, ys = x.split(micro), y.split(micro)
-            step_loss = torch.zeros((), device=device)
-            for i, (xb, yb) in enumerate(zip(xs, ys)):
-                sync = i == len(xs) - 1
-                with (nullcontext() if sync or ddp is model else ddp.no_sync()), autocast(device, precision):
-                    loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()
+            # Forward and backward over the micro-batches. An OOM on any rank, in forward or backward,
+            # is agreed on by all; each then redoes this step batch with half the micro-batch.
+            while True:
+                try:
+                    step_loss = torch.zeros((), device=device)
+                    xs, ys = x.split(batch.micro), y.split(batch.micro)
+                    for i, (xb, yb) in enumerate(zip(xs, ys)):
+                        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                        with oom.forward(step), oom.no_sync(ddp, last=i == len(xs) - 1), \
+                                autocast(device, precision):
+                            loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
+                        with oom.backward(step):
+                            scaler.scale(loss).backward()
+                        step_loss += loss.detach()
+                    break
+                except autobatch.StepOOM as e:
+                    loss = step_loss = None
+                    opt.zero_grad(set_to_none=True)
+                    oom.recover(batch, e, step)
+            oom.all_reduce_grads()  # with recovery on, gradients are averaged here, after every backward
 
             # Optimizer step.
             if cfg.train.grad_clip:
@@ -236,8 +258,8 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
         guard.exit(stop, step)
 
     # The end: deployable EMA weights, the summary.
-    summary = {"steps": step, "epochs": epoch, "stopped_early": stopped_early, "micro_batch": micro,
-               "accum": accum, "global_batch": global_batch, "wall_time_s": round(time.time() - t_start, 2)}
+    summary = {"steps": step, "epochs": epoch, "stopped_early": stopped_early, "micro_batch": batch.micro,
+               "accum": batch.accum, "global_batch": global_batch, "wall_time_s": round(time.time() - t_start, 2)}
     if env.is_main:
         if ema is not None:
             save_weights(run_dir / "ema.safetensors", ema.shadow, {"step": step, "updates": ema.updates})

@@ -112,7 +112,7 @@ def test_multinode_sbatch_two_agents_rendezvous(reference, tmp_path):
 
 
 def test_validate_sbatch_runs_the_validator_on_a_run_dir(reference, tmp_path):
-    job_id = sbatch("validate.sbatch", [str(reference[1])], tmp_path, options=["--wait"])
+    job_id = sbatch("validate.sbatch", [f"run.dir={reference[1]}"], tmp_path, options=["--wait"])
     info = job(job_id)
     log = (tmp_path / f"slurm-{job_id}.out").read_text()
     if "not built yet" in log:

@@ -1,0 +1,222 @@
+"""Auto batch size and runtime OOM recovery, exercised with real simulated OOMs on CPU.
+
+`debug.simulate_oom_above` makes forward raise a real torch.OutOfMemoryError above a
+size and `debug.simulate_oom_at_step` one in backward; everything else (probing,
+agreement over gloo, recovery, resume) is the code that runs on a GPU.
+"""
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import FAST, final_weights, launch, read_jsonl
+from launcher import autobatch
+from launcher.schema import AutobatchConfig
+
+QUICK = [*FAST, "validation.mode=off", "checkpoint.every_steps=0", "train.log_every=1"]
+
+
+# --- the search, in process -------------------------------------------------------------------
+
+def _oom_above(limit, calls):
+    def trial(n):
+        calls.append(n)
+        if n > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: {n} > {limit})")
+    return trial
+
+
+@pytest.mark.parametrize("limit", [1, 17, 64, 1000, 9999])
+def test_search_finds_the_limit_within_the_margin_in_bounded_probes(limit):
+    cfg = AutobatchConfig()
+    calls = []
+    memory = autobatch.DeviceMemory(torch.device("cpu"), cfg.fraction)
+    out = autobatch.search(_oom_above(limit, calls), 64, cfg.max, cfg.max_probes, memory, cfg.margin)
+    want = min(limit, cfg.max)
+    assert len(out.probes) == len(calls) <= cfg.max_probes
+    assert want * (1 - cfg.margin) ** 2 - 1 <= out.found  # search resolution + safety margin <= want, (out.found, calls)
+    assert out.largest_ok <= want
+    assert all(p.ok == (p.size <= limit) for p in out.probes)
+
+
+class LinearMemory(autobatch.DeviceMemory):
+    """A device whose peak memory is affine in the batch, like a real step; OOM at the total."""
+
+    def __init__(self, fixed, per_sample, total, fraction):
+        self.device, self.extra, self.cuda = torch.device("cpu"), 0, False
+        self.fixed, self.per, self.total = fixed, per_sample, total
+        self.limit, self.n = int(fraction * total), 0
+
+    def peak(self):
+        return self.fixed + self.per * self.n
+
+
+def test_search_with_measured_memory_lands_under_the_fraction_quickly():
+    # ResNet-50-like: 0.5 GiB fixed, 40 MiB per sample, 80 GiB device; OOM where memory runs out.
+    mem = LinearMemory(512 << 20, 40 << 20, 80 << 30, 0.9)
+    true_max = (mem.total - mem.fixed) // mem.per
+
+    def trial(n):
+        mem.n = n
+        if mem.peak() > mem.total:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    out = autobatch.search(trial, 32, 4096, 10, mem, 0.05)
+    assert mem.fixed + mem.per * out.found <= mem.limit  # under the fraction
+    assert out.found >= 0.88 * true_max and len(out.probes) <= 6, (out.found, true_max, out.probes)
+
+
+def test_start_that_does_not_fit_goes_down_and_nothing_fits_is_zero():
+    memory = autobatch.DeviceMemory(torch.device("cpu"), 0.9)
+    assert autobatch.search(_oom_above(5, []), 64, 4096, 10, memory, 0.0).found == 5
+    assert autobatch.search(_oom_above(0, []), 64, 4096, 10, memory, 0.05).found == 0
+
+
+def test_oom_forms_are_recognized_and_other_errors_are_not():
+    assert autobatch.is_oom(torch.OutOfMemoryError("x"))
+    for msg in ("CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling",
+                "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous",
+                "GET was unable to find an engine to execute this computation",
+                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"):
+        assert autobatch.is_oom(RuntimeError(msg)), msg
+    assert not autobatch.is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not autobatch.is_oom(ValueError("out of memory"))
+
+
+def test_geometry_keeps_the_step_batch_and_cuts_it_evenly():
+    b = autobatch.geometry(22, 128, 2)  # 64 per rank, at most 22 per micro-batch
+    assert (b.step, b.accum, b.micro, b.global_size) == (64, 3, 22, 128)
+    b.micro = -(-b.micro // 2)  # what recovery does
+    assert (b.step, b.accum, b.global_size) == (64, 6, 128)
+    assert autobatch.geometry(40, None, 3).global_size == 120
+
+
+def test_eval_probe_finds_the_limit_without_gradients_and_leaves_the_model_alone():
+    class Job:
+        def metrics(self, out, y):
+            return {"acc": (out.argmax(-1) == y).sum()}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(8), 1)]
+    rng = torch.get_rng_state()
+    cfg = AutobatchConfig()
+    out = autobatch.probe_eval_batch(model, Job(), data, torch.device("cpu"), cfg, start=16, simulate=300)
+    assert 300 * (1 - cfg.margin) ** 2 - 1 <= out.found <= 300 and len(out.probes) <= cfg.max_probes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert not model._forward_pre_hooks  # the simulation is gone with the probe
+    # On CPU with no simulated limit there is nothing to measure: the start size is the answer.
+    assert autobatch.probe_eval_batch(model, Job(), data, torch.device("cpu"), cfg, start=16).found == 16
+
+
+# --- real runs ---------------------------------------------------------------------------------
+
+def test_auto_probes_once_resume_reuses_it_and_the_run_equals_a_fixed_size_run(tmp_path):
+    auto, fixed = tmp_path / "auto", tmp_path / "fixed"
+    args = [*QUICK, "batch.size=auto", "debug.simulate_oom_above=40", "train.max_steps=8", "checkpoint.every_steps=4",
+            "debug.fail_at_step=4", f"run.dir={auto}"]
+    assert launch(["train", *args], check=False).returncode == 13  # killed hard after the step-4 checkpoint
+    record = json.loads((auto / "autobatch.json").read_text())
+    probes = record["per_rank"][0]["probes"]
+    assert record["reason"] == "probed" and len(probes) <= 10
+    assert 40 * 0.95 - 1 <= record["micro_batch"] <= 40
+    assert {p["size"] for p in probes if not p["ok"]} and all(p["ok"] == (p["size"] <= 40) for p in probes)
+    assert all({"size", "peak_bytes", "ok", "seconds"} <= p.keys() for p in probes)
+    event = [e for e in read_jsonl(auto / "events.jsonl") if e["event"] == "autobatch"][0]
+    assert event["micro_batch"] == record["micro_batch"] and not event["cached"]
+    assert event["curve"] == [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in probes]]
+    assert "autobatch probe: micro-batch 64 OOM" in (auto / "logs" / "rank-0.log").read_text()
+    assert f"all ranks agree on {record['micro_batch']}" in (auto / "logs" / "rank-0.log").read_text()
+
+    # Resume: the cached choice, no probing.
+    launch(["train", *args])
+    events = [e for e in read_jsonl(auto / "events.jsonl") if e["event"] == "autobatch"]
+    assert [e["cached"] for e in events] == [False, True] and events[1]["micro_batch"] == record["micro_batch"]
+    assert (auto / "logs" / "rank-0.log").read_text().count("all ranks agree") == 1
+
+    # Probing left no trace: weights, optimizer, EMA and RNG are as in a run started with that size.
+    launch(["train", *QUICK, f"batch.size={record['micro_batch']}", "train.max_steps=8", f"run.dir={fixed}"])
+    a, b = final_weights(auto), final_weights(fixed)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]["shadow"]:
+        assert torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]), k
+
+
+def test_cpu_without_a_simulated_limit_uses_the_jobs_default(tmp_path):
+    import jobs
+    from launcher.cli import load_config
+    from launcher.dist import Dist
+    from launcher.env import detect
+
+    cfg, _ = load_config(["job.model=mlp", "batch.size=auto", "batch.global_size=256", "train.device=cpu"])
+    env = detect(device="cpu")
+    job = jobs.load(cfg.job)
+    batch, event = autobatch.choose(cfg, env, Dist(env), tmp_path, job.model(), job, None, "fp32", None, None, None)
+    assert (batch.micro, batch.accum, batch.step) == (64, 4, 256) and "default" in event["reason"]
+    assert json.loads((tmp_path / "autobatch.json").read_text())["micro_batch"] == 64
+
+
+@pytest.mark.slow
+def test_two_ranks_with_different_limits_agree_on_the_minimum(run_dir):
+    launch(["train", *QUICK, "batch.size=auto", "batch.global_size=128", "debug.simulate_oom_above=[40,24]",
+            "train.max_steps=2", f"run.dir={run_dir}"], nproc=2)
+    record = json.loads((run_dir / "autobatch.json").read_text())
+    found = [r["found"] for r in record["per_rank"]]
+    assert 38 <= found[0] <= 40 and 22 <= found[1] <= 24 and record["found"] == min(found)
+    # 64 samples per rank per step, cut evenly into micro-batches no larger than the minimum.
+    assert record["step_batch"] == 64 and record["micro_batch"] <= min(found)
+    assert record["micro_batch"] * record["accum"] >= 64 and record["global_batch"] == 128
+    for r in (0, 1):
+        log = (run_dir / "logs" / f"rank-{r}.log").read_text()
+        assert f"all ranks agree on {record['found']}" in log
+        assert f"micro-batch {record['micro_batch']} x accum {record['accum']} = batch 128" in log
+
+
+@pytest.mark.slow
+def test_runtime_oom_on_one_rank_in_forward_and_backward_is_recovered_on_both(tmp_path):
+    """Rank 1 only: forward OOM at step 1 (micro 32 > 16), backward OOM at step 3. Both ranks redo the
+    step with half the micro-batch; the result equals a run with micro-batch 8 from the start."""
+    oom, ref = tmp_path / "oom", tmp_path / "ref"
+    common = [*QUICK, "batch.global_size=128", "train.max_steps=5"]
+    launch(["train", *common, "batch.size=32", "debug.simulate_oom_above=[1000,16]", "debug.simulate_oom_at_step=3",
+            f"run.dir={oom}"], nproc=2)
+    launch(["train", *common, "batch.size=8", f"run.dir={ref}"], nproc=2)
+    retries = [e for e in read_jsonl(oom / "events.jsonl") if e["event"] == "oom_retry"]
+    assert [(e["step"], e["phase"], e["ranks"], e["micro_from"], e["micro_to"], e["accum"], e["step_batch"])
+            for e in retries] == [(0, "forward", [1], 32, 16, 4, 64), (2, "backward", [1], 16, 8, 8, 64)]
+    assert "out of memory in forward on this rank" in (oom / "logs" / "rank-1.log").read_text()
+    for r in (0, 1):  # every rank redid both steps
+        assert (oom / "logs" / f"rank-{r}.log").read_text().count("redoing it with micro-batch") == 2
+    summary = json.loads((oom / "summary.json").read_text())
+    assert (summary["steps"], summary["micro_batch"], summary["accum"], summary["global_batch"]) == (5, 8, 8, 128)
+    a, b = final_weights(oom)["model"], final_weights(ref)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+    record = json.loads((oom / "autobatch.json").read_text())
+    assert record["micro_batch"] == 8 and len(record["oom_retries"]) == 2  # what a resume would use
+
+
+@pytest.mark.slow
+def test_oom_at_micro_batch_one_ends_with_a_clear_error_on_every_rank_without_hanging(run_dir):
+    t0 = time.monotonic()
+    proc = launch(["train", *QUICK, "batch.size=1", "debug.simulate_oom_at_step=2", "train.max_steps=4",
+                   f"run.dir={run_dir}"], nproc=2, check=False, timeout=180)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 170
+    assert "giving up at micro-batch 1" in proc.stdout + proc.stderr
+    for r in (0, 1):
+        assert "giving up at micro-batch 1" in (run_dir / "logs" / f"rank-{r}.log").read_text()
+    assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")].count("oom_giveup") == 1
+
+
+def test_recovery_gives_up_after_max_retries(run_dir):
+    proc = launch(["train", *QUICK, "batch.size=64", "debug.simulate_oom_above=3", "autobatch.max_retries=2",
+                   f"run.dir={run_dir}"], check=False)
+    assert proc.returncode != 0
+    assert "giving up after autobatch.max_retries=2" in proc.stdout + proc.stderr
+    retries = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "oom_retry"]
+    assert [(e["micro_from"], e["micro_to"]) for e in retries] == [(64, 32), (32, 16)]

@@ -1,0 +1,119 @@
+"""`launcher report`: PNGs and report.md for a finished run, a partial run and --compare."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, launch
+from launcher.report import autobatch_points, main as report_main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def pngs(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.glob("*.png")}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("report") / "finished"
+    launch(["train", *FAST, "train.log_every=5", "validation.every_steps=20", "validation.weights=both",
+            f"run.dir={run_dir}"])
+    return run_dir
+
+
+def test_report_of_a_finished_run(finished):
+    proc = launch(["report", str(finished)])
+    out = finished / "report"
+    images = pngs(out)
+    assert set(images) == {"loss_lr.png", "validation.png", "throughput.png"}
+    assert all(data.startswith(PNG) and len(data) > 5000 for data in images.values())
+    md = (out / "report.md").read_text()
+    for name in images:
+        assert f"]({name})" in md
+    summary = json.loads((finished / "summary.json").read_text())
+    assert f"| best_step | {summary['best_step']} |" in md and "| status | finished |" in md
+    assert "_no data in this run_" in md  # GPU and autobatch: not on this CPU run
+    assert f"report: {out / 'report.md'}" in proc.stdout
+
+
+def test_report_of_a_partial_run_in_progress(finished, tmp_path):
+    """No summary, no validation yet, a writer mid-line in metrics.jsonl: plots what is there, notes the rest."""
+    partial = tmp_path / "partial"
+    shutil.copytree(finished, partial, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    (partial / "summary.json").unlink()
+    shutil.rmtree(partial / "val")
+    shutil.rmtree(partial / "best")
+    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(lines[:4]) + '\n{"step": 25, "epo')
+    assert report_main([str(partial)]) == 0
+    images = pngs(partial / "report")
+    assert set(images) == {"loss_lr.png", "throughput.png"}
+    assert all(data.startswith(PNG) for data in images.values())
+    md = (partial / "report" / "report.md").read_text()
+    assert "in progress" in md and "| last logged step | 20 |" in md
+    assert "`val/results.jsonl` not found" in md and "`summary.json` not found" in md
+
+
+def test_report_compare_overlays_two_runs(finished, tmp_path):
+    other = tmp_path / "other"
+    launch(["train", *FAST, "train.max_steps=30", "optim.lr=0.01", "train.log_every=5", f"run.dir={other}"])
+    out = tmp_path / "cmp"
+    assert report_main(["--compare", str(finished), str(other), "--out", str(out)]) == 0
+    images = pngs(out)
+    assert {"loss_lr.png", "validation.png", "throughput.png"} <= set(images)
+    md = (out / "report.md").read_text()
+    assert "## finished" in md and "## other" in md and "vs" in md.splitlines()[0]
+    other_best = json.loads((other / "best" / "best.json").read_text())
+    assert f"| best_step | {other_best['step']} |" in md  # both summaries, side by side
+    assert all(len(images[n]) > 5000 for n in images)
+
+
+def test_report_gpu_and_autobatch_plots(finished, tmp_path):
+    """GPU rows as telemetry writes them on a GPU machine, and an autobatch probe file."""
+    run = tmp_path / "gpu"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["gpu"] = [{"index": g, "uuid": f"GPU-{g}abc", "util": 50.0 + i + g, "mem_used_gb": 10.0 + g,
+                     "mem_total_gb": 80.0, "power_w": 300.0, "temp_c": 60.0} for g in (0, 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    probe = {"probes": [{"batch": 64, "peak_gb": 10.0, "ok": True}, {"batch": 128, "peak_gb": 19.5, "ok": True},
+                        {"batch": 256, "peak_gb": None, "ok": False}], "chosen": 115}
+    (run / "autobatch.json").write_text(json.dumps(probe))
+    assert autobatch_points(probe) == ([(64, 10.0, True), (128, 19.5, True)], 115)
+    assert report_main([str(run)]) == 0
+    images = pngs(run / "report")
+    assert {"gpu.png", "autobatch.png"} <= set(images)
+    assert all(images[n].startswith(PNG) and len(images[n]) > 5000 for n in ("gpu.png", "autobatch.png"))
+
+
+def test_report_bad_input_is_one_line(tmp_path, capsys):
+    assert report_main([str(tmp_path / "nope")]) == 2
+    assert report_main([]) == 2
+    (tmp_path / "empty").mkdir()
+    assert report_main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("launcher: error:") for line in err)
+
+
+def test_config_reference_matches_the_schema():
+    """docs/config.md is what scripts/config_reference.py generates, and it lists every schema key."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from launcher.schema import flat_defaults
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = (ROOT / "docs" / "config.md").read_text()
+    for key, _, default in flat_defaults():
+        if key != "job":
+            line = next(ln for ln in doc.splitlines() if ln.startswith(f"| `{key}` |"))
+            shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+            assert f"`{shown}`" in line or "[" in shown, (key, line)
