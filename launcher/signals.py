@@ -110,10 +110,11 @@ class Guard:
             os._exit(13)
 
     def exit(self, stop: Stop, step: int) -> None:
-        """After the stop checkpoint: record it and leave with 128 + signal (the run is not finished)."""
+        """After the stop checkpoint: record it, flush, leave with 128 + signal (the run is not finished)."""
         since = time.time() - self.flag.received_at if self.flag.received_at else None
         self.tel.event("preempt", step=step, signal=stop.name, exit_code=stop.exit_code,
                        seconds_since_signal=round(since, 3) if since is not None else None)
         log.warning("stopped by %s at step %d after a checkpoint; exit status %d; relaunch to resume",
                     stop.name, step, stop.exit_code)
+        self.tel.close()  # flush metrics and wandb
         raise SystemExit(stop.exit_code)

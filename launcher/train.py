@@ -254,7 +254,6 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
                 break
 
     if stop and step < total:  # preempted: checkpointed, not finished; no summary, exit 128 + signal
-        tel.close()
         guard.exit(stop, step)
 
     # The end: deployable EMA weights, the summary.
