@@ -50,12 +50,15 @@ def job(job_id: str) -> dict:
 
 def wait_for(job_id: str, done, what: str, timeout: float = 240, release: bool = True) -> dict:
     """Poll until done(job info); a requeued job held for its begin time is released at once."""
-    deadline = time.time() + timeout
+    deadline, held_since = time.time() + timeout, None
     while time.time() < deadline:
         info = job(job_id)
         if done(info):
             return info
-        if release and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+        held = release and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime"
+        held_since = (held_since or time.time()) if held else None
+        # Released at once, Slurm may start it before the old credential is revoked ("non-startable").
+        if held and time.time() - held_since > 5:
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
         if info.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             raise AssertionError(f"job {job_id} {info.get('JobState')}: {info}")
