@@ -26,16 +26,32 @@ def path_for(directory: Path, step: int) -> Path:
     return Path(directory) / f"step-{step:08d}.pt"
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; the previous ones are untouched."""
+
+
 def save(directory: Path, step: int, state: dict, keep_last: int, protect: Iterable[int] = ()) -> Path:
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getbuffer()
     path = path_for(directory, step)
-    atomic_write(path, lambda f: f.write(data))
-    write_json(path.with_suffix(".json"), {"step": step, "sha256": hashlib.sha256(data).hexdigest(),
-                                           "bytes": len(data)})
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(data))
+        write_json(path.with_suffix(".json"), {"step": step, "sha256": hashlib.sha256(data).hexdigest(),
+                                               "bytes": len(data)})
+    except OSError as e:
+        if path.exists() and not path.with_suffix(".json").exists():
+            try:  # written but not confirmed: a half-made checkpoint must not look like the newest one
+                path.unlink()
+            except OSError:
+                pass
+        older = [s for s in steps(directory) if s != step]
+        intact = f"the previous checkpoint {path_for(directory, older[0]).name} is intact" if older \
+            else "no earlier checkpoint exists"
+        raise SaveError(f"could not save checkpoint {path} ({len(data) / 2**20:.1f} MiB): "
+                        f"{e.strerror or e}; {intact}") from e
     prune(directory, keep_last, protect)
     return path
 

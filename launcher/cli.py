@@ -152,6 +152,7 @@ def train_command(overrides: List[str]) -> int:
     except ConfigError as e:
         return fail(str(e))
 
+    from launcher.checkpoint import SaveError
     from launcher.dist import Dist
     from launcher.telemetry import setup_logging
     from launcher.train import train
@@ -168,6 +169,9 @@ def train_command(overrides: List[str]) -> int:
             train(cfg, env, dist, run_dir)
     except ConfigError as e:
         return fail(str(e))
+    except SaveError as e:  # disk full, read-only: one clear line, status 1, the old checkpoints intact
+        print(f"launcher: error: {e}", file=sys.stderr)
+        return 1
     finally:
         dist.close()
     return 0

@@ -27,7 +27,9 @@ class Dist:
             backend = "cpu:gloo,cuda:nccl" if env.device.type == "cuda" else "gloo"
             if env.device.type == "cuda":
                 torch.cuda.set_device(env.device)
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            timeout = datetime.timedelta(minutes=30)
+            dist.init_process_group(backend, store=attempt_store(env, timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
         if env.world_size > 1:
             # All ranks, the validator included, must create groups in the same order.
             group = dist.new_group(env.train_ranks) if env.validator_rank is not None else dist.group.WORLD
@@ -73,6 +75,24 @@ class Dist:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def attempt_store(env: Env, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """torchrun's agent store with a key prefix per worker-group round (None: env:// as usual).
+
+    torchrun keeps its store across `--max-restarts` restarts (static and c10d rendezvous alike), and
+    the workers' keys carry no round, so a restarted group can read the dead group's gloo addresses
+    and fail to connect. TORCHELASTIC_RESTART_COUNT cannot name the round: with c10d a node restarted
+    for a peer's failure does not count it. So every rank counts itself in once per start; the
+    round is (count - 1) // world_size, the same on every rank of a round (fixed world size).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    key = f"/launcher/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    round_ = (store.add(f"{key}/starts", 1) - 1) // env.world_size
+    return dist.PrefixStore(f"{key}/round_{round_}", store)
 
 
 def seed_everything(seed: int) -> None:

@@ -7,6 +7,7 @@ starts talking to another.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -76,7 +77,14 @@ def detect(validation_mode_: str = "off", validation_rank: int = -1, device: str
 
 
 def run_id_from_env() -> Optional[str]:
-    """SLURM_JOB_ID (survives requeue), then TORCHELASTIC_RUN_ID unless it is torchrun's "none"."""
+    """SLURM_JOB_ID (survives requeue), then TORCHELASTIC_RUN_ID, then the torchrun agent's identity.
+
+    Plain `torchrun` (static rendezvous) sets TORCHELASTIC_RUN_ID to "none" for every launch. A
+    timestamp chosen by rank 0 would then differ after `--max-restarts` restarts the worker group, and
+    the restarted group would start a fresh run instead of resuming. The agent process (the workers'
+    parent) lives through those restarts, so its start time and pid name the run: the same for every
+    restart of one torchrun, different for the next torchrun.
+    """
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if os.environ.get("SLURM_JOB_ID"):
@@ -84,4 +92,20 @@ def run_id_from_env() -> Optional[str]:
     elastic = os.environ.get("TORCHELASTIC_RUN_ID")
     if elastic and elastic != "none":
         return elastic
+    if elastic == "none":
+        return agent_run_id()
     return None
+
+
+def agent_run_id() -> Optional[str]:
+    """`<agent start time>-a<agent pid>` from /proc, or None where /proc is missing (not Linux)."""
+    try:
+        pid = os.getppid()
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time since boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    started = boot + ticks // os.sysconf("SC_CLK_TCK")
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(started)) + f"-a{pid}"

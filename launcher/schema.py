@@ -66,6 +66,8 @@ class RunConfig:
     id: Optional[str] = None  # default: SLURM_JOB_ID, TORCHELASTIC_RUN_ID, timestamp
     resume: str = "auto"  # auto | never | must
     seed: int = 0
+    # Signals that stop training cleanly at the next step (checkpoint, exit 128+signum); see launcher/signals.py.
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
 
 @dataclass
@@ -200,6 +202,7 @@ class DebugConfig:
     simulate_oom_above: Any = None  # int, or a list with one limit per rank
     simulate_oom_at_step: Optional[int] = None  # one OOM in backward of this step (from 1), last training rank
     fail_at_step: Optional[int] = None  # os._exit at this step, once per run
+    step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
     val_delay_s: float = 0.0
 
 
@@ -254,7 +257,7 @@ POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb"
 NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
                 "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
-                "validation.every_epochs", "early_stop.patience", "debug.val_delay_s",
+                "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",
                 "autobatch.max_retries", "data.workers")
 
 
@@ -315,6 +318,9 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.ddp.static_graph and cfg.autobatch.max_retries > 0:
         raise ConfigError("ddp.static_graph=true needs autobatch.max_retries=0: OOM recovery averages gradients "
                           "itself, outside DDP's recorded graph; or keep ddp.static_graph=false")
+    from launcher.signals import parse
+
+    parse(cfg.run.stop_signals)
     oom = cfg.debug.simulate_oom_above
     if oom is not None:
         limits = list(oom) if isinstance(oom, (list, tuple)) or hasattr(oom, "__iter__") and not isinstance(oom, str) else [oom]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,6 +24,7 @@ from launcher.env import Env
 from launcher.files import read_jsonl, write_json
 from launcher.optim import build_optimizer, build_scheduler, set_momentum, warmup_steps
 from launcher.schema import Config, ConfigError
+from launcher.signals import Guard, Stop
 from launcher.telemetry import Telemetry
 from launcher.validator import autocast, for_training, resolve_precision, save_weights
 
@@ -119,6 +119,8 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     if not found:
         seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
     failed_before = any(e.get("event") == "debug_fail" for e in read_jsonl(run_dir / "events.jsonl"))
+    guard = Guard(cfg, dist, tel, failed_before)  # signals -> an agreed stop; debug faults
+    guard.log_restart(env.restart_count, step)
     tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
               accum=batch.accum, global_batch=global_batch, steps=total, steps_per_epoch=steps_per_epoch,
               precision=precision,
@@ -128,14 +130,21 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
         buf = io.BytesIO()  # tensors travel as torch.save bytes: pickling them through gloo fails
         torch.save({"rng": rng_state(), "loss_sum": loss_sum.cpu(), "loss_count": loss_count}, buf)
         ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_object(buf.getvalue())]
+        error = None
         if env.is_main:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
                      "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "micro_batch": batch.micro,
                      "accum": batch.accum, "train_world": env.train_world, "ranks": ranks, "wandb_id": tel.wandb_id}
-            path = checkpoint.save(run_dir / "checkpoints", step, state, cfg.checkpoint.keep_last,
-                                   protect=validation.protected_steps())
-            tel.event("checkpoint", step=step, path=path.name)
+            try:
+                path = checkpoint.save(run_dir / "checkpoints", step, state, cfg.checkpoint.keep_last,
+                                       protect=validation.protected_steps())
+                tel.event("checkpoint", step=step, path=path.name)
+            except checkpoint.SaveError as e:
+                error = e
+        # Every rank stops together when rank 0 could not save (disk full, read-only), none hangs in DDP.
+        if dist.all_reduce(torch.tensor([float(error is not None)]), "max").item():
+            raise error or checkpoint.SaveError(f"training rank 0 could not save the step-{step} checkpoint")
 
     # Validation: off, inline (blocking baseline) or asynchronous (hand-off to a validator elsewhere).
     validation = for_training(cfg, env, run_dir, job, val_set, model, ema, batch.micro, tel)
@@ -143,12 +152,12 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
              total, env.train_world, batch.micro, batch.accum, global_batch, precision, device)
     t_start, t_log, samples_since = time.time(), time.perf_counter(), 0
-    stopped_early = False
+    stopped_early, stop = False, Stop()
     ddp.train()
     indices = speed.EpochIndices()  # one loader for the run: its workers persist across epochs
     loader = DataLoader(train_set, batch_size=step_batch, sampler=indices, drop_last=True,
                         **speed.loader_options(cfg.data, device))
-    while step < total and not stopped_early:
+    while step < total and not stopped_early and not stop:
         sampler.set_epoch(epoch)
         indices.set(list(sampler)[batch_in_epoch * step_batch: steps_per_epoch * step_batch])
         for x, y in loader:
@@ -214,23 +223,22 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
                 (end_of_epoch and (epoch + 1) % cfg.validation.every_epochs == 0)
             if due or step == total:
                 validation.submit(step, epoch)
-            # Early stopping decided by validation: every training rank stops at this same step.
-            stopped_early = bool(dist.all_reduce(torch.tensor([float(validation.stop_requested())]), "max").item())
-            if stopped_early:
-                log.info("early stop at step %d", step)
             if end_of_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
+            # A stop signal or the validator's early stop: every training rank stops at this same step.
+            stop, stopped_early = guard.step_end(step, validation.stop_requested())
+            if stopped_early:
+                log.info("early stop at step %d", step)
             if (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == total \
-                    or stopped_early:
+                    or stopped_early or stop:
                 checkpoint_now()
-            if cfg.debug.fail_at_step == step and not failed_before:
-                tel.event("debug_fail", step=step)
-                dist.barrier()  # the event is on disk before any rank dies
-                log.error("debug.fail_at_step=%d: exiting hard", step)
-                logging.shutdown()
-                os._exit(13)
-            if step >= total or stopped_early:
+            guard.fail_if_due(step)
+            if step >= total or stopped_early or stop:
                 break
+
+    if stop and step < total:  # preempted: checkpointed, not finished; no summary, exit 128 + signal
+        validation.flush()  # snapshots already handed off reach the disk
+        guard.exit(stop, step)
 
     # The end: deployable EMA weights, the summary.
     summary = {"steps": step, "epochs": epoch, "stopped_early": stopped_early, "micro_batch": batch.micro,

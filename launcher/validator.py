@@ -341,6 +341,9 @@ class NoValidation:
     def stop_requested(self) -> bool:
         return False
 
+    def flush(self) -> None:
+        pass
+
     def protected_steps(self) -> List[int]:
         """Checkpoints that retention must keep: the best step's."""
         return []
@@ -431,6 +434,9 @@ class AsyncValidation(NoValidation):
         if now - self._checked >= 0.2:  # at most a few stat() calls a second, whatever the step rate
             self._checked, self._stop = now, handoff.stop_requested(self.run_dir)
         return self._stop
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def protected_steps(self) -> List[int]:
         """The best so far, and every step not validated yet: it may still become the best."""

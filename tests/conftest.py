@@ -74,6 +74,29 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(ckpts[-1], weights_only=True)
 
 
+def assert_same_final_weights(a: Path, b: Path) -> None:
+    """The newest checkpoints of two runs hold bit-identical model and EMA weights at the same step."""
+    import torch
+
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa["step"] == wb["step"]
+    for part in ("model", "ema"):
+        sa, sb = (wa[part] or {}), (wb[part] or {})
+        sa, sb = sa.get("shadow", sa), sb.get("shadow", sb)
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{part}.{k} differs"
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> dict:
+    """Uninterrupted FAST runs, one process and two ranks ({1: dir, 2: dir}), to compare resumed runs with."""
+    root = tmp_path_factory.mktemp("reference")
+    launch(["train", *FAST, f"run.dir={root / 'one'}"])
+    launch(["train", *FAST, f"run.dir={root / 'two'}"], nproc=2)
+    return {1: root / "one", 2: root / "two"}
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
