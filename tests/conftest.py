@@ -90,11 +90,13 @@ def assert_same_final_weights(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> dict:
-    """Uninterrupted FAST runs, one process and two ranks ({1: dir, 2: dir}), to compare resumed runs with."""
+    """Uninterrupted FAST runs to compare resumed runs with: 1: one process; 2: two processes with the
+    default validation (one trainer + the validator rank); "ddp": two training ranks (validation inline)."""
     root = tmp_path_factory.mktemp("reference")
     launch(["train", *FAST, f"run.dir={root / 'one'}"])
     launch(["train", *FAST, f"run.dir={root / 'two'}"], nproc=2)
-    return {1: root / "one", 2: root / "two"}
+    launch(["train", *FAST, "validation.mode=inline", f"run.dir={root / 'ddp'}"], nproc=2)
+    return {1: root / "one", 2: root / "two", "ddp": root / "ddp"}
 
 
 @pytest.fixture
