@@ -72,7 +72,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 60
     max_steps: int = 0  # optimizer steps; 0 = epochs decide
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     grad_clip: float = 0.0  # max grad norm; 0 = off
