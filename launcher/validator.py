@@ -141,9 +141,23 @@ class Tracker:
 
 
 
-def val_batch_size(cfg: Config, train_micro: int) -> int:
-    # TODO(autobatch): `auto` should probe; until then four training micro-batches.
-    return 4 * train_micro if cfg.validation.batch_size == "auto" else int(cfg.validation.batch_size)
+def val_batch_size(cfg: Config, model: nn.Module, job, dataset: Dataset, device: torch.device, start: int) -> int:
+    """`validation.batch_size`, or with `auto` the largest evaluation batch that fits on this device:
+    probed forward-only, without gradients, like the training batch (on CPU, without a simulated
+    limit, there is nothing to probe and `start` is used)."""
+    if cfg.validation.batch_size != "auto":
+        return int(cfg.validation.batch_size)
+    from launcher import autobatch
+
+    precision = resolve_precision(cfg.validation.precision, device)
+    search = autobatch.probe_eval_batch(model, job, dataset, device, cfg.autobatch, start=start,
+                                        amp=lambda: autocast(device, precision),
+                                        simulate=autobatch.simulated_limit(cfg.debug.simulate_oom_above, 0))
+    if search.found == 0:
+        raise ConfigError(f"validation.batch_size=auto: not even a batch of 1 fits on {device} for evaluation; "
+                          "free device memory or set validation.device to another device")
+    log.info("validation.batch_size=auto: %d on %s (%d probes)", search.found, device, len(search.probes))
+    return search.found
 
 
 def validate_state(model: nn.Module, state: Dict[str, torch.Tensor], job, dataset: Dataset, cfg: Config,
@@ -198,7 +212,7 @@ def serve(cfg: Config, run_dir: Path, device: torch.device, revalidate: bool = F
     job = jobs.load(cfg.job)
     model = job.model().to(device)
     _, val_set = job.datasets()
-    bs = val_batch_size(cfg, job.cfg.batch_size)
+    bs = val_batch_size(cfg, model, job, val_set, device, start=4 * job.cfg.batch_size)
     tracker = Tracker(run_dir, cfg)
     queue_dir = run_dir / "handoff"
     queue_dir.mkdir(parents=True, exist_ok=True)
@@ -367,7 +381,7 @@ class InlineValidation(NoValidation):
             cfg, job, val_set, model, ema, device, tel
         self.tracker = Tracker(run_dir, cfg)
         self.eval_model = copy.deepcopy(model)
-        self.bs = val_batch_size(cfg, micro)
+        self.bs = val_batch_size(cfg, self.eval_model, job, val_set, device, start=4 * micro)
         self.stop, self.last = False, None
 
     def submit(self, step: int, epoch: int) -> None:

@@ -5,6 +5,7 @@ size and `debug.simulate_oom_at_step` one in backward; everything else (probing,
 agreement over gloo, recovery, resume) is the code that runs on a GPU.
 """
 import json
+import re
 import time
 
 import pytest
@@ -220,3 +221,15 @@ def test_recovery_gives_up_after_max_retries(run_dir):
     assert "giving up after autobatch.max_retries=2" in proc.stdout + proc.stderr
     retries = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "oom_retry"]
     assert [(e["micro_from"], e["micro_to"]) for e in retries] == [(64, 32), (32, 16)]
+
+
+def test_validator_process_probes_its_own_eval_batch(tmp_path):
+    """validation.batch_size=auto: the validator (a separate process here) probes forward-only on its
+    own device; with a simulated limit of 300 samples it must land just under it."""
+    run = tmp_path / "run"
+    launch(["train", *FAST, "train.epochs=1", "validation.mode=process", "validation.batch_size=auto",
+            "debug.simulate_oom_above=300", f"run.dir={run}"])
+    text = (run / "logs" / "rank-validator.log").read_text()
+    found = int(re.search(r"validation.batch_size=auto: (\d+)", text).group(1))
+    assert 250 <= found <= 300, text
+    assert read_jsonl(run / "val" / "results.jsonl"), "the validator validated with the probed batch"
