@@ -27,7 +27,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import math
 import random
 import time
 import traceback
@@ -42,7 +41,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from launcher.files import read_json, write_json
-from launcher.schema import Config
+from launcher.schema import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +357,7 @@ def choose(cfg: Config, env, dist, run_dir: Path, model: nn.Module, job, dataset
               "train_world": world, "oom_retries": []}
     if cfg.batch.size != "auto":
         found = int(cfg.batch.size)
-        batch = Batch(found, found * geometry_accum(cfg, found, world), world)
+        batch = Batch(found, found * batch_geometry(cfg, found, world)[0], world)
         record.update(reason="fixed")
     elif device.type != "cuda" and limit is None:
         found = job.cfg.batch_size
@@ -408,9 +407,15 @@ def choose(cfg: Config, env, dist, run_dir: Path, model: nn.Module, job, dataset
     return batch, {"cached": False, **event}
 
 
-def geometry_accum(cfg: Config, micro: int, world: int) -> int:
-    """Accumulation for a user-given micro-batch (train.batch_geometry already checked divisibility)."""
-    return cfg.batch.global_size // (micro * world) if cfg.batch.global_size else 1
+def batch_geometry(cfg: Config, micro: int, world: int) -> tuple[int, int]:
+    """(accumulation steps, global batch) for a user-given micro-batch; exact or a ConfigError."""
+    if cfg.batch.global_size is None:
+        return 1, micro * world
+    per_step = micro * world
+    if cfg.batch.global_size % per_step:
+        raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not a multiple of batch.size x "
+                          f"training ranks = {micro} x {world}; choose a multiple of {per_step}")
+    return cfg.batch.global_size // per_step, cfg.batch.global_size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def load_run_config(run_dir: Path, overrides: List[str]) -> Config:
 def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     """Everything that can be rejected without a process group."""
     import jobs
-    from launcher.train import batch_geometry
+    from launcher.autobatch import batch_geometry
 
     schema.check(cfg, world_size)
     try:

@@ -11,7 +11,6 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -31,17 +30,6 @@ from launcher.validator import autocast, for_training, resolve_precision, save_w
 log = logging.getLogger("launcher.train")
 
 
-def batch_geometry(cfg: Config, micro: int, train_world: int) -> tuple[int, int]:
-    """(accumulation steps, global batch) for a micro-batch; exact or a ConfigError."""
-    if cfg.batch.global_size is None:
-        return 1, micro * train_world
-    per_step = micro * train_world
-    if cfg.batch.global_size % per_step:
-        raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not a multiple of batch.size x "
-                          f"training ranks = {micro} x {train_world}; choose a multiple of {per_step}")
-    return cfg.batch.global_size // per_step, cfg.batch.global_size
-
-
 def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     device = env.device
     precision = resolve_precision(cfg.train.precision, device)
@@ -54,10 +42,12 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
 
     # Batch geometry: the micro-batch (probed and agreed by all ranks with batch.size=auto) and the
     # per-rank step batch, which stays fixed; a runtime OOM only changes how it is cut (batch.micro).
+    def make_ema(m):
+        return EMA(m, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled else None
+
     batch, autobatch_event = autobatch.choose(
         cfg, env, dist, run_dir, model, job, train_set, precision, lambda: autocast(device, precision),
-        lambda m: build_optimizer(m, cfg.optim, device),
-        lambda m: EMA(m, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled else None)
+        lambda m: build_optimizer(m, cfg.optim, device), make_ema)
     step_batch, global_batch = batch.step, batch.global_size
     sampler = DistributedSampler(train_set, num_replicas=env.train_world, rank=env.train_rank,
                                  shuffle=True, seed=cfg.run.seed, drop_last=True)
@@ -73,7 +63,7 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     opt = build_optimizer(model, cfg.optim, device)
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = EMA(model, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled and env.is_main else None
+    ema = make_ema(model) if env.is_main else None  # rank 0 alone keeps the EMA
     if ema is not None:
         mb = sum(v.numel() * v.element_size() for v in ema.shadow.values()) / 2**20
         log.info("EMA kept on this rank: %d tensors, %.2f MB fp32", len(ema.shadow), mb)
