@@ -72,6 +72,32 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
         return
 
 
+class JsonlTail:
+    """New complete lines of a jsonl file since the last call: never blocks, never re-reads, and a
+    half-written last line waits for the next call. `from_end` skips what is already there."""
+
+    def __init__(self, path: str | os.PathLike, from_end: bool = False):
+        self.path = Path(path)
+        self.offset = self.path.stat().st_size if from_end and self.path.exists() else 0
+
+    def read(self) -> List[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        chunk = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(chunk)
+        rows = []
+        for line in chunk.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+
 def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> None:
     """Rewrite atomically with only the records keep() accepts (resume drops lines past the checkpoint)."""
     if not Path(path).exists():

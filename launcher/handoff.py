@@ -18,7 +18,6 @@ validator's status and heartbeat). Skipped snapshots go to val/skipped.jsonl.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -186,31 +185,6 @@ class Writer:
         """Wait until every snapshot is on disk (used once, after training)."""
         self.jobs.put(None)
         self.thread.join()
-
-
-class Tail:
-    """New complete lines of a jsonl file since the last call; never blocks, never re-reads."""
-
-    def __init__(self, path: Path, from_end: bool = False):
-        self.path = Path(path)
-        self.offset = self.path.stat().st_size if from_end and self.path.exists() else 0
-
-    def read(self) -> List[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        chunk = chunk[: chunk.rfind(b"\n") + 1]  # a half-written last line waits for the next call
-        self.offset += len(chunk)
-        rows = []
-        for line in chunk.splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return rows
 
 
 # ---------------------------------------------------------------- validator side

@@ -14,7 +14,7 @@ never branches on rank to log. Each destination is a small sink with a no-op twi
   hot path. No driver or library: one info line, then nothing.
 
 Validation results come from val/results.jsonl, whoever wrote them (inline in the
-loop or a separate validator): `ResultsTail` reads the new complete lines from a
+loop or a separate validator): `files.JsonlTail` reads the new complete lines from a
 remembered offset at each logging step.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from launcher.files import append_jsonl, atomic_write, read_json, truncate_jsonl
+from launcher.files import JsonlTail, append_jsonl, atomic_write, read_json, truncate_jsonl
 
 log = logging.getLogger("launcher")
 plog = logging.getLogger("launcher.progress")
@@ -142,35 +142,6 @@ def make_progress(mode: str, total: int, isatty: Optional[bool] = None):
         except Exception as e:  # a broken terminal must not stop training
             log.info("progress: rich bar unavailable (%s); plain lines instead", e)
     return PlainProgress(total, console=mode != "off")
-
-
-class ResultsTail:
-    """New complete lines of a jsonl file since the last call; a torn last line waits for the next."""
-
-    def __init__(self, path: Path, from_end: bool = True):
-        self.path = path
-        self.offset = path.stat().st_size if from_end and path.exists() else 0
-
-    def new(self) -> List[dict]:
-        import json
-
-        try:
-            if self.path.stat().st_size <= self.offset:
-                return []
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        rows = []
-        for line in data[:end].splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        return rows
 
 
 # ----------------------------------------------------------------------------------------------- GPU
@@ -357,7 +328,7 @@ class Telemetry:
         self.progress, self.gpus, self.results = OFF, OFF, None
         if not enabled:
             return
-        self.results = ResultsTail(run_dir / "val" / "results.jsonl")
+        self.results = JsonlTail(run_dir / "val" / "results.jsonl", from_end=True)
         if cfg is None:
             self.progress = PlainProgress(total_steps)
             return
@@ -422,7 +393,7 @@ class Telemetry:
 
     def _poll_validation(self) -> None:
         """Log the validations that arrived since the last call (inline or from the validator)."""
-        rows = self.results.new() if self.results else []
+        rows = self.results.read() if self.results else []
         if not rows:
             return
         metric, primary = (self.cfg.validation.metric, "raw" if self.cfg.validation.weights == "raw" else "ema") \

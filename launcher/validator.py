@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from launcher import checkpoint, handoff
-from launcher.files import append_jsonl, atomic_write, read_json, read_jsonl, write_json
+from launcher.files import JsonlTail, append_jsonl, atomic_write, read_json, read_jsonl, write_json
 from launcher.schema import Config, ConfigError, check_device
 
 log = logging.getLogger(__name__)
@@ -411,8 +411,8 @@ class AsyncValidation(NoValidation):
     def __init__(self, cfg: Config, run_dir: Path, model, ema, device, tel, child: Optional[subprocess.Popen]):
         self.cfg, self.run_dir, self.model, self.ema, self.tel, self.child = cfg, run_dir, model, ema, tel, child
         self.writer = handoff.Writer(run_dir, cfg.validation.policy, cfg.validation.queue, device)
-        self.results = handoff.Tail(run_dir / "val" / "results.jsonl", from_end=True)
-        self.skips = handoff.Tail(run_dir / "val" / "skipped.jsonl", from_end=True)
+        self.results = JsonlTail(run_dir / "val" / "results.jsonl", from_end=True)
+        self.skips = JsonlTail(run_dir / "val" / "skipped.jsonl", from_end=True)
         self.validated, self.skipped = set(), {}
         self.started, self.warned = time.time(), False
         self._stop, self._checked = False, 0.0

@@ -14,6 +14,7 @@ import torch
 
 from conftest import FAST, child_env, command, launch, read_jsonl
 from launcher import handoff
+from launcher.files import JsonlTail
 
 ARGS = ["train", *FAST, "checkpoint.every_steps=0"]
 # Steps that sleep 20 ms, like GPU-bound ones: how long training lasts does not depend on the shared CPUs.
@@ -65,7 +66,7 @@ def test_queue_policies_and_retention(tmp_path):
             time.sleep(0.01)
     w.flush()
     assert handoff.pending(q) == [50, 60]
-    tail = handoff.Tail(tmp_path / "val" / "skipped.jsonl")
+    tail = JsonlTail(tmp_path / "val" / "skipped.jsonl")
     assert [(r["step"], r["reason"]) for r in tail.read()] == [(20, "stale"), (30, "stale"), (40, "stale")]
     assert tail.read() == []  # only new lines, never re-read
 

@@ -209,7 +209,8 @@ def test_broken_wandb_never_stops_training(run_dir, tmp_path):
 
 
 def test_progress_modes_and_results_tail(tmp_path):
-    from launcher.telemetry import PlainProgress, ResultsTail, RichProgress, make_progress
+    from launcher.files import JsonlTail
+    from launcher.telemetry import PlainProgress, RichProgress, make_progress
 
     assert type(make_progress("auto", 10, isatty=False)) is PlainProgress
     assert make_progress("off", 10).console is False
@@ -220,11 +221,11 @@ def test_progress_modes_and_results_tail(tmp_path):
 
     path = tmp_path / "results.jsonl"
     path.write_text('{"step": 1}\n')
-    tail = ResultsTail(path)  # starts at the end: what was there is not logged again
-    assert tail.new() == []
+    tail = JsonlTail(path, from_end=True)  # starts at the end: what was there is not logged again
+    assert tail.read() == []
     with open(path, "a") as f:
         f.write('{"step": 2}\n{"step": 3, "metr')  # a writer mid-line
-    assert tail.new() == [{"step": 2}]
+    assert tail.read() == [{"step": 2}]
     with open(path, "a") as f:
         f.write('ics": {}}\n')
-    assert tail.new() == [{"step": 3, "metrics": {}}]
+    assert tail.read() == [{"step": 3, "metrics": {}}]
