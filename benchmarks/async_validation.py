@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,20 +26,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
 from common import print_rows, row, write  # noqa: E402
+from launcher.files import read_jsonl  # noqa: E402
 
 
 def run(args: list, run_dir: Path, nproc: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               WANDB_MODE="disabled", XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME", str(ROOT / ".cache")))
-    launcher = [sys.executable, "-m", "launcher"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", "-m", "launcher"]
-    subprocess.run(launcher + ["train", *args, f"run.dir={run_dir}"], env=env, cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    common.run(common.python_cmd(nproc, "-m", "launcher", "train", *args, f"run.dir={run_dir}"))
     summary = json.loads((run_dir / "summary.json").read_text())
-    events = [json.loads(ln) for ln in (run_dir / "events.jsonl").read_text().splitlines()]
-    results = [json.loads(ln) for ln in (run_dir / "val" / "results.jsonl").read_text().splitlines()] \
-        if (run_dir / "val" / "results.jsonl").exists() else []
+    events = read_jsonl(run_dir / "events.jsonl")
+    results = read_jsonl(run_dir / "val" / "results.jsonl")
     return {"wall_time_s": summary["wall_time_s"], "summary": summary,
             "handoff_ms": [e["blocked_ms"] for e in events if e["event"] == "handoff"],
             "validation_s": [r["seconds"] for r in results]}
