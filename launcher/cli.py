@@ -7,6 +7,7 @@ line and exit status 2 before any process group exists. Hydra's own flags
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import sys
@@ -47,13 +48,11 @@ def _one_line(e: BaseException) -> str:
         cause = cause.__cause__
     text = str(e).strip()
     key = getattr(cause, "full_key", None)
-    if "Could not override" in text or "not in" in str(cause) or "Key '" in str(cause):
-        if key and "Key '" in str(cause):
-            parent = key.rsplit(".", 1)[0] if "." in key else ""
-            node = schema.get(Config(), parent) if parent and not parent.startswith("job") else None
-            valid = ", ".join(f.name for f in __import__("dataclasses").fields(node)) if node is not None \
-                and hasattr(node, "__dataclass_fields__") else ""
-            return f"unknown config key '{key}'" + (f"; valid keys under '{parent}': {valid}" if valid else "")
+    if key and "Key '" in str(cause):  # an unknown key
+        parent = key.rpartition(".")[0]
+        node = schema.get(Config(), parent) if parent and not parent.startswith("job") else None
+        valid = ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else ""
+        return f"unknown config key '{key}'" + (f"; valid keys under '{parent}': {valid}" if valid else "")
     if "Available options" in text or "Could not find" in text or "Could not load" in text:
         first = text.splitlines()[0]
         options = [ln.strip() for ln in text.splitlines()[1:] if ln.startswith(("\t", " ")) and ln.strip()]
