@@ -157,6 +157,7 @@ def train_command(overrides: List[str]) -> int:
     from launcher.train import train
 
     dist = Dist(env)
+    finished = False
     try:
         run_dir = agree_run_dir(cfg, dist, text, overrides)
         setup_logging(run_dir, env.rank, console=env.is_main or env.is_validator)
@@ -166,13 +167,14 @@ def train_command(overrides: List[str]) -> int:
             run_validator(cfg, env, run_dir)
         else:
             train(cfg, env, dist, run_dir)
+        finished = True
     except ConfigError as e:
         return fail(str(e))
     except SaveError as e:  # disk full, read-only: one clear line, status 1, the old checkpoints intact
         print(f"launcher: error: {e}", file=sys.stderr)
         return 1
     finally:
-        dist.close()
+        dist.close(finished)
     return 0
 
 

@@ -72,8 +72,14 @@ class Dist:
         if self.distributed_training:
             dist.barrier(group=self.group)
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """`finished`: every rank got here normally, so all first meet (a CPU tensor: gloo even on
+        CUDA), and none tears down its gloo connections while a peer still uses them (seen as
+        "terminate called without an active exception" on CPU). A rank leaving on an error or a
+        signal does not wait for the others."""
         if dist.is_initialized():
+            if finished:
+                dist.all_reduce(torch.zeros(1))
             dist.destroy_process_group()
 
 
