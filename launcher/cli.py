@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import secrets
 import sys
 import time
@@ -19,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from launcher import schema
+from launcher.rundir import RunDir
 from launcher.schema import Config, ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -91,11 +93,11 @@ def load_config(overrides: List[str]) -> Tuple[Config, str]:
     return obj, text
 
 
-def load_run_config(run_dir: Path, overrides: List[str]) -> Config:
+def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
     """A run's own config (its config.yaml) with `overrides` on top: what `launcher validate` uses."""
     schema.register()
     try:
-        saved = OmegaConf.load(run_dir / "config.yaml")
+        saved = OmegaConf.load(rundir.config)
         group = saved.job.get("name")
         group = group if (CONF_DIR / "job" / f"{group}.yaml").exists() else "custom"
         with initialize_config_dir(str(CONF_DIR), version_base=None, job_name="launcher"):
@@ -111,7 +113,7 @@ def load_run_config(run_dir: Path, overrides: List[str]) -> Config:
 def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     """Everything that can be rejected without a process group."""
     import jobs
-    from launcher.autobatch import batch_geometry
+    from launcher.batch import geometry
 
     schema.check(cfg, world_size)
     try:
@@ -119,26 +121,24 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.batch.size != "auto":
-        batch_geometry(cfg, int(cfg.batch.size), train_world)
+        geometry(int(cfg.batch.size), cfg.batch.global_size, train_world, exact=True)
 
 
-def agree_run_dir(cfg: Config, dist, config_text: str, overrides: List[str]) -> Path:
+def agree_run_dir(cfg: Config, dist, config_text: str, overrides: List[str]) -> RunDir:
     """Rank 0 chooses (run.dir, else runs/<id>), creates it and writes config.yaml; all ranks receive it."""
+    from launcher import handoff
     from launcher.env import run_id_from_env
     from launcher.files import atomic_write
 
-    run_dir = None
+    root = None
     if dist.env.rank == 0:
         run_id = cfg.run.id or run_id_from_env() or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        run_dir = Path(cfg.run.dir or Path(cfg.run.root) / run_id).resolve()
-        for sub in ("", "checkpoints", "logs", "val", "best", "handoff"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        from launcher import handoff
-
-        handoff.reset(run_dir)  # before any validator can see a previous session's stop/done markers
+        rundir = RunDir(Path(cfg.run.dir or Path(cfg.run.root) / run_id).resolve()).make()
+        handoff.reset(rundir)  # before any validator can see a previous session's stop/done markers
         header = "# launcher train " + " ".join(overrides) + "\n"
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(header + config_text), mode="w")
-    return Path(dist.broadcast_object(str(run_dir) if run_dir else None))
+        atomic_write(rundir.config, lambda f: f.write(header + config_text), mode="w")
+        root = str(rundir)
+    return RunDir(dist.broadcast_object(root))
 
 
 def train_command(overrides: List[str]) -> int:
@@ -156,17 +156,17 @@ def train_command(overrides: List[str]) -> int:
     from launcher.telemetry import setup_logging
     from launcher.train import train
 
+    from launcher.validator import run_validator_rank
+
     dist = Dist(env)
     finished = False
     try:
-        run_dir = agree_run_dir(cfg, dist, text, overrides)
-        setup_logging(run_dir, env.rank, console=env.is_main or env.is_validator)
+        rundir = agree_run_dir(cfg, dist, text, overrides)
+        setup_logging(rundir.log(env.rank), env.rank, console=env.is_main or env.is_validator)
         if env.is_validator:
-            from launcher.validator import run_validator
-
-            run_validator(cfg, env, run_dir)
+            run_validator_rank(env, rundir)
         else:
-            train(cfg, env, dist, run_dir)
+            train(cfg, env, dist, rundir)
         finished = True
     except ConfigError as e:
         return fail(str(e))
@@ -178,9 +178,35 @@ def train_command(overrides: List[str]) -> int:
     return 0
 
 
-def _world() -> int:
-    import os
+def validate_command(argv: List[str]) -> int:
+    """`python -m launcher validate run.dir=<dir> [overrides]`: validate a live or finished run."""
+    from launcher import handoff
+    from launcher.telemetry import setup_logging
+    from launcher.validator import serve, validator_device
 
+    try:
+        given = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
+        if not given:
+            raise ConfigError("validate needs run.dir=<dir>: the run directory to validate")
+        rundir = RunDir(Path(given[-1]).resolve())
+        if not rundir.config.exists():
+            raise ConfigError(f"run.dir={rundir} holds no config.yaml; point it at a run directory")
+        cfg = load_run_config(rundir, [a for a in argv if not a.startswith("run.dir=")])
+        device = validator_device(cfg.validation.device)
+    except ConfigError as e:
+        return fail(str(e))
+    spawned = "LAUNCHER_PARENT_PID" in os.environ
+    setup_logging(rundir.log("validator"), "validator", console=not spawned)
+    finished = handoff.done(rundir, or_summary=True) is not None
+    # A finished run with nothing left in the queue: re-validate its checkpoints.
+    revalidate = not spawned and finished and not handoff.pending(rundir.handoff) \
+        and not list(rundir.handoff.glob("*.claimed"))
+    n = serve(cfg, rundir, device, revalidate=revalidate)
+    log.info("validator done: %d validation(s)", n)
+    return 0
+
+
+def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -192,8 +218,6 @@ def main(argv: List[str]) -> int:
     if cmd == "train":
         return train_command(rest)
     if cmd == "validate":
-        from launcher.validator import validate_command
-
         return validate_command(rest)
     if cmd == "report":
         from launcher.report import main as report_main

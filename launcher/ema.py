@@ -133,13 +133,34 @@ class EMA:
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))
 
-    def to(self, device: torch.device) -> "EMA":
-        for v in self.shadow.values():
-            v.data = v.data.to(device)
-        if self._model_ref is not None:
-            self._bind(self._model_ref)
-        return self
-
     @property
     def current_decay(self) -> float:
         return self.decay_at(self.updates)
+
+    def describe(self) -> str:
+        mb = sum(v.numel() * v.element_size() for v in self.shadow.values()) / 2**20
+        return f"EMA kept on this rank: {len(self.shadow)} tensors, {mb:.2f} MB fp32"
+
+    def stats(self) -> dict:
+        """For metrics rows and the summary."""
+        return {"ema_decay": self.current_decay, "ema_updates": self.updates, "ema_skipped": self.skipped}
+
+
+class NoEMA:
+    """No EMA here (ema.enabled=false, or a training rank other than 0): every call does nothing."""
+    shadow: Dict[str, torch.Tensor] = {}
+
+    def update(self, model: nn.Module, skip: "bool | torch.Tensor" = False) -> None:
+        pass
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "EMA: none on this rank"
+
+    def stats(self) -> dict:
+        return {}
