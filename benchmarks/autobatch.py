@@ -37,10 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write  # noqa: E402
-from jobs.synthetic import Synthetic  # noqa: E402
+from jobs.synthetic import Synthetic, SyntheticJob  # noqa: E402
 from launcher import autobatch  # noqa: E402
+from launcher.oom import cleanup  # noqa: E402
 from launcher.ema import EMA  # noqa: E402
-from launcher.schema import AutobatchConfig, SyntheticJob  # noqa: E402
+from launcher.schema import AutobatchConfig  # noqa: E402
 
 GiB = 1 << 30
 MODELS = {"resnet50": dict(model="resnet"), "vitb16": dict(model="vit")}
@@ -140,7 +141,7 @@ class Rig:
         finally:
             del opt, ema
             snap.restore()
-            autobatch.cleanup(self.device)
+            cleanup(self.device)
 
     def ok(self, n: int) -> bool:
         try:
@@ -149,7 +150,7 @@ class Rig:
         except torch.OutOfMemoryError:
             return False
         finally:
-            autobatch.cleanup(self.device)
+            cleanup(self.device)
 
 
 # -- the methods ---------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def ultralytics(rig: Rig, fraction: float = 0.6, default: int = 16) -> Dict:
             mems.append(rig.profile(b))
         except torch.OutOfMemoryError:
             mems.append(None)
-        autobatch.cleanup(rig.device)
+        cleanup(rig.device)
     ys = [m for m in mems if m is not None]
     p = np.polyfit(sizes[:len(ys)], ys, deg=1)
     b = int((f * fraction - p[1]) / p[0])
@@ -255,7 +256,9 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     from launcher.dist import Dist
     from launcher.env import Env
     from launcher.schema import Config
-    from launcher.telemetry import Telemetry
+    from launcher.oom import Recovery
+    from launcher.rundir import RunDir
+    from launcher.telemetry import OFF
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -268,21 +271,21 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     ddp = DDP(model, process_group=dist.group)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x, y = autobatch.repeat_sample(job.datasets()[0], micro * accum, env.device)
-    tel = Telemetry(Path(tempfile.mkdtemp()), enabled=False)
+    tel = OFF
     res = {}
     for retries in (0, 3, 0, 3):  # interleaved, best of two
         cfg = Config()
         cfg.autobatch.max_retries = retries
-        oom = autobatch.Recovery(cfg, env, dist, Path("."), model, tel)
+        oom = Recovery(cfg, env, dist, RunDir(tempfile.mkdtemp()), model, tel)
         times = []
         for i in range(steps):
             dist.barrier()
             t0 = time.perf_counter()
             xs, ys = x.split(micro), y.split(micro)
             for j, (xb, yb) in enumerate(zip(xs, ys)):
-                with oom.forward(i), oom.no_sync(ddp, last=j == len(xs) - 1):
+                with oom.forward(), oom.no_sync(ddp, last=j == len(xs) - 1):
                     loss = job.loss(ddp(xb), yb) / len(xs)
-                with oom.backward(i):
+                with oom.backward():
                     loss.backward()
             oom.all_reduce_grads()
             opt.step()

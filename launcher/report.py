@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from launcher.files import iter_jsonl, read_json
+from launcher.rundir import AutobatchRecord, RunDir
 
 USAGE = "python -m launcher report <run_dir> [--out DIR] | report --compare <run_a> <run_b> [--out DIR]"
 
@@ -22,31 +23,33 @@ class Run:
     """Everything the report needs from one run directory; absent files are empty and noted."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, rundir = path, RunDir(path)
         self.name = path.name if path.name not in ("", ".") else str(path)
         self.notes: List[str] = []
-        self.metrics = self._jsonl("metrics.jsonl")
+        self.metrics = self._jsonl(rundir.metrics)
         self.train = [r for r in self.metrics if "loss" in r]
-        self.val = self._jsonl("val/results.jsonl")
-        self.events = self._jsonl("events.jsonl")
-        self.best = self._json("best/best.json")
-        self.summary = self._json("summary.json")
-        self.autobatch = self._json("autobatch.json", quiet=True)
+        self.val = self._jsonl(rundir.results)
+        self.events = self._jsonl(rundir.events)
+        self.best = self._json(rundir.best_json)
+        self.summary = self._json(rundir.summary)
+        self.autobatch = rundir.read_autobatch()
 
-    def _jsonl(self, rel: str) -> List[dict]:
-        if not (self.path / rel).exists():
-            self.notes.append(f"`{rel}` not found")
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.path).as_posix()
+
+    def _jsonl(self, path: Path) -> List[dict]:
+        if not path.exists():
+            self.notes.append(f"`{self._rel(path)}` not found")
             return []
-        return list(iter_jsonl(self.path / rel))
+        return list(iter_jsonl(path))
 
-    def _json(self, rel: str, quiet: bool = False) -> Optional[dict]:
+    def _json(self, path: Path) -> Optional[dict]:
         try:
-            return read_json(self.path / rel)
+            return read_json(path)
         except FileNotFoundError:
-            if not quiet:
-                self.notes.append(f"`{rel}` not found")
+            self.notes.append(f"`{self._rel(path)}` not found")
         except ValueError as e:
-            self.notes.append(f"`{rel}` unreadable ({e})")
+            self.notes.append(f"`{self._rel(path)}` unreadable ({e})")
         return None
 
     @property
@@ -173,43 +176,43 @@ def plot_gpu(run: Run, out: Path) -> Optional[str]:
     return _save(fig, out / "gpu.png")
 
 
-def autobatch_points(data: dict) -> Tuple[List[Tuple[int, float, bool]], Optional[int]]:
-    """(batch, peak memory GiB, ok) per probe, and the chosen batch, from autobatch.json."""
-    probes = next((data[k] for k in ("probes", "trials", "tries", "history") if isinstance(data.get(k), list)), [])
-    points = []
-    for p in probes:
-        batch = next((p[k] for k in ("batch", "batch_size", "micro_batch", "size") if k in p), None)
-        mem_key = next((k for k in p if "peak" in k or "mem" in k), None)
-        if batch is None or mem_key is None or p[mem_key] is None:
-            continue
-        mem = float(p[mem_key]) / (2**30 if "byte" in mem_key or float(p[mem_key]) > 2**20 else 1)
-        ok = bool(p.get("ok", p.get("status", "ok") == "ok")) and not p.get("oom", False)
-        points.append((int(batch), mem, ok))
-    chosen = next((data[k] for k in ("chosen", "choice", "batch_size", "micro_batch") if isinstance(data.get(k), int)),
-                  None)
-    return sorted(points), chosen
+def autobatch_points(record: AutobatchRecord) -> Dict[int, List[Tuple[int, Optional[float], bool]]]:
+    """Per training rank, in probe order: (micro-batch, peak memory GiB or None where it is not
+    measured, fits) from a probed run's autobatch.json."""
+    return {r["rank"]: [(p["size"], p["peak_bytes"] / 2**30 if p.get("peak_bytes") else None, p["fits"])
+                        for p in r["probes"]] for r in record.per_rank}
 
 
 def plot_autobatch(run: Run, out: Path) -> Optional[str]:
-    if not run.autobatch:
-        return None
-    points, chosen = autobatch_points(run.autobatch)
-    if not points:
+    """The probe's path (micro-batch per probe: fit or OOM) and, where memory was measured, peak memory
+    against the micro-batch; the agreed choice on both."""
+    points = autobatch_points(run.autobatch) if run.autobatch else {}
+    if not any(points.values()):
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ok = [(b, m) for b, m, good in points if good]
-    bad = [(b, m) for b, m, good in points if not good]
-    if ok:
-        ax.plot(*zip(*ok), "o-", label="fits")
-    if bad:
-        ax.plot(*zip(*bad), "x", color="red", ms=10, label="out of memory")
-    if chosen:
-        ax.axvline(chosen, color="green", ls="--", label=f"chosen {chosen}")
-    ax.set_xlabel("micro-batch")
-    ax.set_ylabel("peak memory GiB")
-    ax.set_title("autobatch probe")
-    ax.legend()
+    measured = any(m is not None for pts in points.values() for _, m, _ in pts)
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(11 if measured else 7, 4), squeeze=False)
+    path_ax = axes[0, 0]
+    for rank, pts in sorted(points.items()):
+        line, = path_ax.plot(range(1, len(pts) + 1), [b for b, _, _ in pts], "-", lw=1, label=f"rank {rank}")
+        for i, (b, _, fits) in enumerate(pts, 1):
+            path_ax.plot(i, b, "o" if fits else "x", color=line.get_color() if fits else "red", ms=7 if fits else 9)
+    path_ax.axhline(run.autobatch.micro_batch, color="green", ls="--", label=f"chosen {run.autobatch.micro_batch}")
+    path_ax.set_xlabel("probe")
+    path_ax.set_ylabel("micro-batch (o fits, x out of memory)")
+    path_ax.set_title(f"autobatch probe: {run.autobatch.reason}")
+    path_ax.legend(fontsize=8)
+    if measured:
+        ax = axes[0, 1]
+        for rank, pts in sorted(points.items()):
+            fit = sorted((b, m) for b, m, good in pts if good and m is not None)
+            if fit:
+                ax.plot(*zip(*fit), "o-", label=f"rank {rank} fits")
+        ax.axvline(run.autobatch.micro_batch, color="green", ls="--", label="chosen")
+        ax.set_xlabel("micro-batch")
+        ax.set_ylabel("peak memory GiB")
+        ax.set_title("peak memory per probe")
+        ax.legend(fontsize=8)
     return _save(fig, out / "autobatch.png")
 
 

@@ -56,10 +56,10 @@ class Manifest:
 @dataclass
 class AutobatchRecord:
     """autobatch.json: what the probe tried and chose, and every runtime reduction since."""
-    signature: List[dict]
-    requested: Any
-    global_size: Optional[int]
-    train_world: int
+    signature: List[dict] = field(default_factory=list)  # per rank: device, settings; a resume must match
+    requested: Any = None  # batch.size
+    global_size: Optional[int] = None  # batch.global_size
+    train_world: int = 1
     reason: str = ""
     micro_batch: int = 0
     step_batch: int = 0

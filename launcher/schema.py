@@ -4,59 +4,39 @@ Hydra composes `conf/config.yaml` on top of these dataclasses, so an unknown key
 or a value of the wrong type is rejected before anything runs. `check()` adds the
 rules a type cannot express (choices, ranges, combinations). Only this module and
 `cli.py` know about Hydra; everything else receives a plain `Config` object.
+Choices are Enums (str-valued, so they compare equal to their names): the schema
+itself rejects a bad value, naming the valid ones. Each shipped job's own config
+dataclass lives beside the job in jobs/.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-@dataclass
-class JobConfig:
-    """Which task to train. `target` is `module:Class`; any importable path works."""
-    name: str = MISSING
-    target: str = MISSING
-    batch_size: int = 64  # the job's default micro-batch (used by batch.size=auto on CPU)
+from jobs.base import Choice, CustomJob
+from jobs.mnist1d import Mnist1dJob
+from jobs.synthetic import SyntheticJob
+from launcher.signals import parse as parse_signals
 
 
-@dataclass
-class Mnist1dJob(JobConfig):
-    name: str = "mnist1d"
-    target: str = "jobs.mnist1d:Mnist1D"
-    batch_size: int = 64
-    model: str = "cnn"  # mlp | cnn (the two models of the MNIST-1D paper)
-    hidden: int = 100
-    channels: int = 25
-    samples: int = 5000  # train + test, 80/20 split as in the paper
-    data_seed: int = 42
+def _choice(name: str, *values: str) -> type:
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
 
 
-@dataclass
-class SyntheticJob(JobConfig):
-    name: str = "synthetic"
-    target: str = "jobs.synthetic:Synthetic"
-    batch_size: int = 32
-    model: str = "resnet"  # resnet | vit
-    width: int = 64  # resnet: stem channels (64 = ResNet-50 widths); vit: ignored
-    depth: List[int] = field(default_factory=lambda: [3, 4, 6, 3])  # resnet stages
-    dim: int = 768  # vit
-    layers: int = 12  # vit
-    heads: int = 12  # vit
-    patch: int = 16  # vit
-    image_size: int = 224
-    num_classes: int = 1000
-    train_samples: int = 4096
-    val_samples: int = 1024
-
-
-@dataclass
-class CustomJob(JobConfig):
-    """A user's own job: `job=custom job.target=my_pkg.my_job:MyJob +job.params.k=v`."""
-    name: str = "custom"
-    params: Dict[str, Any] = field(default_factory=dict)
+Resume = _choice("Resume", "auto", "never", "must")
+Precision = _choice("Precision", "auto", "fp32", "bf16", "fp16")
+TrainDevice = _choice("TrainDevice", "auto", "cpu", "cuda")
+Optimizer = _choice("Optimizer", "adamw", "sgd")
+Ramp = _choice("Ramp", "exp", "tf", "none")
+ValidationMode = _choice("ValidationMode", "auto", "rank", "process", "inline", "off", "external")
+Weights = _choice("Weights", "ema", "raw", "both")
+Policy = _choice("Policy", "latest", "all")
+Goal = _choice("Goal", "max", "min")
+WandbMode = _choice("WandbMode", "offline", "online", "disabled")
+ProgressMode = _choice("ProgressMode", "auto", "rich", "plain", "off")
 
 
 @dataclass
@@ -64,7 +44,7 @@ class RunConfig:
     dir: Optional[str] = None  # default: <root>/<id>
     root: str = "runs"
     id: Optional[str] = None  # default: SLURM_JOB_ID, TORCHELASTIC_RUN_ID, timestamp
-    resume: str = "auto"  # auto | never | must
+    resume: Resume = Resume.auto
     seed: int = 0
     # Signals that stop training cleanly at the next step (checkpoint, exit 128+signum); see launcher/signals.py.
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
@@ -74,10 +54,10 @@ class RunConfig:
 class TrainConfig:
     epochs: int = 60
     max_steps: int = 0  # optimizer steps; 0 = epochs decide
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: Precision = Precision.auto
     grad_clip: float = 0.0  # max grad norm; 0 = off
     log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda
+    device: TrainDevice = TrainDevice.auto
     compile: bool = False  # torch.compile the forward (DDP-aware: compiles the DDP wrapper in place)
     channels_last: bool = False  # NHWC weights and inputs for conv nets (faster convolutions on tensor cores)
 
@@ -116,7 +96,7 @@ class AutobatchConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: Optimizer = Optimizer.adamw
     lr: float = 3e-3
     weight_decay: float = 0.01  # never applied to biases or norm weights
     momentum: float = 0.9  # sgd momentum / adamw beta1
@@ -139,23 +119,23 @@ class SchedConfig:
 class EmaConfig:
     enabled: bool = True
     decay: float = 0.9999
-    ramp: str = "exp"  # exp | tf | none
+    ramp: Ramp = Ramp.exp
     tau: float = 2000.0
     every: int = 1  # update every k optimizer steps
 
 
 @dataclass
 class ValidationConfig:
-    mode: str = "auto"  # auto | rank | process | inline | off | external (hand-off only; `launcher validate` elsewhere)
+    mode: ValidationMode = ValidationMode.auto  # external: hand-off only; `launcher validate` elsewhere
     rank: int = -1  # which global rank validates with mode=rank
     every_steps: int = 0  # 0 = use every_epochs
     every_epochs: int = 1
-    weights: str = "ema"  # ema | raw | both
-    policy: str = "latest"  # latest | all
+    weights: Weights = Weights.ema
+    policy: Policy = Policy.latest
     batch_size: Any = 1000  # an int or "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: Precision = Precision.auto
     metric: str = "acc"
-    goal: str = "max"  # max | min
+    goal: Goal = Goal.max
     queue: int = 2  # most unclaimed snapshots kept with policy=latest
     drain_timeout_s: float = 300.0
     device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
@@ -176,7 +156,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "launcher"
     entity: Optional[str] = None
     name: Optional[str] = None
@@ -192,7 +172,7 @@ class TelemetryConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress: str = "auto"  # auto | rich | plain | off
+    progress: ProgressMode = ProgressMode.auto
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
@@ -237,21 +217,6 @@ class ConfigError(ValueError):
     """Bad input: the CLI prints it as one line and exits with status 2."""
 
 
-CHOICES = {
-    "run.resume": ("auto", "never", "must"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "optim.name": ("adamw", "sgd"),
-    "ema.ramp": ("exp", "tf", "none"),
-    "validation.mode": ("auto", "rank", "process", "inline", "off", "external"),
-    "validation.weights": ("ema", "raw", "both"),
-    "validation.policy": ("latest", "all"),
-    "validation.precision": ("auto", "fp32", "bf16", "fp16"),
-    "validation.goal": ("max", "min"),
-    "logger.wandb.mode": ("offline", "online", "disabled"),
-    "logger.progress": ("auto", "rich", "plain", "off"),
-}
-
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
             "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes")
 NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
@@ -281,9 +246,6 @@ def check_device(key: str, value: str) -> None:
 
 def check(cfg: Config, world_size: int = 1) -> None:
     """Reject what the types cannot: bad choices, ranges, impossible combinations."""
-    for key, allowed in CHOICES.items():
-        if get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; choose one of {', '.join(allowed)}")
     for key in POSITIVE:
         if get(cfg, key) <= 0:
             raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; it must be > 0")
@@ -318,9 +280,10 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.ddp.static_graph and cfg.autobatch.max_retries > 0:
         raise ConfigError("ddp.static_graph=true needs autobatch.max_retries=0: OOM recovery averages gradients "
                           "itself, outside DDP's recorded graph; or keep ddp.static_graph=false")
-    from launcher.signals import parse
-
-    parse(cfg.run.stop_signals)
+    try:
+        parse_signals(cfg.run.stop_signals)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     oom = cfg.debug.simulate_oom_above
     if oom is not None:
         limits = list(oom) if isinstance(oom, (list, tuple)) or hasattr(oom, "__iter__") and not isinstance(oom, str) else [oom]

@@ -16,7 +16,6 @@ training collective, so it checks `flag.signum` between validations and returns.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass

@@ -14,6 +14,8 @@ from torch import nn
 
 from conftest import FAST, final_weights, launch, read_jsonl
 from launcher import autobatch
+from launcher.batch import geometry
+from launcher.oom import is_oom
 from launcher.schema import AutobatchConfig
 
 QUICK = [*FAST, "validation.mode=off", "checkpoint.every_steps=0", "train.log_every=1"]
@@ -75,22 +77,22 @@ def test_start_that_does_not_fit_goes_down_and_nothing_fits_is_zero():
 
 
 def test_oom_forms_are_recognized_and_other_errors_are_not():
-    assert autobatch.is_oom(torch.OutOfMemoryError("x"))
+    assert is_oom(torch.OutOfMemoryError("x"))
     for msg in ("CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling",
                 "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous",
                 "GET was unable to find an engine to execute this computation",
                 "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"):
-        assert autobatch.is_oom(RuntimeError(msg)), msg
-    assert not autobatch.is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
-    assert not autobatch.is_oom(ValueError("out of memory"))
+        assert is_oom(RuntimeError(msg)), msg
+    assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_oom(ValueError("out of memory"))
 
 
 def test_geometry_keeps_the_step_batch_and_cuts_it_evenly():
-    b = autobatch.geometry(22, 128, 2)  # 64 per rank, at most 22 per micro-batch
+    b = geometry(22, 128, 2)  # 64 per rank, at most 22 per micro-batch
     assert (b.step, b.accum, b.micro, b.global_size) == (64, 3, 22, 128)
-    b.micro = -(-b.micro // 2)  # what recovery does
+    b = b.halved()  # what recovery does
     assert (b.step, b.accum, b.global_size) == (64, 6, 128)
-    assert autobatch.geometry(40, None, 3).global_size == 120
+    assert geometry(40, None, 3).global_size == 120
 
 
 def test_eval_probe_finds_the_limit_without_gradients_and_leaves_the_model_alone():

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import FAST, launch
 from launcher.report import autobatch_points, main as report_main
+from launcher.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +74,7 @@ def test_report_compare_overlays_two_runs(finished, tmp_path):
 
 
 def test_report_gpu_and_autobatch_plots(finished, tmp_path):
-    """GPU rows as telemetry writes them on a GPU machine, and an autobatch probe file."""
+    """GPU rows as telemetry writes them on a GPU machine, and the autobatch.json of a real probed run."""
     run = tmp_path / "gpu"
     shutil.copytree(finished, run, ignore=shutil.ignore_patterns("report", "checkpoints"))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -81,10 +82,15 @@ def test_report_gpu_and_autobatch_plots(finished, tmp_path):
         r["gpu"] = [{"index": g, "uuid": f"GPU-{g}abc", "util": 50.0 + i + g, "mem_used_gb": 10.0 + g,
                      "mem_total_gb": 80.0, "power_w": 300.0, "temp_c": 60.0} for g in (0, 1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    probe = {"probes": [{"batch": 64, "peak_gb": 10.0, "ok": True}, {"batch": 128, "peak_gb": 19.5, "ok": True},
-                        {"batch": 256, "peak_gb": None, "ok": False}], "chosen": 115}
-    (run / "autobatch.json").write_text(json.dumps(probe))
-    assert autobatch_points(probe) == ([(64, 10.0, True), (128, 19.5, True)], 115)
+    probed = tmp_path / "probed"  # the probe on a simulated 100-sample device
+    launch(["train", *FAST, "batch.size=auto", "debug.simulate_oom_above=100", "train.max_steps=2",
+            "validation.mode=off", f"run.dir={probed}"])
+    shutil.copy(probed / "autobatch.json", run / "autobatch.json")
+    record = RunDir(run).read_autobatch()
+    points = autobatch_points(record)[0]
+    assert [b for b, _, _ in points] == [p["size"] for p in record.per_rank[0]["probes"]] and len(points) >= 3
+    assert any(not fits for _, _, fits in points) and max(b for b, _, fits in points if fits) <= 100
+    assert record.micro_batch <= 100 and record.reason == "probed"
     assert report_main([str(run)]) == 0
     images = pngs(run / "report")
     assert {"gpu.png", "autobatch.png"} <= set(images)
