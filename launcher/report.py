@@ -290,7 +290,8 @@ def main(argv: List[str]) -> int:
         print(f"launcher: error: {', '.join(map(str, dirs))}: no metrics.jsonl or val/results.jsonl; "
               "is this a run directory?", file=sys.stderr)
         return 2
-    out = args.out or (dirs[0] / "report" if len(dirs) == 1 else dirs[0] / "report" / f"compare-{dirs[1].name}")
+    report = RunDir(dirs[0]).report
+    out = args.out or (report if len(dirs) == 1 else report / f"compare-{dirs[1].name}")
     path = write_report(runs, out)
     for r in runs:
         for note in r.notes:
