@@ -27,7 +27,7 @@ def decay_at(n: int, decay: float, ramp: str, tau: float) -> float:
 
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: str = "exp", tau: float = 2000.0):
-        self.decay, self.ramp, self.tau = decay, ramp, tau
+        self.decay, self.ramp, self.tau = decay, str(ramp), tau  # plain values: checkpoints load weights_only
         self._pending: Optional[torch.Tensor] = None  # skips decided on the device, not yet counted
         self.updates = 0
         self.skipped = 0
