@@ -30,6 +30,10 @@ class ValResult:
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    @classmethod
+    def from_dict(cls, row: dict) -> "ValResult":
+        return cls(**_fields(cls, row))
+
 
 @dataclass
 class Best:
@@ -78,6 +82,14 @@ class AutobatchRecord:
 def _fields(cls, data: dict) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in data.items() if k in names}
+
+
+def _read(cls, path: Path):
+    """A record from its JSON file; None when it is missing, torn or not that record."""
+    try:
+        return cls(**_fields(cls, read_json(path)))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 class RunDir:
@@ -139,25 +151,19 @@ class RunDir:
         append_jsonl(self.results, row.to_dict())
 
     def read_results(self) -> List[ValResult]:
-        return [ValResult(**_fields(ValResult, r)) for r in read_jsonl(self.results)]
+        return [ValResult.from_dict(r) for r in read_jsonl(self.results)]
 
     def write_best(self, best: Best) -> None:
         write_json(self.best_json, dataclasses.asdict(best))
 
     def read_best(self) -> Optional[Best]:
-        try:
-            return Best(**_fields(Best, read_json(self.best_json)))
-        except (OSError, ValueError, TypeError):
-            return None
+        return _read(Best, self.best_json)
 
     def write_autobatch(self, record: AutobatchRecord) -> None:
         write_json(self.autobatch, record.to_dict())
 
     def read_autobatch(self) -> Optional[AutobatchRecord]:
-        try:
-            return AutobatchRecord(**_fields(AutobatchRecord, read_json(self.autobatch)))
-        except (OSError, ValueError, TypeError):
-            return None
+        return _read(AutobatchRecord, self.autobatch)
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.summary, summary)

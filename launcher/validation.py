@@ -128,7 +128,7 @@ class AsyncValidation(_Validation):
         """A cheap look at what the validator did since the last call (one read per file)."""
         for row in self.results.read():
             self.validated.add(row["step"])
-            self.tel.validation(ValResult(**{k: v for k, v in row.items() if k in ValResult.__dataclass_fields__}))
+            self.tel.validation(ValResult.from_dict(row))
         for row in self.skips.read():
             self.skipped[row["step"]] = row["reason"]
             self.tel.event("validation_skipped", step=row["step"], reason=row["reason"], detail=row.get("detail"))
