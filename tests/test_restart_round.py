@@ -9,11 +9,12 @@ first start only; the restarted group must meet at once and train to the end.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
 
-from conftest import FAST, launch, read_jsonl
+from conftest import FAST, child_env, command, free_port, launch, read_jsonl
 
 
 @pytest.mark.slow
@@ -35,3 +36,31 @@ def test_worker_killed_before_joining_then_restarted_group_trains_to_the_end(run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == starts[0]["steps"] > 0
     assert seconds < 50, f"the restarted group took {seconds:.0f}s: it waited for a timeout"
+
+
+@pytest.mark.slow
+def test_two_agents_c10d_worker_killed_before_joining(run_dir):
+    """Two torchrun agents (c10d rendezvous, one worker each): only the agent whose worker died counts
+    the restart (TORCHELASTIC_RESTART_COUNT 1 there, 0 on the other), so that count cannot name the
+    start either; the restarted ranks must still meet."""
+    port = free_port()
+    rdzv = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fail-at-start",
+            "--max-restarts=1", "--monitor-interval=0.5"]
+    args = ["train", *FAST, "train.epochs=1", "validation.mode=inline", "checkpoint.every_steps=0",
+            "debug.fail_at_start=1", "dist.timeout_s=60", f"run.dir={run_dir}"]
+    logs = [run_dir.parent / f"agent-{i}.log" for i in range(2)]
+    agents = [subprocess.Popen(command(args, 1, rdzv), env=child_env(), stdout=open(log, "w"),
+                               stderr=subprocess.STDOUT) for log in logs]
+    try:
+        codes = [a.wait(timeout=240) for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+    text = "\n".join(log.read_text()[-3000:] for log in logs)
+    assert codes == [0, 0], text
+    assert "debug.fail_at_start=1: killing this process" in text
+    events = read_jsonl(run_dir / "events.jsonl")
+    [start] = [e for e in events if e["event"] == "start"]
+    assert start["train_world"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == start["steps"] > 0
