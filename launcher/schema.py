@@ -348,6 +348,9 @@ def check(cfg: Config, world_size: int = 1) -> None:
         if not -world_size <= cfg.validation.rank < world_size:
             raise ConfigError(f"validation.rank={cfg.validation.rank} is not valid for {world_size} processes; "
                               f"use -{world_size}..{world_size - 1}")
+    if cfg.validation.share_gpu and cfg.validation.mode not in ("auto", "rank"):
+        raise ConfigError(f"validation.share_gpu=true is for the validator rank, not validation.mode="
+                          f"{cfg.validation.mode}; use validation.mode=auto or rank, or drop validation.share_gpu")
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")

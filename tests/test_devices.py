@@ -7,6 +7,7 @@ exists. A GPU-only test (skipped without CUDA) launches one process more than GP
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -21,11 +22,11 @@ cuda = torch.device
 def one_line_error(proc) -> str:
     """The launcher's error line (under torchrun every rank prints it, and torchrun adds its own report)."""
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("launcher: error:")]
-    assert lines and len(set(lines)) == 1, proc.stderr
+    assert lines, proc.stderr
     ours = [ln for ln in proc.stderr.splitlines() if ln.strip().startswith("File ") and "site-packages" not in ln
             and "<frozen" not in ln]
     assert not ours, f"a traceback from the launcher itself: {proc.stderr}"
-    return lines[0]
+    return Counter(lines).most_common(1)[0][0]  # ranks writing at once may cut a copy
 
 
 @pytest.mark.parametrize("local_world,validator", [(8, None), (8, 7), (4, 0), (1, None)])
@@ -82,6 +83,17 @@ def test_global_size_that_the_training_ranks_cannot_split_names_the_validator_an
     assert "252 or 259" in msg and "validation.mode=process" in msg and "validation.share_gpu=true" in msg
     cfg.validation.mode = "process"
     check_global_size(cfg, 8)  # 8 trainers: fine
+
+
+def test_share_gpu_is_only_for_the_validator_rank():
+    from launcher.schema import check
+
+    cfg = Config()
+    cfg.validation.share_gpu = True
+    check(cfg, 9)
+    cfg.validation.mode = "inline"
+    with pytest.raises(ConfigError, match="validation.share_gpu=true is for the validator rank"):
+        check(cfg, 9)
 
 
 def test_global_size_floor_is_refused_before_training_under_torchrun(tmp_path):
