@@ -16,7 +16,7 @@ from conftest import FAST, launch
 from launcher.env import assign_device
 from launcher.schema import Config, ConfigError, check_global_size
 
-cuda = torch.device
+dev = torch.device
 
 
 def one_line_error(proc) -> str:
@@ -32,7 +32,7 @@ def one_line_error(proc) -> str:
 @pytest.mark.parametrize("local_world,validator", [(8, None), (8, 7), (4, 0), (1, None)])
 def test_one_gpu_per_process_in_local_rank_order(local_world, validator):
     got = [assign_device(r, local_world, 8, "auto", validator) for r in range(local_world)]
-    assert got == [cuda("cuda", r) for r in range(local_world)]
+    assert got == [dev("cuda", r) for r in range(local_world)]
 
 
 def test_more_processes_than_gpus_is_an_error_not_a_shared_gpu():
@@ -51,10 +51,10 @@ def test_validator_rank_shares_a_gpu_only_when_allowed():
     assert "validation.share_gpu=true" in msg and "--nproc_per_node=8" in msg and "validation.mode=process" in msg
     # Allowed: the 8 trainers get GPUs 0..7 and the validator (last local rank) shares the last one.
     got = [assign_device(r, 9, 8, "auto", 8, share_gpu=True) for r in range(9)]
-    assert got == [cuda("cuda", r) for r in range(8)] + [cuda("cuda", 7)]
+    assert got == [dev("cuda", r) for r in range(8)] + [dev("cuda", 7)]
     # A validator in the middle (validation.rank=3): trainers still fill 0..7 in order.
     got = [assign_device(r, 9, 8, "auto", 3, share_gpu=True) for r in range(9)]
-    assert got == [cuda("cuda", i) for i in (0, 1, 2, 7, 3, 4, 5, 6, 7)]
+    assert got == [dev("cuda", i) for i in (0, 1, 2, 7, 3, 4, 5, 6, 7)]
 
 
 def test_share_gpu_allows_one_extra_process_only():
@@ -66,8 +66,8 @@ def test_share_gpu_allows_one_extra_process_only():
 
 
 def test_cpu_and_missing_gpus():
-    assert assign_device(3, 9, 8, "cpu", None) == cuda("cpu")  # any shape works on the CPU
-    assert assign_device(1, 2, 0, "auto", None) == cuda("cpu")
+    assert assign_device(3, 9, 8, "cpu", None) == dev("cpu")  # any shape works on the CPU
+    assert assign_device(1, 2, 0, "auto", None) == dev("cpu")
     with pytest.raises(ConfigError, match="train.device=cuda but no CUDA GPU is visible"):
         assign_device(0, 1, 0, "cuda", None)
 
