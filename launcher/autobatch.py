@@ -203,15 +203,15 @@ def eval_trial(model: nn.Module, job, dataset, device: torch.device, amp: Callab
 class Snapshot:
     """Weights (to host) and every RNG, so the run after probing is the run that started with the choice."""
 
-    def __init__(self, model: nn.Module):
-        self.model, self.training = model, model.training
+    def __init__(self, model: nn.Module, device: Optional[torch.device] = None):
+        self.model, self.training, self.device = model, model.training, device
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        self.rng = rng_state()
+        self.rng = rng_state(device)
 
     def restore(self) -> None:
         self.model.load_state_dict(self.state)
         self.model.train(self.training)
-        set_rng_state(self.rng)
+        set_rng_state(self.rng, self.device)
 
 
 def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_autobatch, start: int,
@@ -221,7 +221,7 @@ def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_a
     memory = DeviceMemory(device, cfg_autobatch.fraction)
     if memory.limit is None and simulate is None:
         return Search(start, start, None)
-    snap = Snapshot(model)
+    snap = Snapshot(model, device)
     model.eval()
     handle = oom_above(model, simulate)
     try:
@@ -275,7 +275,7 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         copies = (world > 1) + (env.is_main and cfg.validation.mode == "inline")
         memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
-        snap = Snapshot(model)
+        snap = Snapshot(model, device)
         start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
         try:
             mine = search(train_trial(model, job, dataset, device, amp, make_optimizer, precision == "fp16",

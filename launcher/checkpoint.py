@@ -129,13 +129,16 @@ class TrainState:
 
 
 class _RNG:
-    """Every RNG of this process, as a part."""
+    """Every RNG of this process (of its own CUDA device only), as a part."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
 
     def state_dict(self) -> dict:
-        return rng_state()
+        return rng_state(self.device)
 
     def load_state_dict(self, state: dict) -> None:
-        set_rng_state(state)
+        set_rng_state(state, self.device)
 
 
 class Checkpointer:
@@ -148,7 +151,7 @@ class Checkpointer:
     def __init__(self, cfg, env, dist, rundir, tel, state: TrainState, parts: Dict[str, Any],
                  per_rank: Dict[str, Any]):
         self.cfg, self.env, self.dist, self.rundir, self.tel = cfg, env, dist, rundir, tel
-        self.state, self.parts, self.per_rank = state, parts, {"rng": _RNG(), **per_rank}
+        self.state, self.parts, self.per_rank = state, parts, {"rng": _RNG(env.device), **per_rank}
 
     def should_save(self, step: int, last: bool) -> bool:
         every = self.cfg.checkpoint.every_steps

@@ -146,19 +146,22 @@ def train_command(overrides: List[str]) -> int:
 
     try:
         cfg, text = load_config(overrides)
-        env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device)
+        env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device,
+                     cfg.validation.share_gpu)
         _precheck(cfg, env.world_size, env.train_world)
     except ConfigError as e:
         return fail(str(e))
 
     from launcher.checkpoint import SaveError
     from launcher.dist import Dist
+    from launcher.faults import fail_at_start
     from launcher.telemetry import setup_logging
     from launcher.train import train
 
     from launcher.validator import run_validator_rank
 
-    dist = Dist(env)
+    fail_at_start(cfg.debug.fail_at_start, env)
+    dist = Dist(env, cfg.dist.timeout_s)
     finished = False
     try:
         rundir = agree_run_dir(cfg, dist, text, overrides)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from typing import Any, Optional
 
@@ -39,6 +40,16 @@ def oom_above(model: nn.Module, limit: Optional[int]):
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: micro-batch {len(args[0])} > "
                                          f"debug.simulate_oom_above={limit})")
     return model.register_forward_pre_hook(hook)
+
+
+def fail_at_start(rank: Optional[int], env) -> None:
+    """debug.fail_at_start: SIGKILL this global rank before it joins the process group, on the first
+    start only (TORCHELASTIC_RESTART_COUNT=0), so `torchrun --max-restarts` restarts a group in which
+    one worker never got as far as the store."""
+    if rank is not None and rank == env.rank and env.restart_count == 0:
+        log.error("debug.fail_at_start=%d: killing this process before it joins the process group", rank)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def validation_delay(debug) -> None:

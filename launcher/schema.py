@@ -139,6 +139,7 @@ class ValidationConfig:
     queue: int = 2  # most unclaimed snapshots kept with policy=latest
     drain_timeout_s: float = 300.0
     device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
+    share_gpu: bool = False  # mode=rank, one process more than GPUs on a node: the validator shares the last GPU
 
 
 @dataclass
@@ -184,6 +185,13 @@ class DebugConfig:
     fail_at_step: Optional[int] = None  # os._exit at this step, once per run
     step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
     val_delay_s: float = 0.0
+    fail_at_start: Optional[int] = None  # SIGKILL this global rank before it joins the group, first attempt only
+
+
+@dataclass
+class DistConfig:
+    """Process groups."""
+    timeout_s: float = 1800.0  # process-group timeout: a collective (or joining the group) waits this long
 
 
 @dataclass
@@ -193,6 +201,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ddp: DdpConfig = field(default_factory=DdpConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -218,7 +227,7 @@ class ConfigError(ValueError):
 
 
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
-            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes")
+            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
 NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
                 "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
@@ -244,6 +253,32 @@ def check_device(key: str, value: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; use auto, cpu, cuda or cuda:<index>")
 
 
+def check_global_size(cfg: Config, world_size: int) -> None:
+    """batch.global_size must split evenly over the training ranks: a silent floor (256 over 7 ranks
+    -> 252) would change the effective batch. The usual cause is the validator rank taking one of the
+    processes (8 GPUs -> 7 trainers), so the message names it and the launches that work."""
+    size = cfg.batch.global_size
+    if size is None or size <= 0 or world_size < 2:
+        return
+    validator = cfg.validation.mode == "rank" or cfg.validation.mode == "auto"
+    train_world = world_size - 1 if validator else world_size
+    if size % train_world == 0:
+        return
+    lo, hi = size // train_world * train_world, -(-size // train_world) * train_world
+    sizes = f"{lo} or {hi}" if lo else f"{hi}"
+    msg = f"batch.global_size={size} is not divisible by the {train_world} training ranks"
+    msg += f" (it would be floored to {lo})" if lo else ""
+    if validator:
+        msg += (f"; {world_size} processes, one of them the validator rank of validation.mode="
+                f"{cfg.validation.mode}: use batch.global_size={sizes}, or train on all {world_size} "
+                f"processes with validation.mode=process (the validator as a side process on a shared GPU), or "
+                f"on one node with {world_size} GPUs launch {world_size + 1} processes with "
+                "validation.share_gpu=true (all GPUs train, the validator shares one)")
+    else:
+        msg += f"; use batch.global_size={sizes}, or a number of processes that divides {size}"
+    raise ConfigError(msg)
+
+
 def check(cfg: Config, world_size: int = 1) -> None:
     """Reject what the types cannot: bad choices, ranges, impossible combinations."""
     for key in POSITIVE:
@@ -267,6 +302,7 @@ def check(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is not valid; it must be > 0")
     if cfg.batch.global_size is not None and cfg.batch.global_size <= 0:
         raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not valid; it must be > 0")
+    check_global_size(cfg, world_size)
     if cfg.validation.mode == "rank" and world_size < 2:
         raise ConfigError("validation.mode=rank needs at least 2 processes (torchrun --nproc_per_node>=2); "
                           "with one process use validation.mode=process, inline or off")
@@ -274,6 +310,9 @@ def check(cfg: Config, world_size: int = 1) -> None:
         if not -world_size <= cfg.validation.rank < world_size:
             raise ConfigError(f"validation.rank={cfg.validation.rank} is not valid for {world_size} processes; "
                               f"use -{world_size}..{world_size - 1}")
+    if cfg.validation.share_gpu and cfg.validation.mode not in ("auto", "rank"):
+        raise ConfigError(f"validation.share_gpu=true is for the validator rank, not validation.mode="
+                          f"{cfg.validation.mode}; use validation.mode=auto or rank, or drop validation.share_gpu")
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
