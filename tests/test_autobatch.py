@@ -77,14 +77,28 @@ def test_start_that_does_not_fit_goes_down_and_nothing_fits_is_zero():
 
 
 def test_oom_forms_are_recognized_and_other_errors_are_not():
+    """The real texts torch, cuBLAS, cuDNN, HIP and the CPU allocator give for a failed allocation are OOMs;
+    a missing cuDNN kernel (NOT_SUPPORTED, no engine) or an illegal access is a bug, not memory."""
     assert is_oom(torch.OutOfMemoryError("x"))
-    for msg in ("CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling",
-                "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous",
-                "GET was unable to find an engine to execute this computation",
-                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"):
+    oom = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which "
+           "1.02 GiB is free. Including non-PyTorch memory, this process has 78.07 GiB memory in use.",
+           "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call",
+           "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+           "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+           "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)",
+           "HIP out of memory. Tried to allocate 1.00 GiB. GPU 0 has a total capacity of 63.98 GiB")
+    for msg in oom:
         assert is_oom(RuntimeError(msg)), msg
-    assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
-    assert not is_oom(ValueError("out of memory"))
+    not_oom = ("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous "
+               "input.", "GET was unable to find an engine to execute this computation",
+               "CUDA error: an illegal memory access was encountered",
+               "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k, "
+               "&alpha, a, lda, b, ldb, &beta, c, ldc)`",
+               "cuDNN error: CUDNN_STATUS_BAD_PARAM")
+    for msg in not_oom:
+        assert not is_oom(RuntimeError(msg)), msg
+    assert not is_oom(ValueError("CUDA out of memory"))  # only RuntimeErrors carry allocator messages
 
 
 def test_geometry_keeps_the_step_batch_and_cuts_it_evenly():
