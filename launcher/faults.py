@@ -54,8 +54,11 @@ def handoff_fault(debug):
     if at is None:
         return None
 
+    fired = []
+
     def fault(step: int) -> None:
-        if step == at:
+        if step == at and not fired:  # once: the final hand-off at that step is not retried into it
+            fired.append(step)
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated in the hand-off: "
                                          f"debug.handoff_oom_at_step={at})")
     return fault

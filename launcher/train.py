@@ -165,6 +165,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             if state.step % cfg.ema.every == 0:
                 # fp16: the scaler already synchronized, so reading its scale is free; otherwise
                 # a device flag on a GPU (no sync in the step).
+                validation.fence()  # the last hand-off's copy out of the EMA finished (a GPU-side wait)
                 ema.update(model, skip=scaler.get_scale() < scale_before if scale_before is not None else bad)
             meter.add(step_loss, batch.global_size)
 

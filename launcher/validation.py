@@ -22,6 +22,7 @@ from launcher import checkpoint, handoff
 from launcher.dist import local_env_for_child
 from launcher.env import validation_mode
 from launcher.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
+from launcher.faults import handoff_fault
 from launcher.files import JsonlTail
 from launcher.rundir import RunDir, ValResult
 
@@ -45,6 +46,9 @@ class NoValidation:
 
     def flush(self) -> None:
         pass
+
+    def fence(self) -> None:
+        """Before the EMA update: wait (on the device) for the last hand-off's copy out of it."""
 
     def protected_steps(self) -> List[int]:
         """Checkpoints that retention must keep."""
@@ -103,7 +107,8 @@ class AsyncValidation(_Validation):
     def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, child: Optional[subprocess.Popen]):
         super().__init__(cfg, rundir, tel)
         self.model, self.ema, self.child = model, ema, child
-        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device)
+        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
+                                     fault=handoff_fault(cfg.debug))
         self.results = JsonlTail(rundir.results, from_end=True)
         self.skips = JsonlTail(rundir.skipped, from_end=True)
         self.validated, self.skipped = set(), {}
@@ -147,6 +152,9 @@ class AsyncValidation(_Validation):
 
     def flush(self) -> None:
         self.writer.flush()
+
+    def fence(self) -> None:
+        self.writer.fence()
 
     def protected_steps(self) -> List[int]:
         """The best so far, and every step not validated yet: it may still become the best."""

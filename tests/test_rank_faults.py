@@ -30,3 +30,16 @@ def test_nan_loss_on_rank_1_of_2_is_skipped_by_the_ema_on_rank_0(run_dir):
     assert all(torch.isfinite(v).all() for v in ema.values() if v.is_floating_point())
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["ema_skipped"] == 1
     assert "a NaN loss on this rank" in (run_dir / "logs" / "rank-1.log").read_text()
+
+
+def test_out_of_memory_inside_the_hand_off_skips_that_snapshot_and_training_goes_on(run_dir):
+    """A real torch.OutOfMemoryError inside handoff.Writer.put (debug.handoff_oom_at_step): rank 0 does not
+    crash, the snapshot is recorded as skipped (reason oom) with an event, and later snapshots are handed off."""
+    launch(["train", *QUICK, "validation.mode=external", "validation.policy=all", "validation.every_steps=2",
+            "validation.drain_timeout_s=0", "train.max_steps=6", "debug.handoff_oom_at_step=4",
+            f"run.dir={run_dir}"])
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+    assert [(r["step"], r["reason"]) for r in read_jsonl(run_dir / "val" / "skipped.jsonl")] == [(4, "oom")]
+    events = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "validation_skipped"]
+    assert [(e["step"], e["reason"]) for e in events] == [(4, "oom")]
+    assert handoff.pending(run_dir / "handoff") == [2, 6]
