@@ -158,7 +158,7 @@ def train_command(overrides: List[str]) -> int:
 
     from launcher.validator import run_validator_rank
 
-    dist = Dist(env)
+    dist = Dist(env, cfg.dist.timeout_s)
     finished = False
     try:
         rundir = agree_run_dir(cfg, dist, text, overrides)

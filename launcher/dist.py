@@ -20,14 +20,14 @@ from launcher.env import Env
 
 
 class Dist:
-    def __init__(self, env: Env):
+    def __init__(self, env: Env, timeout_s: float = 1800.0):
         self.env = env
         self.group: Optional[dist.ProcessGroup] = None
         if env.world_size > 1 and not dist.is_initialized():
             backend = "cpu:gloo,cuda:nccl" if env.device.type == "cuda" else "gloo"
             if env.device.type == "cuda":
                 torch.cuda.set_device(env.device)
-            timeout = datetime.timedelta(minutes=30)
+            timeout = datetime.timedelta(seconds=timeout_s)  # dist.timeout_s
             dist.init_process_group(backend, store=attempt_store(env, timeout), rank=env.rank,
                                     world_size=env.world_size, timeout=timeout)
         if env.world_size > 1:

@@ -79,6 +79,12 @@ class DdpConfig:
 
 
 @dataclass
+class DistConfig:
+    """Process groups."""
+    timeout_s: float = 1800.0  # collective/rendezvous timeout of the process groups (tests shorten it)
+
+
+@dataclass
 class BatchConfig:
     size: Any = 64  # per-rank micro-batch: an int or "auto"
     global_size: Optional[int] = None  # fixed effective batch; accumulation fills the rest
@@ -196,6 +202,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ddp: DdpConfig = field(default_factory=DdpConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -221,7 +228,7 @@ class ConfigError(ValueError):
 
 
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
-            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes")
+            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
 NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
                 "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",

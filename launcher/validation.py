@@ -111,6 +111,7 @@ class AsyncValidation(_Validation):
                                      fault=handoff_fault(cfg.debug))
         self.results = JsonlTail(rundir.results, from_end=True)
         self.skips = JsonlTail(rundir.skipped, from_end=True)
+        self.restarts = JsonlTail(rundir.validator_restarts, from_end=True)
         self.validated, self.skipped = set(), {}
         self.started, self.warned = time.time(), False
         self._stop, self._checked = False, 0.0
@@ -137,6 +138,12 @@ class AsyncValidation(_Validation):
         for row in self.skips.read():
             self.skipped[row["step"]] = row["reason"]
             self.tel.event("validation_skipped", step=row["step"], reason=row["reason"], detail=row.get("detail"))
+        for row in self.restarts.read():  # written by the validator rank; events.jsonl only by this rank
+            self.warned = False
+            log.warning("the validator rank restarted its validator (restart %d, it exited with %s)",
+                        row["restart"], row["returncode"])
+            self.tel.event("validator_restart", restart=row["restart"], returncode=row["returncode"],
+                           backoff_s=row["backoff_s"])
         if not self.warned and not self.alive():
             self.warned = True
             log.warning("the validator is gone; training goes on, later snapshots stay unvalidated in %s "

@@ -43,3 +43,34 @@ def test_out_of_memory_inside_the_hand_off_skips_that_snapshot_and_training_goes
     events = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "validation_skipped"]
     assert [(e["step"], e["reason"]) for e in events] == [(4, "oom")]
     assert handoff.pending(run_dir / "handoff") == [2, 6]
+
+
+@pytest.mark.slow
+def test_killed_validator_child_under_the_validator_rank_does_not_end_the_job(run_dir):
+    """2 training ranks + the validator rank (nproc 3), dist.timeout_s=15. SIGKILL the validator child early:
+    before issue 13 the validator rank went straight into the final all-reduce, which timed out after
+    dist.timeout_s while the trainers still trained, and torchrun tore the job down. Now it restarts the
+    child (an event) and joins only at the end: exit 0, every step, the final weights validated."""
+    sleepy = [a for a in QUICK if not a.startswith("job.model")] + [
+        "job=custom", "job.target=tests.sleepy_job:SleepyJob", "+job.params.sleep_s=0.02"]
+    args = ["train", *sleepy, f"run.dir={run_dir}", "dist.timeout_s=15", "train.epochs=100", "train.max_steps=300",
+            "debug.step_delay_s=0.1", "validation.every_steps=50", "train.log_every=10"]
+    proc = subprocess.Popen(command(args, nproc=3), env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (handoff.read_status(run_dir) or {}).get("pid"):
+            time.sleep(0.1)
+        os.kill(handoff.read_status(run_dir)["pid"], signal.SIGKILL)
+        killed_at = time.time()
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 300
+    assert (run_dir / "summary.json").stat().st_mtime - killed_at > 15 + 5, "training was too short to prove it"
+    restarts = read_jsonl(run_dir / "handoff" / "validator-restarts.jsonl")
+    assert [r["restart"] for r in restarts] == [1] and restarts[0]["returncode"] == -signal.SIGKILL
+    assert [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "validator_restart"]
+    assert 300 in {r["step"] for r in read_jsonl(run_dir / "val" / "results.jsonl")}
