@@ -20,7 +20,9 @@ Without a GPU (or with --quick) the same search code runs against a *simulated* 
 a tiny real model executes every trial, and a memory model decides OOM (fixed = weights +
 grads + AdamW state + EMA, plus a per-sample activation cost taken from the H100 reference
 maxima in /work/shared/anchors/h100-measurements.md; Ultralytics' forward+backward profile
-sees no optimizer state or EMA, as in the original). Those figures check the plumbing and the
+sees no optimizer state or EMA, as in the original). The simulated device models the caching
+allocator (launcher.memory.SimulatedDevice: freed blocks stay reserved until emptied), so a
+probe that reads stale cached memory on a GPU reads it here too (issue 13). Those figures check the plumbing and the
 search logic, not a GPU.
 """
 from __future__ import annotations
@@ -81,16 +83,16 @@ class Rig:
             self.total, self.per = 80 * GiB, SIM_PER_SAMPLE[name]
             self.fixed_step, self.fixed_profile = 5 * p, 2 * p  # weights, grads, 2 AdamW moments, EMA
             self.capacity = 0.97 * self.total  # the allocator never gets the last few percent
+            # A caching allocator: weights resident, the step's blocks cached after it until emptied.
+            self.sim = autobatch.SimulatedDevice(self.total, 0.97, weights=p, fixed=4 * p, per_sample=self.per)
 
     # -- the primitives the methods use ----------------------------------------------------------
     def step(self, n: int) -> int:
         """A full step at n; returns its peak bytes or raises OutOfMemoryError."""
         if self.simulate:
             self.real_trial(2)  # the tiny model only times the plumbing
-            peak = int(self.fixed_step + self.per * n)
-            if peak > self.capacity:
-                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated device, micro-batch {n})")
-            return peak
+            self.sim.step(n)  # raises a real OutOfMemoryError where the simulated device is full
+            return int(self.fixed_step + self.per * n)
         mem = autobatch.DeviceMemory(self.device, 1.0)
         mem.start()
         self.real_trial(n)
@@ -170,22 +172,9 @@ def true_max(rig: Rig, cap: int) -> Dict:
 
 
 def ours(rig: Rig, cfg: AutobatchConfig, start: int) -> Dict:
-    if rig.simulate:
-        class Sim(autobatch.DeviceMemory):
-            def __init__(self):
-                self.device, self.extra, self.cuda, self.total = rig.device, 0, False, rig.total
-                self.limit, self.last = int(cfg.fraction * rig.total), 0
-
-            def start(self):
-                self.last = 0
-
-            def peak(self):
-                return self.last
-        memory = Sim()
-
-        def trial(n):
-            memory.last = int(rig.fixed_step + rig.per * n)  # measured even when it OOMs, like the allocator
-            rig.step(n)
+    if rig.simulate:  # the measurement itself runs against the simulated caching allocator
+        memory = autobatch.DeviceMemory(rig.device, cfg.fraction, allocator=rig.sim)
+        trial = rig.step
     else:
         memory = autobatch.DeviceMemory(rig.device, cfg.fraction)
         trial = rig.real_trial

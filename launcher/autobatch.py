@@ -3,9 +3,10 @@
 Before training, every training rank probes the *real* step (forward, backward,
 optimizer step so its state exists, GradScaler, the EMA update on rank 0) at
 growing micro-batches, then bisects between the last fit and the first failure.
-A size fits when it ran without an out-of-memory error and its peak (allocator
-reserved peak + memory used outside the allocator) stays under
-`autobatch.fraction` of the device. Ranks take the MIN, so mixed GPUs or another
+A size fits when it ran without an out-of-memory error and its peak (what the
+step reserved, measured on an emptied cache, + memory used outside the allocator +
+what training adds beyond the step: DDP buckets, inline validation's copy; see
+memory.py) stays under `autobatch.fraction` of the device. Ranks take the MIN, so mixed GPUs or another
 tenant on one GPU cannot make one rank OOM later. The micro-batch only decides how
 the fixed per-rank step batch is cut (see batch.py).
 
@@ -30,6 +31,7 @@ from torch import nn
 from launcher.batch import Batch, geometry
 from launcher.dist import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
+from launcher.memory import DeviceMemory, SimulatedDevice  # noqa: F401 - DeviceMemory is part of this API
 from launcher.oom import OutOfMemory, cleanup, is_oom
 from launcher.rundir import AutobatchRecord, RunDir
 
@@ -56,30 +58,6 @@ class Search:
     limit_bytes: Optional[int]
     probes: List[Probe] = field(default_factory=list)
     seconds: float = 0.0
-
-
-class DeviceMemory:
-    """Peak memory of one trial: the caching allocator's reserved peak plus what the device uses
-    outside it (CUDA context, NCCL, other processes: cudaMemGetInfo, the figure NVML reports)."""
-
-    def __init__(self, device: torch.device, fraction: float, extra_bytes: int = 0):
-        self.device, self.extra = device, extra_bytes
-        self.cuda = device.type == "cuda"
-        self.total = torch.cuda.mem_get_info(device)[1] if self.cuda else 0
-        self.limit = int(fraction * self.total) if self.cuda else None
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        if not self.cuda:
-            return 0
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside = max(0, total - free - torch.cuda.memory_reserved(self.device))
-        return torch.cuda.max_memory_reserved(self.device) + outside + self.extra
 
 
 def search(trial: Callable[[int], None], start: int, cap: int, max_probes: int, memory: DeviceMemory,
@@ -172,6 +150,7 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         ema = make_ema(model) if make_ema else None
+        gate = torch.zeros((), dtype=torch.bool, device=device) if device.type == "cuda" and not fp16 else False
         x, y = probe_batch(job, dataset, n, device)
         try:
             for _ in range(2):  # the second step runs with the optimizer state already allocated
@@ -181,8 +160,8 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
                 del loss
                 scaler.step(opt)
                 scaler.update()
-                if ema is not None:
-                    ema.update(model)
+                if ema is not None:  # on a GPU training gates the EMA on a device flag: its temporaries count
+                    ema.update(model, skip=gate)
                 opt.zero_grad(set_to_none=True)
         finally:
             for p in model.parameters():
@@ -215,10 +194,12 @@ class Snapshot:
 
 
 def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_autobatch, start: int,
-                     amp: Callable[[], Any] = nullcontext, simulate: Optional[int] = None) -> Search:
+                     amp: Callable[[], Any] = nullcontext, simulate: Optional[int] = None,
+                     memory: Optional[DeviceMemory] = None) -> Search:
     """The validator's own batch (`validation.batch_size=auto`): forward only, no gradients, eval mode.
-    `simulate` is the validator's debug.simulate_oom_above; on CPU without it, `start` is returned."""
-    memory = DeviceMemory(device, cfg_autobatch.fraction)
+    `simulate` is the validator's debug.simulate_oom_above; on CPU without it, `start` is returned.
+    `memory`: a DeviceMemory over another allocator (tests: a SimulatedDevice)."""
+    memory = memory or DeviceMemory(device, cfg_autobatch.fraction)
     if memory.limit is None and simulate is None:
         return Search(start, start, None)
     snap = Snapshot(model, device)
@@ -273,6 +254,8 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
         # Not in the trial step but on the device during training: DDP's gradient buckets (a copy of the
         # gradients) and, with inline validation, rank 0's evaluation copy of the model.
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if device.type == "cuda" and dist.distributed_training:  # NCCL's buffers exist before we measure
+            dist.all_reduce(torch.zeros(1, device=device))
         copies = (world > 1) + (env.is_main and cfg.validation.mode == "inline")
         memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
         snap = Snapshot(model, device)

@@ -2,8 +2,8 @@
 
 They exist so that tests and demos exercise the real recovery paths: a forward that
 raises a real `torch.OutOfMemoryError` above a micro-batch size (the "simulated
-device"), one OOM inside a backward, a hard kill at a step, slow steps and slow
-validations.
+device"), one OOM inside a backward, a NaN loss on one training rank, an OOM inside
+the hand-off, a hard kill at a step, slow steps and slow validations.
 """
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ def validation_delay(debug) -> None:
         time.sleep(debug.val_delay_s)
 
 
+def handoff_fault(debug):
+    """debug.handoff_oom_at_step: the hand-off of that step raises a real torch.OutOfMemoryError inside
+    handoff.Writer.put (as a failed pinned or device allocation would); None without it."""
+    at = debug.handoff_oom_at_step
+    if at is None:
+        return None
+
+    fired = []
+
+    def fault(step: int) -> None:
+        if step == at and not fired:  # once: the final hand-off at that step is not retried into it
+            fired.append(step)
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated in the hand-off: "
+                                         f"debug.handoff_oom_at_step={at})")
+    return fault
+
+
 class Faults:
     """The training loop's injections."""
 
@@ -77,6 +94,18 @@ class Faults:
         self.state = state
         if self.oom_at is not None:
             model.register_full_backward_pre_hook(self._backward_oom)
+
+    def arm_nan(self, model: nn.Module, state) -> None:
+        """debug.nan_loss_at_step: the model's output, hence the loss, of that step (state.step + 1) is NaN
+        on training rank debug.nan_loss_rank (-1: the last) only; the averaged gradients carry it to all."""
+        self.state = state
+        at, rank = self.debug.nan_loss_at_step, self.debug.nan_loss_rank
+        if at is not None and self.env.train_rank == rank % self.env.train_world:
+            def hook(module, _args, out):
+                if module.training and self.state.step + 1 == at and torch.is_tensor(out):
+                    log.warning("debug.nan_loss_at_step=%d: a NaN loss on this rank", at)
+                    return out * float("nan")
+            model.register_forward_hook(hook)
 
     def _backward_oom(self, _module, _grad):
         if self.state.step + 1 == self.oom_at and self.env.train_rank == self.env.train_world - 1:

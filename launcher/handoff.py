@@ -1,7 +1,11 @@
 """The hand-off queue between trainer and validator: plain files in <run>/handoff/.
 
-Trainer side, `Writer` (training rank 0): `put()` copies weights into pinned host
-buffers without synchronizing the training stream and returns; a background
+Trainer side, `Writer` (training rank 0): `put()` copies weights straight into pinned
+host buffers on a side stream (no device staging copy: nothing on the GPU beyond what
+the probe measured) without synchronizing the training stream and returns; `fence()`
+makes the training stream wait for that copy before the EMA moves on (a GPU-side wait).
+An out-of-memory error inside `put()` skips that snapshot (val/skipped.jsonl, reason
+`oom`) and training goes on; a background
 thread writes `<step>.safetensors`, then `<step>.json` (the manifest: step, epoch,
 weights, sha256, bytes). A manifest exists only once its data is complete.
 
@@ -33,6 +37,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from launcher.files import atomic_write, read_json, write_json
+from launcher.oom import is_oom
 from launcher.rundir import Manifest, RunDir
 
 log = logging.getLogger(__name__)
@@ -94,15 +99,15 @@ class _Slot:
 class Writer:
     """Rank 0's end of the queue. Two slots, so a new snapshot never overwrites one still being written."""
 
-    def __init__(self, run_dir, policy: str, keep: int, device: torch.device):
+    def __init__(self, run_dir, policy: str, keep: int, device: torch.device, fault=None):
         self.rundir = RunDir.of(run_dir)
         self.dir = self.rundir.handoff
         self.dir.mkdir(parents=True, exist_ok=True)
         self.policy, self.keep = policy, keep
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.stage: Dict[str, torch.Tensor] = {}  # device staging copy (CUDA): the EMA may move on at once
-        self.stage_free = None  # event: the last device-to-host copy out of `stage` finished
+        self.pending = None  # CUDA event: the last copy out of the live weights finished (see fence())
+        self.fault = fault  # debug.handoff_oom_at_step (faults.py)
         self.free: "queue.Queue[_Slot]" = queue.Queue()
         for _ in range(2):
             self.free.put(_Slot())
@@ -124,33 +129,52 @@ class Writer:
                 log.warning("hand-off of step %d skipped: the writer is still busy", step)
                 return None
             slot = self.free.get()  # policy=all: every snapshot must reach the validator
-        flat = {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
-        if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
-                                                  for k, v in flat.items()):
-            slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
-        src, dst = list(flat.values()), list(slot.host.values())
-        if self.cuda:
-            main = torch.cuda.current_stream()
-            if self.stage.keys() != flat.keys():
-                self.stage = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in flat.items()}
-            if self.stage_free is not None:
-                main.wait_event(self.stage_free)  # a GPU-side wait, already satisfied in practice
-            stage = list(self.stage.values())
-            torch._foreach_copy_(stage, src)  # device to device, ordered before the next EMA update
-            self.side.wait_stream(main)
-            with torch.cuda.stream(self.side):
-                torch._foreach_copy_(dst, stage, non_blocking=True)
-                slot.ready = torch.cuda.Event()
-                slot.ready.record(self.side)
-            self.stage_free = slot.ready
-        else:
-            torch._foreach_copy_(dst, src)  # CPU training: a memcpy is the whole cost
-            slot.ready = None
+        try:
+            self._copy(step, states, slot)
+        except Exception as e:  # noqa: BLE001 - an OOM skips this snapshot; anything else is a bug
+            if not is_oom(e):
+                self.free.put(slot)
+                raise
+            slot.host, slot.ready = {}, None
+            self.free.put(slot)
+            detail = str(e).splitlines()[0][:200]
+            self.rundir.skip(step, "oom", detail)
+            log.warning("hand-off of step %d skipped, out of memory: %s", step, detail)
+            return None
         self.jobs.put((step, epoch, sorted(states), slot))
         self.submitted.append(step)
         blocked = time.perf_counter() - t0
         self.blocked_s.append(blocked)
         return blocked
+
+    def _copy(self, step: int, states: Dict[str, Dict[str, torch.Tensor]], slot: _Slot) -> None:
+        flat = {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
+        if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
+                                                  for k, v in flat.items()):
+            slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
+        if self.fault is not None:
+            self.fault(step)
+        src, dst = list(flat.values()), list(slot.host.values())
+        if not self.cuda:
+            torch._foreach_copy_(dst, src)  # CPU training: a memcpy is the whole cost
+            slot.ready = None
+            return
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)  # the weights as of now
+        with torch.cuda.stream(self.side):
+            torch._foreach_copy_(dst, src, non_blocking=True)  # device to pinned host, no staging copy
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(self.side)
+        self.pending = slot.ready
+        if "raw" in states:  # the next forward updates BatchNorm buffers: wait right away (GPU side)
+            self.fence()
+
+    def fence(self) -> None:
+        """Before the weights handed off last change (the next EMA update): the training stream waits on
+        the device for the copy to host. Free when it finished long ago; no host sync either way."""
+        if self.pending is not None:
+            torch.cuda.current_stream().wait_event(self.pending)
+            self.pending = None
 
     def _write_loop(self) -> None:
         while (job := self.jobs.get()) is not None:

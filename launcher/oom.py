@@ -25,14 +25,17 @@ from launcher.batch import Batch
 
 log = logging.getLogger(__name__)
 
-# The message forms an allocation failure takes when it is not a torch.OutOfMemoryError.
+# The message forms a failed *allocation* takes when it is not a torch.OutOfMemoryError: the CUDA/HIP
+# caching allocator, a raw cudaMalloc inside a kernel launch, cuBLAS/cuDNN workspace allocations, the CPU
+# allocator. Errors that merely mention a missing kernel (CUDNN_STATUS_NOT_SUPPORTED, "unable to find an
+# engine") are not out-of-memory errors: treating them as one hides real bugs behind a halved batch.
 OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
-                "CUDNN_STATUS_NOT_SUPPORTED", "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED",
-                "unable to find an engine", "DefaultCPUAllocator: can't allocate memory",
-                "HIP out of memory")
+                "CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory", "HIP out of memory",
+                "hipErrorOutOfMemory")
 
 
 def is_oom(e: BaseException) -> bool:
+    """torch.OutOfMemoryError, or a RuntimeError carrying one of the allocation-failure messages."""
     if isinstance(e, torch.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES)

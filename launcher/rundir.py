@@ -137,6 +137,7 @@ class RunDir:
     stop = property(lambda self: self.handoff / "stop.json")
     done = property(lambda self: self.handoff / "done.json")
     status = property(lambda self: self.handoff / "validator.json")
+    validator_restarts = property(lambda self: self.handoff / "validator-restarts.jsonl")  # validator rank only
     report = property(lambda self: self.root / "report")
 
     def log(self, rank: Union[int, str]) -> Path:
@@ -181,6 +182,12 @@ class RunDir:
 
     def read_events(self) -> List[dict]:
         return read_jsonl(self.events)
+
+    def restarted_validator(self, restart: int, returncode: int, backoff_s: float) -> None:
+        """The validator rank restarted its child (written by that rank alone; training rank 0 turns each
+        line into a `validator_restart` event, so events.jsonl keeps its single writer)."""
+        append_jsonl(self.validator_restarts, {"restart": restart, "returncode": returncode, "backoff_s": backoff_s,
+                                               "time": time.time()})
 
     def skip(self, step: int, reason: str, detail: str = "") -> None:
         """A snapshot that will never be validated, and why (stale, corrupt, busy, write_failed)."""

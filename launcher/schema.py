@@ -79,6 +79,12 @@ class DdpConfig:
 
 
 @dataclass
+class DistConfig:
+    """Process groups."""
+    timeout_s: float = 1800.0  # collective/rendezvous timeout of the process groups (tests shorten it)
+
+
+@dataclass
 class BatchConfig:
     size: Any = 64  # per-rank micro-batch: an int or "auto"
     global_size: Optional[int] = None  # fixed effective batch; accumulation fills the rest
@@ -182,16 +188,13 @@ class DebugConfig:
     """Real fault injection for tests and demos; all off by default."""
     simulate_oom_above: Any = None  # int, or a list with one limit per rank
     simulate_oom_at_step: Optional[int] = None  # one OOM in backward of this step (from 1), last training rank
+    nan_loss_at_step: Optional[int] = None  # the loss of this step (from 1) is NaN on training rank nan_loss_rank
+    nan_loss_rank: int = -1  # the training rank that gets debug.nan_loss_at_step's NaN (-1: the last)
+    handoff_oom_at_step: Optional[int] = None  # the hand-off of this step raises an OOM (skipped, recorded)
     fail_at_step: Optional[int] = None  # os._exit at this step, once per run
     step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
     val_delay_s: float = 0.0
     fail_at_start: Optional[int] = None  # SIGKILL this global rank before it joins the group, first attempt only
-
-
-@dataclass
-class DistConfig:
-    """Process groups."""
-    timeout_s: float = 1800.0  # process-group timeout: a collective (or joining the group) waits this long
 
 
 @dataclass

@@ -112,6 +112,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     oom = Recovery(cfg, env, dist, rundir, model, tel)
     if oom.enabled:
         faults.arm_backward(model, state)
+    faults.arm_nan(model, state)
     guard = Guard(cfg, dist, tel)  # stop signals and early stop, agreed at every step boundary
     guard.log_restart(env.restart_count, state.step)
     tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
@@ -144,12 +145,17 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
                     state.batch = oom.recover(state.batch, e, state.step)
             oom.all_reduce_grads()  # with recovery on, gradients are averaged here, after every backward
 
-            # Optimizer step; the EMA follows unless the step was skipped (fp16 overflow, non-finite loss).
+            # Optimizer step; the EMA follows unless the step was skipped (fp16 overflow, non-finite synced
+            # gradients: a NaN loss on any rank reaches every rank's gradients, not every rank's loss).
+            norm = None
             if cfg.train.grad_clip:
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             set_momentum(opt, cfg.sched, cfg.optim.momentum, state.step, warmup)
             scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            ema_due = env.is_main and cfg.ema.enabled and (state.step + 1) % cfg.ema.every == 0
+            bad = speed.nonfinite(speed.grad_norm(model) if norm is None else norm) \
+                if ema_due and scale_before is None else False
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -159,9 +165,8 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             if state.step % cfg.ema.every == 0:
                 # fp16: the scaler already synchronized, so reading its scale is free; otherwise
                 # a device flag on a GPU (no sync in the step).
-                skipped = scaler.get_scale() < scale_before if scale_before is not None \
-                    else speed.nonfinite(step_loss)
-                ema.update(model, skip=skipped)
+                validation.fence()  # the last hand-off's copy out of the EMA finished (a GPU-side wait)
+                ema.update(model, skip=scaler.get_scale() < scale_before if scale_before is not None else bad)
             meter.add(step_loss, batch.global_size)
 
             last = state.step == total

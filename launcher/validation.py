@@ -22,6 +22,7 @@ from launcher import checkpoint, handoff
 from launcher.dist import local_env_for_child
 from launcher.env import validation_mode
 from launcher.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
+from launcher.faults import handoff_fault
 from launcher.files import JsonlTail
 from launcher.rundir import RunDir, ValResult
 
@@ -45,6 +46,9 @@ class NoValidation:
 
     def flush(self) -> None:
         pass
+
+    def fence(self) -> None:
+        """Before the EMA update: wait (on the device) for the last hand-off's copy out of it."""
 
     def protected_steps(self) -> List[int]:
         """Checkpoints that retention must keep."""
@@ -103,9 +107,11 @@ class AsyncValidation(_Validation):
     def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, child: Optional[subprocess.Popen]):
         super().__init__(cfg, rundir, tel)
         self.model, self.ema, self.child = model, ema, child
-        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device)
+        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
+                                     fault=handoff_fault(cfg.debug))
         self.results = JsonlTail(rundir.results, from_end=True)
         self.skips = JsonlTail(rundir.skipped, from_end=True)
+        self.restarts = JsonlTail(rundir.validator_restarts, from_end=True)
         self.validated, self.skipped = set(), {}
         self.started, self.warned = time.time(), False
         self._stop, self._checked = False, 0.0
@@ -132,6 +138,12 @@ class AsyncValidation(_Validation):
         for row in self.skips.read():
             self.skipped[row["step"]] = row["reason"]
             self.tel.event("validation_skipped", step=row["step"], reason=row["reason"], detail=row.get("detail"))
+        for row in self.restarts.read():  # written by the validator rank; events.jsonl only by this rank
+            self.warned = False
+            log.warning("the validator rank restarted its validator (restart %d, it exited with %s)",
+                        row["restart"], row["returncode"])
+            self.tel.event("validator_restart", restart=row["restart"], returncode=row["returncode"],
+                           backoff_s=row["backoff_s"])
         if not self.warned and not self.alive():
             self.warned = True
             log.warning("the validator is gone; training goes on, later snapshots stay unvalidated in %s "
@@ -147,6 +159,9 @@ class AsyncValidation(_Validation):
 
     def flush(self) -> None:
         self.writer.flush()
+
+    def fence(self) -> None:
+        self.writer.fence()
 
     def protected_steps(self) -> List[int]:
         """The best so far, and every step not validated yet: it may still become the best."""
