@@ -80,13 +80,14 @@ class InlineValidation(_Validation):
         self.stop, self.last = False, None
 
     def submit(self, step: int, epoch: int) -> None:
+        rows = []
         for kind in kinds(self.cfg):
             state = self.ema.shadow if kind == "ema" else self.model.state_dict()
             metrics, secs = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg, self.bs,
                                            self.device)
-            row = ValResult(step, epoch, kind, metrics, round(secs, 4))
-            self.stop |= self.tracker.record(row, state)
-            self.tel.validation(row)
+            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4)))
+            self.stop |= self.tracker.record(rows[-1], state)
+        self.tel.validation(rows)
         self.last = step
 
     def stop_requested(self) -> bool:
@@ -132,9 +133,9 @@ class AsyncValidation(_Validation):
 
     def poll(self) -> None:
         """A cheap look at what the validator did since the last call (one read per file)."""
-        for row in self.results.read():
-            self.validated.add(row["step"])
-            self.tel.validation(ValResult.from_dict(row))
+        rows = [ValResult.from_dict(row) for row in self.results.read()]
+        self.validated.update(r.step for r in rows)
+        self.tel.validation(rows)
         for row in self.skips.read():
             self.skipped[row["step"]] = row["reason"]
             self.tel.event("validation_skipped", step=row["step"], reason=row["reason"], detail=row.get("detail"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from launcher.files import append_jsonl, truncate_jsonl
 from launcher.rundir import RunDir, ValResult
@@ -87,15 +87,19 @@ class Telemetry:
             flat.update({f"gpu/{g['index']}/{k}": v for k, v in g.items() if k not in ("index", "uuid")})
         self.wandb.log({"trainer/step": row["step"], **flat})
 
-    def validation(self, row: ValResult) -> None:
-        """A validation result, inline or from the validator: log line, progress, wandb."""
-        metrics = " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items())
-        log.info(f"val step={row.step} weights={row.weights} {metrics}")
-        metric = self.cfg.validation.metric
-        if metric in row.metrics and row.weights == self.primary:
-            self.last_val = {"metric": f"{row.weights}_{metric}", "value": row.metrics[metric], "step": row.step}
-        self.wandb.log({"val/step": row.step, **{f"val/{row.weights}/{k}": v for k, v in row.metrics.items()}})
-        best = self.rundir.read_best() if self.wandb else None
+    def validation(self, rows: List[ValResult]) -> None:
+        """Validation results, inline or from the validator: log lines, progress, and one wandb row per
+        step (raw and EMA side by side)."""
+        metric, by_step = self.cfg.validation.metric, {}
+        for row in rows:
+            log.info(f"val step={row.step} weights={row.weights} " +
+                     " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items()))
+            if metric in row.metrics and row.weights == self.primary:
+                self.last_val = {"metric": f"{row.weights}_{metric}", "value": row.metrics[metric], "step": row.step}
+            by_step.setdefault(row.step, {}).update({f"val/{row.weights}/{k}": v for k, v in row.metrics.items()})
+        for step, values in by_step.items():
+            self.wandb.log({"val/step": step, **values})
+        best = self.rundir.read_best() if rows and self.wandb else None
         if best:
             self.wandb.summary({f"best/{best.metric}": best.value, "best/step": best.step,
                                 "best/weights": best.weights})
