@@ -160,3 +160,41 @@ def test_resume_must_under_torchrun_creates_nothing(tmp_path):
     proc = launch(["train", "run.resume=must", *FAST, f"run.dir={run}"], nproc=2, check=False, timeout=120)
     assert proc.returncode != 0 and "run.resume=must" in proc.stderr
     assert not run.exists()
+
+
+# ------------------------------------------------------------------ 11: wandb's environment variables
+NO_WANDB = [a for a in SHORT if not a.startswith("logger.wandb")]
+
+
+def test_wandb_mode_disabled_in_the_environment_is_honoured(tmp_path):
+    run = tmp_path / "run"
+    launch(["train", *NO_WANDB, f"run.dir={run}"], env={"WANDB_MODE": "disabled"}, timeout=180)
+    assert "mode: disabled" in (run / "config.yaml").read_text()
+    assert not (run / "wandb").exists() and not (run / "wandb_id").exists()
+
+
+def test_wandb_environment_fills_defaults_and_the_command_line_wins(tmp_path):
+    run = tmp_path / "run"
+    launch(["train", *NO_WANDB, "logger.wandb.mode=offline", f"run.dir={run}"], timeout=180,
+           env={"WANDB_MODE": "disabled", "WANDB_PROJECT": "from-env", "WANDB_ENTITY": "someone"})
+    saved = (run / "config.yaml").read_text()
+    assert "mode: offline" in saved and "project: from-env" in saved and "entity: someone" in saved
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert runs and (run / "wandb_id").read_text().strip() in runs[0].name
+
+
+def test_bad_wandb_mode_in_the_environment_is_one_line(tmp_path):
+    proc = launch(["train", *NO_WANDB, f"run.dir={tmp_path}/run"], env={"WANDB_MODE": "sometimes"},
+                  check=False, timeout=120)
+    one_error_line(proc, "WANDB_MODE", "offline")
+
+
+# --------------------------------------------------------------- 13: a finished validator is not dead
+def test_default_torchrun_run_has_no_validator_down(tmp_path):
+    run = tmp_path / "run"
+    proc = launch(["train", *FAST, "train.max_steps=20", "validation.every_steps=10", f"run.dir={run}"],
+                  nproc=2, timeout=240)
+    events = [e["event"] for e in read_jsonl(run / "events.jsonl")]
+    assert "validator_down" not in events, events
+    assert "validator is gone" not in proc.stdout + proc.stderr
+    assert {r["step"] for r in read_jsonl(run / "val" / "results.jsonl")} >= {20}
