@@ -27,8 +27,8 @@ from launcher.schema import Config, ConfigError
 USAGE = """usage: python -m launcher {train,validate,report} [args]
 
   train [overrides]           train (torchrun --nproc_per_node=N -m launcher train for DDP)
-  validate run.dir=<dir>      standalone validator for a live or finished run
-  report <run_dir>            plots and a summary of a run
+  validate <dir>              standalone validator for a live or finished run (or run.dir=<dir>)
+  report <dir>                plots and a summary of a run (or run.dir=<dir>)
 
 Overrides are Hydra's: key=value, group=option (job=synthetic, optim=sgd).
 `python -m launcher train --help` lists every key; `--cfg job` prints the config."""
@@ -121,7 +121,8 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
         raise ConfigError(str(e)) from None
     missing = [m for m in ("model", "datasets") if getattr(target, m, None) in (None, getattr(jobs.Job, m))]
     if missing:
-        raise ConfigError(f"job.target={cfg.job.target}: the job does not define {' and '.join(f'{m}()' for m in missing)}; "
+        lacks = " and ".join(f"{m}()" for m in missing)
+        raise ConfigError(f"job.target={cfg.job.target}: the job does not define {lacks}; "
                           "a job subclasses jobs.base.Job and defines model() and datasets()")
     for key in ("train.device", "validation.device"):
         if str(schema.get(cfg, key)).startswith("cuda") and not torch.cuda.is_available():
@@ -254,9 +255,11 @@ def validate_command(argv: List[str]) -> int:
     from launcher.validator import serve, validator_device
 
     try:
+        positional = [a for a in argv if "=" not in a and not a.startswith("-")]  # `validate <dir>`, as report
+        argv = [f"run.dir={a}" if a in positional else a for a in argv]
         given = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
         if not given:
-            raise ConfigError("validate needs run.dir=<dir>: the run directory to validate")
+            raise ConfigError("validate needs the run directory: validate <dir> or validate run.dir=<dir>")
         rundir = RunDir(Path(given[-1]).resolve())
         if not rundir.config.exists():
             raise ConfigError(f"run.dir={rundir} holds no config.yaml; point it at a run directory")
