@@ -181,4 +181,4 @@ def test_report_compare_marks_each_best_in_its_runs_colour(finished, tmp_path):
     bests = {lb.split("(")[-1].rstrip(")"): c for lb, c in legend if lb.startswith("best")}
     assert set(bests) == {"finished", "other"} and len(set(bests.values())) == 2
     for name, colour in bests.items():
-        assert [c for lb, c in legend if lb.startswith(f"{name} ")] == [colour] * 2  # its ema and raw lines
+        assert {c for lb, c in legend if lb.startswith(f"{name} ")} == {colour}  # its ema and raw lines
