@@ -56,6 +56,11 @@ class Run:
     def finished(self) -> bool:
         return self.summary is not None
 
+    @property
+    def planned_steps(self) -> Optional[int]:
+        """The total the latest session set out to train (its `start` event)."""
+        return next((e.get("steps") for e in reversed(self.events) if e.get("event") == "start"), None)
+
     def val_series(self) -> Dict[Tuple[str, str], Tuple[List[int], List[float]]]:
         """(weights, metric) -> (steps, values), sorted by step."""
         out: Dict[Tuple[str, str], List[Tuple[int, float]]] = {}
@@ -80,17 +85,32 @@ def _plt():
     return plt
 
 
+def _legend(ax) -> List[List[str]]:
+    from matplotlib.colors import to_hex
+
+    legend = ax.get_legend()
+    handles = legend.legend_handles if legend else []
+    return [[t.get_text(), to_hex(h.get_markerfacecolor() if h.get_marker() == "*" else h.get_color())]
+            for t, h in zip(legend.get_texts(), handles)] if legend else []
+
+
 def _save(fig, path: Path) -> str:
+    """The PNG, with its titles and legend entries ([label, colour]) as JSON in its Description text."""
+    import json
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    said = {"titles": [ax.get_title() for ax in fig.axes if ax.get_title()],
+            "legend": [e for ax in fig.axes for e in _legend(ax)]}
+    fig.savefig(path, dpi=110, metadata={"Description": json.dumps(said)})
     _plt().close(fig)
     return path.name
 
 
-def _mark_resumes(ax, run: Run) -> None:
-    for e in run.events:
-        if e.get("event") == "resume":
-            ax.axvline(e.get("step", 0), color="grey", ls=":", lw=1)
+def _mark_resumes(ax, run: Run) -> bool:
+    resumes = [e.get("step", 0) for e in run.events if e.get("event") == "resume"]
+    for step in resumes:
+        ax.axvline(step, color="grey", ls=":", lw=1)
+    return bool(resumes)
 
 
 def plot_loss(runs: List[Run], out: Path) -> Optional[str]:
@@ -99,11 +119,16 @@ def plot_loss(runs: List[Run], out: Path) -> Optional[str]:
         return None
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    resumed, planned = False, []
     for run in runs:
         steps = [r["step"] for r in run.train]
-        ax1.plot(steps, [r["loss"] for r in run.train], label=run.name)
+        line, = ax1.plot(steps, [r["loss"] for r in run.train], label=run.name)
         ax2.plot(steps, [r.get("lr", float("nan")) for r in run.train], label=run.name)
-        _mark_resumes(ax1, run)
+        resumed |= _mark_resumes(ax1, run)
+        if not run.finished and run.planned_steps:  # in progress: where it is heading
+            ax1.axvline(run.planned_steps, color=line.get_color(), ls="-.", lw=1)
+            ax1.set_xlim(left=0, right=run.planned_steps * 1.02)
+            planned.append(f"step {steps[-1]} of {run.planned_steps}")
     ax1.set_ylabel("train loss")
     losses = [r["loss"] for run in runs for r in run.train if r["loss"] > 0]
     if losses and max(losses) / min(losses) > 20:
@@ -111,7 +136,9 @@ def plot_loss(runs: List[Run], out: Path) -> Optional[str]:
     ax2.set_ylabel("learning rate")
     ax2.set_xlabel("optimizer step")
     ax1.legend()
-    ax1.set_title("loss and learning rate (dotted: resume)")
+    notes = (["dotted: resume"] if resumed else []) + ([f"dash-dot: planned end, {', '.join(planned)}"]
+                                                        if planned else [])
+    ax1.set_title("loss and learning rate" + (f" ({'; '.join(notes)})" if notes else ""))
     return _save(fig, out / "loss_lr.png")
 
 
@@ -122,20 +149,24 @@ def plot_val(runs: List[Run], out: Path) -> Optional[str]:
     plt = _plt()
     metrics = sorted({m for run in runs for (_, m) in run.val_series()})
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 3 * len(metrics)), sharex=True, squeeze=False)
+    plotted = {w for run in runs for (w, _) in run.val_series()}
     for ax, metric in zip(axes[:, 0], metrics):
-        for run in runs:
+        for i, run in enumerate(runs):
+            colour = f"C{i}" if len(runs) > 1 else "gold"  # compare: one colour per run, its best too
             for (weights, m), (steps, values) in sorted(run.val_series().items()):
                 if m == metric:
                     label = f"{weights}" if len(runs) == 1 else f"{run.name} {weights}"
-                    ax.plot(steps, values, marker="o", ms=3, ls="--" if weights == "raw" else "-", label=label)
+                    ax.plot(steps, values, marker="o", ms=3, ls="--" if weights == "raw" else "-", label=label,
+                            **({"color": colour} if len(runs) > 1 else {}))
             b = run.best
             if b and b.get("metric") == metric:
-                ax.plot([b["step"]], [b["value"]], marker="*", ms=16, color="gold", mec="black", zorder=5,
+                ax.plot([b["step"]], [b["value"]], marker="*", ms=16, color=colour, mec="black", zorder=5, ls="",
                         label=f"best {b['value']:.4g} @ {b['step']}" + ("" if len(runs) == 1 else f" ({run.name})"))
         ax.set_ylabel(metric)
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
-    axes[0, 0].set_title("validation: raw (dashed) vs EMA (solid)")
+    axes[0, 0].set_title("validation: raw (dashed) vs EMA (solid)" if plotted >= {"raw", "ema"}
+                         else f"validation of the {' and '.join(sorted(plotted))} weights")
     return _save(fig, out / "validation.png")
 
 
@@ -145,9 +176,15 @@ def plot_throughput(runs: List[Run], out: Path) -> Optional[str]:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    for run in runs:
+    for i, run in enumerate(runs):
         rows = [r for r in run.train if "samples_per_s" in r]
-        ax.plot([r["step"] for r in rows], [r["samples_per_s"] for r in rows], label=run.name)
+        steps, values = [r["step"] for r in rows], [r["samples_per_s"] for r in rows]
+        k = max(1, len(values) // 10)  # a moving average over a tenth of the points
+        windows = [values[max(0, j - k + 1):j + 1] for j in range(len(values))]
+        smooth = [sum(w) / len(w) for w in windows]
+        ax.plot(steps, values, color=f"C{i}", alpha=0.3, lw=1, label=f"{run.name} (each log line)")
+        ax.plot(steps, smooth, color=f"C{i}", lw=2, label=f"{run.name} (mean of {k})")
+    ax.set_title("training throughput")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("samples/s (all ranks)")
     ax.set_ylim(bottom=0)
@@ -227,6 +264,7 @@ def summary_rows(run: Run) -> List[Tuple[str, str]]:
     elif run.train:
         last = run.train[-1]
         rows += [("last logged step", str(last["step"])), ("last loss", _fmt(last["loss"]))]
+        rows += [("planned steps", str(run.planned_steps))] if run.planned_steps else []
     if run.best and not (run.summary and "best_step" in run.summary):
         rows += [("best", f"{run.best.get('metric')} {_fmt(run.best.get('value'))} at step {run.best.get('step')}")]
     counts: Dict[str, int] = {}
@@ -273,7 +311,7 @@ def main(argv: List[str]) -> int:
     p.add_argument("run_dir", nargs="?", type=Path)
     p.add_argument("--compare", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"), help="overlay two runs")
     p.add_argument("--out", type=Path, help="output folder (default: <run_dir>/report, or <run_a>/compare-<b>)")
-    args = p.parse_args(argv)
+    args = p.parse_args([a.split("=", 1)[1] if a.startswith("run.dir=") else a for a in argv])
     dirs = list(args.compare) if args.compare else [args.run_dir] if args.run_dir else []
     if not dirs or (args.compare and args.run_dir):
         print(f"launcher: error: give one run directory or --compare A B; usage: {USAGE}", file=sys.stderr)

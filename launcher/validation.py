@@ -124,12 +124,21 @@ class AsyncValidation(_Validation):
             self.tel.event("handoff", step=step, blocked_ms=round(blocked * 1e3, 3))
 
     def alive(self) -> bool:
+        """The validator is still at work (it may finish: see `down`)."""
         if self.child is not None:
             return self.child.poll() is None
         status = handoff.read_status(self.rundir)
         if status is None or status["time"] < self.started:
             return True  # not started yet (or a previous session's): give it the benefit of the doubt
         return status["state"] == "running" and time.time() - status["time"] < handoff.STALE_S
+
+    def down(self) -> bool:
+        """Gone before its work was done: exited with an error, failed, or silent. One that finished is not."""
+        if self.alive():
+            return False
+        if self.child is not None:
+            return self.child.poll() != 0
+        return (handoff.read_status(self.rundir) or {}).get("state") != "finished"
 
     def poll(self) -> None:
         """A cheap look at what the validator did since the last call (one read per file)."""
@@ -145,7 +154,7 @@ class AsyncValidation(_Validation):
                         row["restart"], row["returncode"])
             self.tel.event("validator_restart", restart=row["restart"], returncode=row["returncode"],
                            backoff_s=row["backoff_s"])
-        if not self.warned and not self.alive():
+        if not self.warned and self.down():
             self.warned = True
             log.warning("the validator is gone; training goes on, later snapshots stay unvalidated in %s "
                         "(`python -m launcher validate run.dir=%s` picks them up)", self.rundir.handoff,
@@ -182,7 +191,6 @@ class AsyncValidation(_Validation):
         while not handoff.settled(self.rundir.handoff, step) and self.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         handoff.mark_done(self.rundir, step, closed=True)
-        self.warned = self.warned or self.alive()  # a validator that exits now simply finished
         if self.child is not None:
             try:
                 self.child.wait(timeout=60)
