@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -38,7 +38,12 @@ class CustomJob(JobConfig):
 
 
 class Job:
-    """Batches are `(inputs, targets)` tensors with the batch in dimension 0."""
+    """Batches are `(inputs, targets)` tensors with the batch in dimension 0.
+
+    `metric_names`: the keys `metrics()` returns, so a `validation.metric` the job does not have is
+    refused before training; None (a job that overrides `metrics()` without saying) defers to the
+    first validation."""
+    metric_names: Optional[Tuple[str, ...]] = None
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -55,6 +60,14 @@ class Job:
         return nn.functional.cross_entropy(output, target)
 
     def metrics(self, output: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Per-batch *sums*; the evaluator divides by the sample count."""
+        """Per-batch *sums*; the evaluator divides by the sample count (these: `loss`, `acc`)."""
         return {"loss": nn.functional.cross_entropy(output.float(), target, reduction="sum"),
                 "acc": (output.argmax(-1) == target).sum().float()}
+
+
+def declared_metrics(cls: type) -> Optional[Tuple[str, ...]]:
+    """The metric names a job class declares, or those of Job.metrics when it keeps them; None: unknown."""
+    names = getattr(cls, "metric_names", None)
+    if names is None and getattr(cls, "metrics", None) is Job.metrics:
+        names = ("loss", "acc")
+    return tuple(names) if names is not None else None

@@ -184,6 +184,11 @@ class Checkpointer:
             self.tel.event("checkpoint_skipped", reason=reason)
         found = self.dist.broadcast_train(str(path) if path else None)
         if not found:
+            if skipped:  # every checkpoint unreadable: say so, and forget the steps logged before
+                log.warning("no checkpoint in %s could be loaded (%s); starting again from step 0",
+                            self.rundir.checkpoints, "; ".join(skipped))
+                self.tel.truncate_after(0)
+                self.tel.event("restart_from_scratch", skipped=len(skipped))
             return False
         if not self.env.is_main:
             data = load(Path(found))

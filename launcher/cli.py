@@ -112,6 +112,7 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     """Everything that can be rejected without a process group."""
     import jobs
     import torch
+    from jobs.base import declared_metrics
     from launcher.batch import geometry
 
     schema.check(cfg, world_size)
@@ -124,6 +125,10 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
         lacks = " and ".join(f"{m}()" for m in missing)
         raise ConfigError(f"job.target={cfg.job.target}: the job does not define {lacks}; "
                           "a job subclasses jobs.base.Job and defines model() and datasets()")
+    names = declared_metrics(target)
+    if names is not None and cfg.validation.metric not in names:
+        raise ConfigError(f"validation.metric={cfg.validation.metric!r} is not a metric of job.target={cfg.job.target}; "
+                          f"choose one of {', '.join(names)}")
     for key in ("train.device", "validation.device"):
         if str(schema.get(cfg, key)).startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"{key}={schema.get(cfg, key)} but CUDA is not available on this machine; "

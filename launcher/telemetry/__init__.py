@@ -48,6 +48,7 @@ class Telemetry:
         self.cfg, self.total_steps = cfg, total_steps
         self.step, self.first = 0, None  # (time, step) of the first logged row, for the ETA
         self.last_val: Optional[dict] = None
+        self.warned_metric = False
         self.primary = "raw" if cfg.validation.weights == "raw" else "ema"
         self.rundir = rundir
         self.files = RunFiles(rundir) if enabled else OFF
@@ -96,6 +97,10 @@ class Telemetry:
                      " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items()))
             if metric in row.metrics and row.weights == self.primary:
                 self.last_val = {"metric": f"{row.weights}_{metric}", "value": row.metrics[metric], "step": row.step}
+            elif row.weights == self.primary and not self.warned_metric:
+                self.warned_metric = True  # said once, on the console: best/ and early stopping stay empty
+                log.warning("validation.metric=%r is not among the job's metrics (%s): no best/ and no early "
+                            "stopping for this run", metric, ", ".join(sorted(row.metrics)))
             by_step.setdefault(row.step, {}).update({f"val/{row.weights}/{k}": v for k, v in row.metrics.items()})
         for step, values in by_step.items():
             self.wandb.log({"val/step": step, **values})
