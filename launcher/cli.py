@@ -7,7 +7,6 @@ line and exit status 2 before any process group exists. Hydra's own flags
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import secrets
@@ -21,14 +20,16 @@ from omegaconf import OmegaConf, open_dict
 
 from launcher import schema
 from launcher.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_context, hydra_keys, hydra_main, \
-    split_config_dir
+    one_line, split_config_dir
 from launcher.rundir import RunDir
 from launcher.schema import Config, ConfigError
 USAGE = """usage: python -m launcher {train,validate,report} [args]
 
   train [overrides]           train (torchrun --nproc_per_node=N -m launcher train for DDP)
+  train -m key=a,b [...]      a sweep: one run per point, <sweep dir>/<n> (README "Sweeps")
   validate <dir>              standalone validator for a live or finished run (or run.dir=<dir>)
   report <dir>                plots and a summary of a run (or run.dir=<dir>)
+  sweep <dir>                 the summary of a sweep (sweep.md, sweep.json)
 
 Overrides are Hydra's: key=value, group=option (job=synthetic, optim=sgd).
 `python -m launcher train --help` lists every key; `--cfg job` prints the config."""
@@ -41,34 +42,9 @@ def fail(message: str) -> int:
     return 2
 
 
-def _one_line(e: BaseException) -> str:
-    """Hydra/OmegaConf errors span many lines; keep what names the key and the fix."""
-    cause = e
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    text = str(e).strip()
-    key = getattr(cause, "full_key", None)
-    if key and "Key '" in str(cause):  # an unknown key
-        parent = key.rpartition(".")[0]
-        node = schema.get(Config(), parent) if parent and not parent.startswith("job") else None
-        valid = ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else ""
-        return f"unknown config key '{key}'" + (f"; valid keys under '{parent}': {valid}" if valid else "")
-    if "Available options" in text or "Could not find" in text or "Could not load" in text:
-        first = text.splitlines()[0]
-        options = [ln.strip() for ln in text.splitlines()[1:] if ln.startswith(("\t", " ")) and ln.strip()]
-        options = [o for o in options if not o.endswith("_schema") and "provider=" not in o]
-        return first + (f"; available: {', '.join(options)}" if options else "")
-    msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
-    if key:
-        return f"{key}: {msg}"
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
-
-
 def load_config(overrides: List[str]) -> Tuple[Config, str]:
     """Compose, type-check and convert the config; Hydra's own flags run hydra.main and exit."""
     schema.register()
-    if any(a in ("-m", "--multirun") for a in overrides):
-        raise ConfigError("--multirun is not supported under the launcher; run a sweep as separate jobs")
     for a in overrides:
         if a.startswith("+") and not a.lstrip("+").startswith("job.params."):
             raise ConfigError(f"{a!r}: adding keys is not allowed (the schema is fixed); drop the '+' to set "
@@ -85,7 +61,7 @@ def load_config(overrides: List[str]) -> Tuple[Config, str]:
     except ConfigError:
         raise
     except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
     return obj, text
 
 
@@ -105,7 +81,7 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_object(cfg)
     except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(one_line(e)) from None
 
 
 def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
@@ -209,10 +185,28 @@ def _debug_logging(loggers: List[str]) -> None:
         handler.setLevel(logging.DEBUG)
 
 
+def _check_point(overrides: List[str], here: bool) -> Config:
+    """One point of a sweep, checked as `train` checks it (`here`: it runs on this machine)."""
+    from launcher.env import detect, validation_mode
+
+    cfg, _ = load_config(overrides)
+    if not here:
+        schema.check(cfg)
+        return cfg
+    env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device,
+                 cfg.validation.share_gpu)
+    _precheck(cfg, env.world_size, env.train_world)
+    return cfg
+
+
 def train_command(overrides: List[str]) -> int:
+    from launcher import sweep
     from launcher.env import detect, validation_mode
 
     try:
+        if sweep.is_multirun(overrides):
+            return sweep.multirun(overrides, _check_point)
+        overrides = sweep.from_plan(overrides)  # train --sweep-point <dir> <n> (slurm/sweep.sbatch)
         cfg, text = load_config(overrides)
         debug, _ = hydra_keys(split_config_dir(overrides)[1])
         env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device,
@@ -313,7 +307,14 @@ def _dispatch(argv: List[str]) -> int:
         from launcher.report import main as report_main
 
         return report_main(rest)
-    return fail(f"unknown command {cmd!r}; use train, validate or report")
+    if cmd == "sweep":
+        from launcher.sweep import command
+
+        try:
+            return command(rest)
+        except ConfigError as e:
+            return fail(str(e))
+    return fail(f"unknown command {cmd!r}; use train, validate, report or sweep")
 
 
 def console() -> None:

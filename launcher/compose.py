@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -22,7 +23,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from launcher.schema import ConfigError
+from launcher.schema import Config, ConfigError, get
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
@@ -32,7 +33,7 @@ GROUPS = ("job", "optim")
 # hydra.* overrides that mean nothing to the launcher, and what to use instead.
 HYDRA_INSTEAD = {
     "hydra.run.dir": "use run.dir=<dir> (or run.root=<dir>): the launcher creates no Hydra output directory",
-    "hydra.sweep.dir": "sweeps are not supported; use run.dir=<dir> per run",
+    "hydra.sweep": "use run.dir=<dir>: with -m it is the sweep directory, each point in <dir>/<n>",
     "hydra.job.chdir": "the launcher never changes the working directory; paths are relative to where you "
                        "start it; use run.dir=<dir> for where the run's files go",
     "hydra.output_subdir": "the launcher writes the resolved config to <run.dir>/config.yaml",
@@ -175,3 +176,26 @@ def hydra_main(args: List[str], config_dir: Optional[Path]) -> None:
             text = _hide_schemas(text)
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+def one_line(e: BaseException) -> str:
+    """Hydra/OmegaConf errors span many lines; keep what names the key and the fix."""
+    cause = e
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(e).strip()
+    key = getattr(cause, "full_key", None)
+    if key and "Key '" in str(cause):  # an unknown key
+        parent = key.rpartition(".")[0]
+        node = get(Config(), parent) if parent and not parent.startswith("job") else None
+        valid = ", ".join(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else ""
+        return f"unknown config key '{key}'" + (f"; valid keys under '{parent}': {valid}" if valid else "")
+    if "Available options" in text or "Could not find" in text or "Could not load" in text:
+        first = text.splitlines()[0]
+        options = [ln.strip() for ln in text.splitlines()[1:] if ln.startswith(("\t", " ")) and ln.strip()]
+        options = [o for o in options if not o.endswith("_schema") and "provider=" not in o]
+        return first + (f"; available: {', '.join(options)}" if options else "")
+    msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    if key:
+        return f"{key}: {msg}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]

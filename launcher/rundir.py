@@ -119,7 +119,8 @@ class RunDir:
         return self
 
     # ------------------------------------------------------------------------------------ paths
-    config = property(lambda self: self.root / "config.yaml")
+    config = property(lambda self: self.root / "config.yaml")  # the first launch's; never rewritten on resume
+    config_history = property(lambda self: self.root / "config-history.yaml")  # each resume's changes
     metrics = property(lambda self: self.root / "metrics.jsonl")
     events = property(lambda self: self.root / "events.jsonl")
     autobatch = property(lambda self: self.root / "autobatch.json")
@@ -192,3 +193,25 @@ class RunDir:
     def skip(self, step: int, reason: str, detail: str = "") -> None:
         """A snapshot that will never be validated, and why (stale, corrupt, busy, write_failed)."""
         append_jsonl(self.skipped, {"step": step, "reason": reason, "detail": detail, "time": time.time()})
+
+
+class SweepDir:
+    """A sweep (`launcher train -m ...`): one run directory per point, `<root>/<n>`, and the sweep's files."""
+
+    def __init__(self, root: Union[str, Path]):
+        self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    plan = property(lambda self: self.root / "sweep-plan.json")  # the points' overrides, written first
+    summary_json = property(lambda self: self.root / "sweep.json")
+    summary_md = property(lambda self: self.root / "sweep.md")
+    lock = property(lambda self: self.root / ".sweep.lock")
+
+    def point(self, n: int) -> RunDir:
+        return RunDir(self.root / str(n))
+
+    def status(self, n: int) -> Path:
+        """status/<n>.json: the exit status of the point's last process."""
+        return self.root / "status" / f"{n}.json"

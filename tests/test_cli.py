@@ -16,7 +16,7 @@ BAD = [
     (["+train.extra=3"], "train.extra"),
     (["optim.name=lion"], "optim.name"),
     (["train.epochs=0"], "train.epochs"),
-    (["-m", "optim.lr=0.1,0.2"], "multirun"),
+    (["-m", "optim.lr=0.1,-1"], "optim.lr"),  # a sweep's bad point: refused before any point runs
 ]
 
 
