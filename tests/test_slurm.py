@@ -6,6 +6,7 @@ begin time to now with `scontrol update`, as an administrator would, to keep the
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -123,3 +124,30 @@ def test_validate_sbatch_runs_the_validator_on_a_run_dir(reference, tmp_path):
     if "not built yet" in log:
         pytest.skip("`launcher validate` is not built on this branch (issue 5)")
     assert info.get("ExitCode") == "0:0", log[-3000:]
+
+
+def test_sweep_on_slurm_is_one_array_task_per_point(tmp_path):
+    """`launcher train -m ... hydra/launcher=slurm`: slurm/sweep.sbatch, one array task per point, each
+    running torchrun on its point in <sweep dir>/<n>; the tasks record their status and the summary."""
+    from tests.conftest import launch
+
+    sweep = tmp_path / "sweep"
+    proc = launch(["train", "-m", "optim.lr=0.001,0.01", *FAST, "train.max_steps=12", f"run.dir={sweep}",
+                   "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"], env={"NPROC": "1"}, timeout=120)
+    job_id = re.search(r"array job (\d+)", proc.stdout).group(1)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            data = json.loads((sweep / "sweep.json").read_text())
+            if all(p["status"] not in ("pending", "requeued") for p in data["points"]):
+                break
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    logs = "".join(p.read_text() for p in sweep.glob("slurm-*.out"))
+    assert [p["status"] for p in data["points"]] == ["completed", "completed"], logs[-3000:]
+    assert data["slurm_job"] == job_id and data["best"] is not None
+    for n, lr in enumerate(("0.001", "0.01")):
+        assert f"lr: {lr}" in (sweep / str(n) / "config.yaml").read_text()
+        assert (sweep / f"slurm-{job_id}_{n}.out").exists()
+    assert "torch.distributed.run" in logs  # torchrun inside each task
