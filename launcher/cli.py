@@ -69,6 +69,8 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
     """A run's own config (its config.yaml) with `overrides` on top: what `launcher validate` uses."""
     from hydra import compose
 
+    from launcher import config_history
+
     schema.register()
     try:
         saved = OmegaConf.load(rundir.config)
@@ -78,6 +80,8 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
             cfg = compose("config", overrides=[f"job={group}"])
         with open_dict(cfg):  # the saved config was valid when it ran (custom jobs add job.params.*)
             cfg = OmegaConf.merge(cfg, saved)
+        for key, value in config_history.current(rundir).items():  # what resumes changed since
+            OmegaConf.update(cfg, key, value, force_add=True)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_object(cfg)
     except Exception as e:  # Hydra and OmegaConf raise many types; all are bad input here
@@ -126,7 +130,7 @@ def _check_writable(path: Path, key: str) -> None:
 
 def _make_run_dir(cfg: Config, config_text: str, overrides: List[str]) -> Tuple[RunDir, bool]:
     """Rank 0: (the run directory, whether this call created it); run.resume=must is checked first."""
-    from launcher import checkpoint, handoff
+    from launcher import checkpoint, config_history, handoff
     from launcher.env import run_id_from_env
     from launcher.files import atomic_write
 
@@ -135,12 +139,22 @@ def _make_run_dir(cfg: Config, config_text: str, overrides: List[str]) -> Tuple[
     if cfg.run.resume == "must" and checkpoint.load_latest(rundir.checkpoints)[0] is None:
         raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
                           "use run.resume=auto to start fresh, or point run.dir at an existing run")
-    existed = rundir.root.exists()
+    existed, changes, breaking = rundir.root.exists(), {}, []
+    resuming = cfg.run.resume != "never" and rundir.config.exists() and bool(checkpoint.steps(rundir.checkpoints))
+    try:  # resuming: config.yaml stays the first launch's; changes are recorded, or refused (config_history.py)
+        changes, breaking = config_history.check(rundir, config_text, cfg.run.allow_changes) if resuming else ({}, [])
+    except ConfigError:
+        if checkpoint.load_latest(rundir.checkpoints)[0] is not None:
+            raise
+        resuming = False  # no checkpoint loads: a fresh start with this config
     try:
         rundir.make()
         handoff.reset(rundir)  # before any validator can see a previous session's stop/done markers
         header = "# launcher train " + " ".join(overrides) + "\n"
-        atomic_write(rundir.config, lambda f: f.write(header + config_text), mode="w")
+        if not resuming:
+            atomic_write(rundir.config, lambda f: f.write(header + config_text), mode="w")
+        elif changes:
+            config_history.record(rundir, changes, breaking, overrides)
     except OSError as e:
         raise ConfigError(f"run.dir={rundir}: cannot write there ({e.strerror or e}); "
                           "choose a writable place with run.dir=<dir>") from None

@@ -46,6 +46,7 @@ class RunConfig:
     id: Optional[str] = None  # default: SLURM_JOB_ID, TORCHELASTIC_RUN_ID, timestamp
     resume: Resume = Resume.auto
     seed: int = 0
+    allow_changes: bool = False  # resume even with changes that break exactness (config_history.py: FROZEN)
     # Signals that stop training cleanly at the next step (checkpoint, exit 128+signum); see launcher/signals.py.
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 

@@ -163,7 +163,8 @@ def run_local(sweep: SweepDir, plan: dict) -> int:
             env = dict(os.environ)
             if "TORCHELASTIC_RUN_ID" in env:  # each point's ranks find their own store (launcher/dist.py)
                 env["TORCHELASTIC_RUN_ID"] = f"{env['TORCHELASTIC_RUN_ID']}-sweep{n}"
-            child[0] = subprocess.Popen([sys.executable, "-m", "launcher", "train", *point_args(sweep, plan, n)], env=env)
+            args = [sys.executable, "-m", "launcher", "train", *point_args(sweep, plan, n)]
+            child[0] = subprocess.Popen(args, env=env)
             rc = child[0].wait()
             failed += rc != 0
             status = rc if stopped else status
@@ -260,7 +261,8 @@ def summarize(sweep: SweepDir, job: Optional[str] = None) -> str:
         data = {"sweep_dir": str(sweep), "command": plan["command"], "swept": plan["swept"],
                 "slurm_job": job or old.get("slurm_job"), "points": rows,
                 "failed": sum(r["status"] in ("failed", "interrupted") for r in rows),
-                "best": {k: best[k] for k in ("n", "params", "best_metric", "best_value", "best_step")} if best else None}
+                "best": {k: best[k] for k in ("n", "params", "best_metric", "best_value", "best_step")}
+                if best else None}
         write_json(sweep.summary_json, data)
         table = _markdown(data)
         atomic_write(sweep.summary_md, lambda f: f.write(table), mode="w")

@@ -57,3 +57,41 @@ def test_resume_never_starts_fresh(tmp_path):
     launch(["train", *FAST, "train.epochs=1", "run.resume=never", f"run.dir={tmp_path}/r"])
     starts = [e["start_step"] for e in read_jsonl(tmp_path / "r" / "events.jsonl") if e["event"] == "start"]
     assert starts == [0, 0]
+
+
+def test_resume_with_changed_options_keeps_the_config_records_and_refuses_breaking_ones(tmp_path):
+    """Issue 15 item 10: config.yaml stays the first launch's; each resume's changes are on the console,
+    in config-history.yaml and a config_changed event; model/batch geometry/seed changes exit 2."""
+    import yaml
+
+    run = tmp_path / "run"
+    short = [*FAST, "validation.mode=off", f"run.dir={run}"]
+    launch(["train", *short, "train.max_steps=6"])
+    original = (run / "config.yaml").read_text()
+    # A change that keeps exactness: recorded, shown, config.yaml untouched.
+    proc = launch(["train", *short, "train.max_steps=10", "optim.lr=0.01"])
+    assert "train.max_steps: 6 -> 10" in proc.stderr and "optim.lr: 0.003 -> 0.01" in proc.stderr
+    assert (run / "config.yaml").read_text() == original
+    [entry] = list(yaml.safe_load_all((run / "config-history.yaml").read_text()))
+    assert entry["changes"] == {"optim.lr": {"old": 0.003, "new": 0.01}, "train.max_steps": {"old": 6, "new": 10}}
+    [event] = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "config_changed"]
+    assert event["changes"] == entry["changes"]
+    # The same options again: nothing changed since the last resume, nothing recorded.
+    launch(["train", *short, "train.max_steps=10", "optim.lr=0.01"])
+    assert len(list(yaml.safe_load_all((run / "config-history.yaml").read_text()))) == 1
+    # Changes that break exact resume: one line, exit 2, nothing touched.
+    events = (run / "events.jsonl").read_text()
+    for bad in (["batch.size=32"], ["job.model=cnn"], ["run.seed=1"]):
+        proc = launch(["train", *short, "train.max_steps=10", "optim.lr=0.01", *bad], check=False)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert bad[0].split("=")[0] in lines[0] and "run.allow_changes=true" in lines[0]
+        assert (run / "events.jsonl").read_text() == events
+    # Unless the user says so.
+    proc = launch(["train", *short, "train.max_steps=12", "optim.lr=0.01", "batch.size=32", "run.allow_changes=true"])
+    last = list(yaml.safe_load_all((run / "config-history.yaml").read_text()))[-1]
+    assert last["allowed_breaking"] == ["batch.size"] and "not exact" in proc.stderr
+    assert (run / "config.yaml").read_text() == original
+    # Without a checkpoint to resume from, nothing is checked: a new config.yaml.
+    launch(["train", *short, "train.max_steps=3", "batch.size=16", "run.resume=never"])
+    assert "size: 16" in (run / "config.yaml").read_text()
