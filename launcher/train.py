@@ -30,7 +30,7 @@ from launcher.rundir import RunDir
 from launcher.schema import Config, ConfigError
 from launcher.signals import Guard, Stop
 from launcher.telemetry import Telemetry
-from launcher.validation import for_training
+from launcher.validation import due, for_training
 
 log = logging.getLogger("launcher.train")
 
@@ -175,6 +175,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
                              "lr": sched.get_last_lr()[0], "time": time.time(), **ema.stats()})
                 validation.poll()  # new validation results, skipped snapshots, a dead validator
             end_of_epoch = state.batch_in_epoch == steps_per_epoch
+            validating = due(cfg, env.world_size, state.step, state.epoch, end_of_epoch, last)  # every rank: saves
             if validation.should_validate(state.step, state.epoch, end_of_epoch, last):
                 validation.submit(state.step, state.epoch)
             if end_of_epoch:
@@ -183,7 +184,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             stop, stopped_early = guard.step_end(validation.stop_requested())
             if stopped_early:
                 log.info("early stop at step %d", state.step)
-            if ckpt.should_save(state.step, last or stopped_early or bool(stop)):
+            if ckpt.should_save(state.step, last or stopped_early or bool(stop) or validating):
                 ckpt.save(protect=validation.protected_steps())
             faults.step_end(state.step, tel, dist)
             if last or stopped_early or stop:

@@ -29,6 +29,15 @@ from launcher.rundir import RunDir, ValResult
 log = logging.getLogger(__name__)
 
 
+def due(cfg, world_size: int, step: int, epoch: int, end_of_epoch: bool, last: bool) -> bool:
+    """Whether `step` is a validation step: the same answer on every training rank, so all of them
+    checkpoint there too (the best step always has a full checkpoint for retention to keep)."""
+    v = cfg.validation
+    if validation_mode(v.mode, world_size) == "off":
+        return False
+    return last or (step % v.every_steps == 0 if v.every_steps else end_of_epoch and (epoch + 1) % v.every_epochs == 0)
+
+
 class NoValidation:
     """validation.mode=off, and every training rank but 0: nothing to do."""
 
@@ -63,9 +72,7 @@ class _Validation(NoValidation):
         self.cfg, self.rundir, self.tel = cfg, rundir, tel
 
     def should_validate(self, step: int, epoch: int, end_of_epoch: bool, last: bool) -> bool:
-        v = self.cfg.validation
-        due = step % v.every_steps == 0 if v.every_steps else end_of_epoch and (epoch + 1) % v.every_epochs == 0
-        return due or last
+        return due(self.cfg, 1, step, epoch, end_of_epoch, last)
 
 
 class InlineValidation(_Validation):

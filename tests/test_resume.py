@@ -1,4 +1,7 @@
 """Exact resume: a killed and relaunched run equals one that never stopped, bit for bit."""
+import json
+
+import pytest
 import torch
 
 from conftest import FAST, final_weights, launch, read_jsonl
@@ -95,3 +98,24 @@ def test_resume_with_changed_options_keeps_the_config_records_and_refuses_breaki
     # Without a checkpoint to resume from, nothing is checked: a new config.yaml.
     launch(["train", *short, "train.max_steps=3", "batch.size=16", "run.resume=never"])
     assert "size: 16" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("mode", ["process", "inline"])
+def test_the_best_steps_full_checkpoint_is_kept_and_loads(tmp_path, mode):
+    """Issue 15 item 14: checkpoints keep the last K plus the best. Every validation step writes one,
+    so the best step has one; retention keeps it, and drops the other older ones."""
+    from launcher import checkpoint
+
+    run = tmp_path / "run"
+    # The loss falls as it trains, so with goal=max the best validation is an early one, not the last.
+    launch(["train", *FAST, "validation.every_steps=10", "validation.metric=loss", "validation.goal=max",
+            "validation.policy=all", f"validation.mode={mode}", "checkpoint.every_steps=0",
+            "checkpoint.keep_last=2", f"run.dir={run}"])
+    best = json.loads((run / "best" / "best.json").read_text())["step"]
+    saved = sorted({e["step"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint"})
+    assert saved == [*range(10, 121, 10), 124]  # every validation step, and the end
+    assert best not in saved[-2:]
+    kept = checkpoint.steps(run / "checkpoints")
+    assert sorted(kept) == sorted({best, *saved[-2:]})
+    state = checkpoint.load(checkpoint.path_for(run / "checkpoints", best))
+    assert state["step"] == best and "model" in state and "optimizer" in state
