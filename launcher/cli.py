@@ -229,6 +229,7 @@ def train_command(overrides: List[str]) -> int:
     except ConfigError as e:
         return fail(str(e))
 
+    from launcher import threads
     from launcher.checkpoint import SaveError
     from launcher.dist import Dist
     from launcher.faults import fail_at_start
@@ -238,6 +239,8 @@ def train_command(overrides: List[str]) -> int:
     from launcher.validator import run_validator_rank
 
     fail_at_start(cfg.debug.fail_at_start, env)
+    child = env.is_main and validation_mode(cfg.validation.mode, env.world_size) == "process"
+    cpu = threads.apply(cfg.train.threads, env.local_world_size, child)  # before any work: see threads.py
     dist, rundir, created = None, None, False
     finished = False
     try:
@@ -246,6 +249,10 @@ def train_command(overrides: List[str]) -> int:
         setup_logging(rundir.log(env.rank), env.rank, console=env.is_main or env.is_validator)
         _debug_logging(debug)
         log.debug("the resolved config:\n%s", text)
+        if env.is_main:
+            log.info("CPU threads: %(trainer)d per training process, %(validator)d for the validator process "
+                     "(%(cores)d cores; %(source)s)", cpu)
+            rundir.event("threads", **cpu)
         if env.is_validator:
             run_validator_rank(env, rundir)
         else:
@@ -266,6 +273,8 @@ def train_command(overrides: List[str]) -> int:
 
 def validate_command(argv: List[str]) -> int:
     """`python -m launcher validate run.dir=<dir> [overrides]`: validate a live or finished run."""
+    import torch
+
     from launcher import handoff
     from launcher.telemetry import setup_logging
     from launcher.validator import serve, validator_device
@@ -285,6 +294,7 @@ def validate_command(argv: List[str]) -> int:
         return fail(str(e))
     spawned = "LAUNCHER_PARENT_PID" in os.environ
     setup_logging(rundir.log("validator"), "validator", console=not spawned)
+    log.info("validator: %d CPU thread(s)", torch.get_num_threads())
     finished = handoff.done(rundir, or_summary=True) is not None
     # A finished run with nothing left in the queue: re-validate its checkpoints.
     revalidate = not spawned and finished and not handoff.pending(rundir.handoff) \

@@ -59,6 +59,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max grad norm; 0 = off
     log_every: int = 10
     device: TrainDevice = TrainDevice.auto
+    threads: int = 0  # CPU threads per training process; 0: OMP_NUM_THREADS, else cores split with the validator
     compile: bool = False  # torch.compile the forward (DDP-aware: compiles the DDP wrapper in place)
     channels_last: bool = False  # NHWC weights and inputs for conv nets (faster convolutions on tensor cores)
 
@@ -232,7 +233,7 @@ class ConfigError(ValueError):
 
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
             "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
-NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
+NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip", "train.threads",
                 "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",

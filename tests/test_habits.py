@@ -198,3 +198,25 @@ def test_default_torchrun_run_has_no_validator_down(tmp_path):
     assert "validator_down" not in events, events
     assert "validator is gone" not in proc.stdout + proc.stderr
     assert {r["step"] for r in read_jsonl(run / "val" / "results.jsonl")} >= {20}
+
+
+# ---------------------------------------------------------------------------- 15: CPU threads
+@pytest.mark.parametrize("setting", ["auto", "OMP_NUM_THREADS", "train.threads"])
+def test_cpu_threads_are_split_between_trainer_and_validator(tmp_path, setting):
+    """One thread per core in every process oversubscribes the CPU (trainer + validator process): the
+    cores are split between them unless OMP_NUM_THREADS or train.threads says otherwise."""
+    run = tmp_path / "run"
+    env = child_env({"OMP_NUM_THREADS": "1"} if setting == "OMP_NUM_THREADS" else {})
+    if setting != "OMP_NUM_THREADS":
+        env.pop("OMP_NUM_THREADS")  # as a user's shell has it
+    extra = ["train.threads=1"] if setting == "train.threads" else []
+    subprocess.run(command(["train", *SHORT[:-1], "train.max_steps=10", *extra, f"run.dir={run}"]), env=env,
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    [threads] = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "threads"]
+    cores = len(os.sched_getaffinity(0))
+    expected = {"auto": max(1, cores // 2), "OMP_NUM_THREADS": 1, "train.threads": 1}[setting]
+    assert threads["trainer"] == expected and threads["source"] == setting
+    if setting != "OMP_NUM_THREADS":
+        assert threads["trainer"] + threads["validator"] <= max(cores, 2)
+    log = (run / "logs" / "rank-validator.log").read_text()
+    assert f"validator: {threads['validator']} CPU thread(s)" in log
