@@ -159,7 +159,7 @@ class EarlyStopConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 200  # and always at the end; 0 = only at the end
+    every_steps: int = 200  # and at every validation step and the end; 0 = only those
     keep_last: int = 3
 
 

@@ -46,7 +46,8 @@ def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
     launch(["train", *ARGS, f"run.dir={run}"])
     events = read_jsonl(run / "events.jsonl")
     assert any(e["event"] == "checkpoint_skipped" and "step-00000100" in e["reason"] for e in events)
-    assert [e["step"] for e in events if e["event"] == "resume"] == [75]
+    # The newest valid one: step 80, a validation step (every validation step checkpoints).
+    assert [e["step"] for e in events if e["event"] == "resume"] == [80]
     _same_run(ref, run)
 
 
