@@ -56,7 +56,8 @@ def diff(rundir: RunDir, config_text: str) -> Dict[str, Dict[str, Any]]:
     """{key: {old, new}}: what differs from the config this run last ran with."""
     old = {**_resolved(rundir.config.read_text()), **current(rundir)}
     new = _resolved(config_text)
-    keys = [k for k in {**old, **new} if not k.startswith(IGNORED)]
+    # A key the first launch's config lacks is a setting added to the launcher since, not a change.
+    keys = [k for k in {**old, **new} if not k.startswith(IGNORED) and (k in old or k.startswith("job."))]
     return {k: {"old": old.get(k), "new": new.get(k)} for k in sorted(keys) if old.get(k) != new.get(k)}
 
 
