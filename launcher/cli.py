@@ -115,7 +115,8 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
 
     schema.check(cfg, world_size)
     try:
-        jobs.resolve(cfg.job.target)
+        job_class = jobs.resolve(cfg.job.target)
+        getattr(job_class, "check", lambda _: None)(cfg.job)  # the job's own checks (data dir, extras)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.batch.size != "auto":

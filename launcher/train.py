@@ -18,14 +18,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 import jobs
 from launcher import autobatch, checkpoint, speed
 from launcher.dist import Dist, rng_state, seed_everything, set_rng_state
-from launcher.ema import EMA
+from launcher.ema import EMA, auto_tau
 from launcher.env import Env
 from launcher.files import read_jsonl, write_json
 from launcher.optim import build_optimizer, build_scheduler, set_momentum, warmup_steps
 from launcher.schema import Config, ConfigError
 from launcher.signals import Guard, Stop
 from launcher.telemetry import Telemetry
-from launcher.validator import autocast, for_training, resolve_precision, save_weights
+from launcher.validator import autocast, best_by_weights, for_training, resolve_precision, save_weights
 
 log = logging.getLogger("launcher.train")
 
@@ -42,8 +42,9 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
 
     # Batch geometry: the micro-batch (probed and agreed by all ranks with batch.size=auto) and the
     # per-rank step batch, which stays fixed; a runtime OOM only changes how it is cut (batch.micro).
-    def make_ema(m):
-        return EMA(m, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled else None
+    def make_ema(m, total_steps=0):  # ema.tau unset: scaled to the run's length (the probe's EMA is thrown away)
+        tau = cfg.ema.tau if cfg.ema.tau is not None else auto_tau(total_steps)
+        return EMA(m, cfg.ema.decay, cfg.ema.ramp, tau) if cfg.ema.enabled else None
 
     batch, autobatch_event = autobatch.choose(
         cfg, env, dist, run_dir, model, job, train_set, precision, lambda: autocast(device, precision),
@@ -63,10 +64,10 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     opt = build_optimizer(model, cfg.optim, device)
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = make_ema(model) if env.is_main else None  # rank 0 alone keeps the EMA
+    ema = make_ema(model, total // cfg.ema.every) if env.is_main else None  # rank 0 alone keeps the EMA
     if ema is not None:
         mb = sum(v.numel() * v.element_size() for v in ema.shadow.values()) / 2**20
-        log.info("EMA kept on this rank: %d tensors, %.2f MB fp32", len(ema.shadow), mb)
+        log.info("EMA kept on this rank: %d tensors, %.2f MB fp32, tau %.0f", len(ema.shadow), mb, ema.tau)
     else:
         log.info("EMA: none on this rank")
     ddp = speed.wrap(model, cfg, dist.group if dist.distributed_training else None, device)  # DDP, compile
@@ -234,10 +235,14 @@ def train(cfg: Config, env: Env, dist: Dist, run_dir: Path) -> dict:
     summary = {"steps": step, "epochs": epoch, "stopped_early": stopped_early, "micro_batch": batch.micro,
                "accum": batch.accum, "global_batch": global_batch, "wall_time_s": round(time.time() - t_start, 2)}
     summary.update(validation.finish(step, epoch))  # drains: the final weights are validated, best is true
+    if cfg.validation.weights == "both":  # best and final raw and EMA side by side
+        summary.update(best_by_weights(read_jsonl(run_dir / "val" / "results.jsonl"), cfg.validation.metric,
+                                       cfg.validation.goal))
     if env.is_main:
         if ema is not None:
             save_weights(run_dir / "ema.safetensors", ema.shadow, {"step": step, "updates": ema.updates})
-            summary.update(ema_decay=ema.current_decay, ema_updates=ema.updates, ema_skipped=ema.skipped)
+            summary.update(ema_decay=ema.current_decay, ema_updates=ema.updates, ema_skipped=ema.skipped,
+                           ema_tau=ema.tau)
         write_json(run_dir / "summary.json", summary)
         tel.event("end", **summary)
         best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \

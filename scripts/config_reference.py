@@ -40,7 +40,7 @@ NOTES = {
     "sched.warmup_steps": "linear warmup length in optimizer steps, then cosine decay",
     "ema.enabled": "keep an EMA of the weights on rank 0",
     "ema.decay": "target decay d",
-    "ema.tau": "ramp time constant (in EMA updates) for ramp=exp",
+    "ema.tau": "ramp time constant (in EMA updates) for ramp=exp; unset = auto: the average spans ~5% of the run at its end (launcher.ema.auto_tau)",
     "validation.every_epochs": "validate at the end of every k-th epoch (when every_steps is 0)",
     "validation.metric": "the job metric that decides best/ and early stopping",
     "validation.drain_timeout_s": "at the end, how long training waits for the validator to finish",
