@@ -67,6 +67,7 @@ def test_single_process_trains_validates_both_and_reports(folder, tmp_path):
     assert (run / "report" / "report.md").exists(), proc.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_with_validator_rank_then_resume(folder, tmp_path):
     run = tmp_path / "run"
     launch(args(folder, run, "train.channels_last=true"), nproc=2)  # 1 trainer + the validator rank
