@@ -140,7 +140,7 @@ class EmaConfig:
     enabled: bool = True
     decay: float = 0.9999
     ramp: str = "exp"  # exp | tf | none
-    tau: Optional[float] = None  # exp ramp time constant in updates; None = auto: ema.auto_tau(total steps)
+    tau: Optional[float] = None  # exp ramp time constant in updates; null = auto: spans ~5% of the run at its end
     every: int = 1  # update every k optimizer steps
 
 

@@ -113,7 +113,10 @@ def rows(cls, prefix: str = "") -> list:
 
 def render() -> str:
     head = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    jobs = [("mnist1d", schema.Mnist1dJob), ("synthetic", schema.SyntheticJob), ("custom", schema.CustomJob)]
+    from jobs.images import ImagesJob
+
+    jobs = [("mnist1d", schema.Mnist1dJob), ("synthetic", schema.SyntheticJob), ("custom", schema.CustomJob),
+            ("images", ImagesJob)]
     text = [
         "# Config reference",
         "",
