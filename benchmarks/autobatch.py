@@ -20,7 +20,9 @@ Without a GPU (or with --quick) the same search code runs against a *simulated* 
 a tiny real model executes every trial, and a memory model decides OOM (fixed = weights +
 grads + AdamW state + EMA, plus a per-sample activation cost taken from the H100 reference
 maxima in /work/shared/anchors/h100-measurements.md; Ultralytics' forward+backward profile
-sees no optimizer state or EMA, as in the original). Those figures check the plumbing and the
+sees no optimizer state or EMA, as in the original). The simulated device models the caching
+allocator (launcher.memory.SimulatedDevice: freed blocks stay reserved until emptied), so a
+probe that reads stale cached memory on a GPU reads it here too (issue 13). Those figures check the plumbing and the
 search logic, not a GPU.
 """
 from __future__ import annotations
@@ -37,10 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write  # noqa: E402
-from jobs.synthetic import Synthetic  # noqa: E402
+from jobs.synthetic import Synthetic, SyntheticJob  # noqa: E402
 from launcher import autobatch  # noqa: E402
+from launcher.oom import cleanup  # noqa: E402
 from launcher.ema import EMA  # noqa: E402
-from launcher.schema import AutobatchConfig, SyntheticJob  # noqa: E402
+from launcher.schema import AutobatchConfig  # noqa: E402
 
 GiB = 1 << 30
 MODELS = {"resnet50": dict(model="resnet"), "vitb16": dict(model="vit")}
@@ -80,16 +83,16 @@ class Rig:
             self.total, self.per = 80 * GiB, SIM_PER_SAMPLE[name]
             self.fixed_step, self.fixed_profile = 5 * p, 2 * p  # weights, grads, 2 AdamW moments, EMA
             self.capacity = 0.97 * self.total  # the allocator never gets the last few percent
+            # A caching allocator: weights resident, the step's blocks cached after it until emptied.
+            self.sim = autobatch.SimulatedDevice(self.total, 0.97, weights=p, fixed=4 * p, per_sample=self.per)
 
     # -- the primitives the methods use ----------------------------------------------------------
     def step(self, n: int) -> int:
         """A full step at n; returns its peak bytes or raises OutOfMemoryError."""
         if self.simulate:
             self.real_trial(2)  # the tiny model only times the plumbing
-            peak = int(self.fixed_step + self.per * n)
-            if peak > self.capacity:
-                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated device, micro-batch {n})")
-            return peak
+            self.sim.step(n)  # raises a real OutOfMemoryError where the simulated device is full
+            return int(self.fixed_step + self.per * n)
         mem = autobatch.DeviceMemory(self.device, 1.0)
         mem.start()
         self.real_trial(n)
@@ -140,7 +143,7 @@ class Rig:
         finally:
             del opt, ema
             snap.restore()
-            autobatch.cleanup(self.device)
+            cleanup(self.device)
 
     def ok(self, n: int) -> bool:
         try:
@@ -149,7 +152,7 @@ class Rig:
         except torch.OutOfMemoryError:
             return False
         finally:
-            autobatch.cleanup(self.device)
+            cleanup(self.device)
 
 
 # -- the methods ---------------------------------------------------------------------------------
@@ -169,22 +172,9 @@ def true_max(rig: Rig, cap: int) -> Dict:
 
 
 def ours(rig: Rig, cfg: AutobatchConfig, start: int) -> Dict:
-    if rig.simulate:
-        class Sim(autobatch.DeviceMemory):
-            def __init__(self):
-                self.device, self.extra, self.cuda, self.total = rig.device, 0, False, rig.total
-                self.limit, self.last = int(cfg.fraction * rig.total), 0
-
-            def start(self):
-                self.last = 0
-
-            def peak(self):
-                return self.last
-        memory = Sim()
-
-        def trial(n):
-            memory.last = int(rig.fixed_step + rig.per * n)  # measured even when it OOMs, like the allocator
-            rig.step(n)
+    if rig.simulate:  # the measurement itself runs against the simulated caching allocator
+        memory = autobatch.DeviceMemory(rig.device, cfg.fraction, allocator=rig.sim)
+        trial = rig.step
     else:
         memory = autobatch.DeviceMemory(rig.device, cfg.fraction)
         trial = rig.real_trial
@@ -204,7 +194,7 @@ def ultralytics(rig: Rig, fraction: float = 0.6, default: int = 16) -> Dict:
             mems.append(rig.profile(b))
         except torch.OutOfMemoryError:
             mems.append(None)
-        autobatch.cleanup(rig.device)
+        cleanup(rig.device)
     ys = [m for m in mems if m is not None]
     p = np.polyfit(sizes[:len(ys)], ys, deg=1)
     b = int((f * fraction - p[1]) / p[0])
@@ -255,7 +245,9 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     from launcher.dist import Dist
     from launcher.env import Env
     from launcher.schema import Config
-    from launcher.telemetry import Telemetry
+    from launcher.oom import Recovery
+    from launcher.rundir import RunDir
+    from launcher.telemetry import OFF
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -268,21 +260,21 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     ddp = DDP(model, process_group=dist.group)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x, y = autobatch.repeat_sample(job.datasets()[0], micro * accum, env.device)
-    tel = Telemetry(Path(tempfile.mkdtemp()), enabled=False)
+    tel = OFF
     res = {}
     for retries in (0, 3, 0, 3):  # interleaved, best of two
         cfg = Config()
         cfg.autobatch.max_retries = retries
-        oom = autobatch.Recovery(cfg, env, dist, Path("."), model, tel)
+        oom = Recovery(cfg, env, dist, RunDir(tempfile.mkdtemp()), model, tel)
         times = []
         for i in range(steps):
             dist.barrier()
             t0 = time.perf_counter()
             xs, ys = x.split(micro), y.split(micro)
             for j, (xb, yb) in enumerate(zip(xs, ys)):
-                with oom.forward(i), oom.no_sync(ddp, last=j == len(xs) - 1):
+                with oom.forward(), oom.no_sync(ddp, last=j == len(xs) - 1):
                     loss = job.loss(ddp(xb), yb) / len(xs)
-                with oom.backward(i):
+                with oom.backward():
                     loss.backward()
             oom.all_reduce_grads()
             opt.step()

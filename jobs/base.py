@@ -1,11 +1,40 @@
-"""The job interface. Subclass it (or just match it) to plug in your own task."""
+"""The job interface. Subclass it (or just match it) to plug in your own task.
+
+A job's config is a dataclass deriving from `JobConfig`, kept beside the job; the
+launcher's schema registers the shipped ones with Hydra.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A config choice: the schema rejects any other value; compares equal to its name."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class JobConfig:
+    """Which task to train. `target` is `module:Class`; any importable path works."""
+    name: str = MISSING
+    target: str = MISSING
+    batch_size: int = 64  # the job's default micro-batch (used by batch.size=auto on CPU)
+
+
+@dataclass
+class CustomJob(JobConfig):
+    """A user's own job: `job=custom job.target=my_pkg.my_job:MyJob +job.params.k=v`."""
+    name: str = "custom"
+    params: Dict[str, Any] = field(default_factory=dict)
 
 
 class Job:

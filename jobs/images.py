@@ -20,8 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from jobs.base import Job
-from launcher.schema import JobConfig
+from jobs.base import Job, JobConfig
 
 log = logging.getLogger("launcher.jobs.images")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm and torchvision use

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,24 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from jobs.base import Job
+from jobs.base import Choice, Job, JobConfig
+
+
+class Mnist1dModel(Choice):
+    mlp = "mlp"
+    cnn = "cnn"  # the two models of the MNIST-1D paper
+
+
+@dataclass
+class Mnist1dJob(JobConfig):
+    name: str = "mnist1d"
+    target: str = "jobs.mnist1d:Mnist1D"
+    batch_size: int = 64
+    model: Mnist1dModel = Mnist1dModel.cnn
+    hidden: int = 100
+    channels: int = 25
+    samples: int = 5000  # train + test, 80/20 split as in the paper
+    data_seed: int = 42
 
 
 def _cache_dir() -> Path:
@@ -76,9 +94,7 @@ class Mnist1D(Job):
     def model(self) -> nn.Module:
         if self.cfg.model == "mlp":
             return MLP(hidden=self.cfg.hidden)
-        if self.cfg.model == "cnn":
-            return CNN(channels=self.cfg.channels)
-        raise ValueError(f"job.model={self.cfg.model!r} is not valid; choose mlp or cnn")
+        return CNN(channels=self.cfg.channels)
 
     def datasets(self):
         d = make_data(self.cfg.samples, self.cfg.data_seed)

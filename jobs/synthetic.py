@@ -6,11 +6,37 @@ plain torch so benchmarks need neither timm nor torchvision.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import List
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from jobs.base import Job
+from jobs.base import Choice, Job, JobConfig
+
+
+class SyntheticModel(Choice):
+    resnet = "resnet"
+    vit = "vit"
+
+
+@dataclass
+class SyntheticJob(JobConfig):
+    name: str = "synthetic"
+    target: str = "jobs.synthetic:Synthetic"
+    batch_size: int = 32
+    model: SyntheticModel = SyntheticModel.resnet
+    width: int = 64  # resnet: stem channels (64 = ResNet-50 widths); vit: ignored
+    depth: List[int] = field(default_factory=lambda: [3, 4, 6, 3])  # resnet stages
+    dim: int = 768  # vit
+    layers: int = 12  # vit
+    heads: int = 12  # vit
+    patch: int = 16  # vit
+    image_size: int = 224
+    num_classes: int = 1000
+    train_samples: int = 4096
+    val_samples: int = 1024
 
 
 class RandomImages(Dataset):

@@ -1,22 +1,14 @@
-"""The largest micro-batch that trains safely on every rank, and what to do when memory still runs out.
+"""The largest micro-batch that trains safely on every rank, agreed by all, cached in autobatch.json.
 
 Before training, every training rank probes the *real* step (forward, backward,
 optimizer step so its state exists, GradScaler, the EMA update on rank 0) at
 growing micro-batches, then bisects between the last fit and the first failure.
-A size fits when it ran without an out-of-memory error and its peak (allocator
-reserved peak + memory used outside the allocator) stays under
-`autobatch.fraction` of the device. Ranks take the MIN, so mixed GPUs or another
-tenant on one GPU cannot make one rank OOM later. The per-rank step batch (the
-samples of one optimizer step) is fixed first; the micro-batch only decides how
-it is cut, so accumulation absorbs every change and the effective batch, the LR
-schedule and the results stay what the user asked for.
-
-During training every forward and backward of a micro-batch ends with a tiny
-CPU all-reduce of "did anyone OOM" (gloo, no device sync). If anyone did, every
-rank drops the step's gradients and redoes the same step batch with half the
-micro-batch. Gradients are all-reduced by us after that last agreement, never
-inside backward: an OOM in one rank's backward would otherwise leave the other
-ranks waiting in DDP's all-reduce forever (Composer's known hole).
+A size fits when it ran without an out-of-memory error and its peak (what the
+step reserved, measured on an emptied cache, + memory used outside the allocator +
+what training adds beyond the step: DDP buckets, inline validation's copy; see
+memory.py) stays under `autobatch.fraction` of the device. Ranks take the MIN, so mixed GPUs or another
+tenant on one GPU cannot make one rank OOM later. The micro-batch only decides how
+the fixed per-rank step batch is cut (see batch.py).
 
 On CPU there is no memory to probe: `batch.size=auto` uses the job's default,
 unless `debug.simulate_oom_above` is set, which makes forward raise a real
@@ -24,104 +16,26 @@ unless `debug.simulate_oom_above` is set, which makes forward raise a real
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
-import random
 import time
 import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from torch import nn
 
-from launcher.files import read_json, write_json
-from launcher.schema import Config, ConfigError
+from launcher.batch import Batch, geometry
+from launcher.dist import rng_state, set_rng_state
+from launcher.faults import oom_above, simulated_limit
+from launcher.memory import DeviceMemory, SimulatedDevice  # noqa: F401 - DeviceMemory is part of this API
+from launcher.oom import OutOfMemory, cleanup, is_oom
+from launcher.rundir import AutobatchRecord, RunDir
 
 log = logging.getLogger(__name__)
-
-# The message forms an allocation failure takes when it is not a torch.OutOfMemoryError.
-OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
-                "CUDNN_STATUS_NOT_SUPPORTED", "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED",
-                "unable to find an engine", "DefaultCPUAllocator: can't allocate memory",
-                "HIP out of memory")
-
-
-def is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES)
-
-
-class OutOfMemory(RuntimeError):
-    """No micro-batch fits, or runtime recovery gave up: a clear end instead of a hang."""
-
-
-def cleanup(device: torch.device) -> None:
-    """After an OOM: collect the dropped graph, hand cached blocks back so the next try starts clean."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------
-# Simulated memory limits (debug.simulate_oom_above / simulate_oom_at_step): real exceptions.
-
-def simulated_limit(value: Any, rank: int) -> Optional[int]:
-    """debug.simulate_oom_above for this rank: an int for all, or a list indexed by rank."""
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    values = list(value)
-    return int(values[rank % len(values)])
-
-
-def simulate_oom_above(model: nn.Module, limit: Optional[int]):
-    """Forward raises a real torch.OutOfMemoryError when the micro-batch is larger than `limit`;
-    returns the hook's handle (None without a limit)."""
-    if limit is None:
-        return None
-
-    def hook(_module, args):
-        if args and torch.is_tensor(args[0]) and len(args[0]) > limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: micro-batch {len(args[0])} > "
-                                         f"debug.simulate_oom_above={limit})")
-    return model.register_forward_pre_hook(hook)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch geometry.
-
-@dataclass
-class Batch:
-    """`step` samples per rank per optimizer step, fixed for the run; cut into micro-batches of `micro`."""
-    micro: int
-    step: int
-    world: int
-
-    @property
-    def accum(self) -> int:
-        return -(-self.step // self.micro)
-
-    @property
-    def global_size(self) -> int:
-        return self.step * self.world
-
-
-def geometry(found: int, global_size: Optional[int], world: int) -> Batch:
-    """From the largest safe micro-batch: with batch.global_size the step batch is fixed by it and the
-    micro-batch becomes the most even cut of it that fits; without, the step batch is one micro-batch."""
-    if global_size is None:
-        return Batch(found, found, world)
-    step = global_size // world
-    accum = -(-step // found)
-    return Batch(-(-step // accum), step, world)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,30 +58,6 @@ class Search:
     limit_bytes: Optional[int]
     probes: List[Probe] = field(default_factory=list)
     seconds: float = 0.0
-
-
-class DeviceMemory:
-    """Peak memory of one trial: the caching allocator's reserved peak plus what the device uses
-    outside it (CUDA context, NCCL, other processes: cudaMemGetInfo, the figure NVML reports)."""
-
-    def __init__(self, device: torch.device, fraction: float, extra_bytes: int = 0):
-        self.device, self.extra = device, extra_bytes
-        self.cuda = device.type == "cuda"
-        self.total = torch.cuda.mem_get_info(device)[1] if self.cuda else 0
-        self.limit = int(fraction * self.total) if self.cuda else None
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak(self) -> int:
-        if not self.cuda:
-            return 0
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside = max(0, total - free - torch.cuda.memory_reserved(self.device))
-        return torch.cuda.max_memory_reserved(self.device) + outside + self.extra
 
 
 def search(trial: Callable[[int], None], start: int, cap: int, max_probes: int, memory: DeviceMemory,
@@ -260,6 +150,7 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         ema = make_ema(model) if make_ema else None
+        gate = torch.zeros((), dtype=torch.bool, device=device) if device.type == "cuda" and not fp16 else False
         x, y = probe_batch(job, dataset, n, device)
         try:
             for _ in range(2):  # the second step runs with the optimizer state already allocated
@@ -269,8 +160,8 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
                 del loss
                 scaler.step(opt)
                 scaler.update()
-                if ema is not None:
-                    ema.update(model)
+                if ema is not None:  # on a GPU training gates the EMA on a device flag: its temporaries count
+                    ema.update(model, skip=gate)
                 opt.zero_grad(set_to_none=True)
         finally:
             for p in model.parameters():
@@ -291,32 +182,29 @@ def eval_trial(model: nn.Module, job, dataset, device: torch.device, amp: Callab
 class Snapshot:
     """Weights (to host) and every RNG, so the run after probing is the run that started with the choice."""
 
-    def __init__(self, model: nn.Module):
-        self.model, self.training = model, model.training
+    def __init__(self, model: nn.Module, device: Optional[torch.device] = None):
+        self.model, self.training, self.device = model, model.training, device
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        self.rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                    torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        self.rng = rng_state(device)
 
     def restore(self) -> None:
         self.model.load_state_dict(self.state)
         self.model.train(self.training)
-        random.setstate(self.rng[0])
-        np.random.set_state(self.rng[1])
-        torch.set_rng_state(self.rng[2])
-        if self.rng[3] is not None:
-            torch.cuda.set_rng_state_all(self.rng[3])
+        set_rng_state(self.rng, self.device)
 
 
 def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_autobatch, start: int,
-                     amp: Callable[[], Any] = nullcontext, simulate: Optional[int] = None) -> Search:
+                     amp: Callable[[], Any] = nullcontext, simulate: Optional[int] = None,
+                     memory: Optional[DeviceMemory] = None) -> Search:
     """The validator's own batch (`validation.batch_size=auto`): forward only, no gradients, eval mode.
-    `simulate` is the validator's debug.simulate_oom_above; on CPU without it, `start` is returned."""
-    memory = DeviceMemory(device, cfg_autobatch.fraction)
+    `simulate` is the validator's debug.simulate_oom_above; on CPU without it, `start` is returned.
+    `memory`: a DeviceMemory over another allocator (tests: a SimulatedDevice)."""
+    memory = memory or DeviceMemory(device, cfg_autobatch.fraction)
     if memory.limit is None and simulate is None:
         return Search(start, start, None)
-    snap = Snapshot(model)
+    snap = Snapshot(model, device)
     model.eval()
-    handle = simulate_oom_above(model, simulate)
+    handle = oom_above(model, simulate)
     try:
         return search(eval_trial(model, job, dataset, device, amp), start, cfg_autobatch.max,
                       cfg_autobatch.max_probes, memory, cfg_autobatch.margin)
@@ -329,7 +217,7 @@ def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_a
 # ---------------------------------------------------------------------------------------------
 # Choosing the training micro-batch, agreed by every training rank, cached in autobatch.json.
 
-def _signature(cfg: Config, device: torch.device, precision: str) -> dict:
+def _signature(cfg, device: torch.device, precision: str) -> dict:
     """What the choice depends on: a resume with the same signature reuses it."""
     dev = f"{torch.cuda.get_device_name(device)} {torch.cuda.mem_get_info(device)[1]}" \
         if device.type == "cuda" else "cpu"
@@ -339,39 +227,38 @@ def _signature(cfg: Config, device: torch.device, precision: str) -> dict:
             "fraction": cfg.autobatch.fraction, "margin": cfg.autobatch.margin}
 
 
-def choose(cfg: Config, env, dist, run_dir: Path, model: nn.Module, job, dataset, precision: str,
+def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: str,
            amp: Callable[[], Any], make_optimizer, make_ema) -> tuple[Batch, dict]:
-    """The run's batch geometry and the `autobatch` event. Every training rank calls this."""
-    device, world = env.device, env.train_world
+    """The run's batch geometry and the `autobatch` event. Every training rank calls this, with
+    debug.simulate_oom_above already armed on `model` (faults.py)."""
+    rundir, device, world = RunDir.of(run_dir), env.device, env.train_world
     limit = simulated_limit(cfg.debug.simulate_oom_above, env.train_rank)
-    simulate_oom_above(model, limit)
     sig = dist.all_gather_object(_signature(cfg, device, precision))
-    path = run_dir / "autobatch.json"
-    cached = read_json(path) if env.is_main and path.exists() else None
-    cached = dist.broadcast_train(cached if cached and cached.get("signature") == sig else None)
+    cached = rundir.read_autobatch() if env.is_main else None
+    cached = dist.broadcast_train(cached if cached and cached.signature == sig else None)
     if cached:  # a resume: the same devices and settings, and any runtime reduction, kept
-        batch = Batch(cached["micro_batch"], cached["step_batch"], world)
+        batch = Batch(cached.micro_batch, cached.step_batch, world)
         return batch, {"cached": True, "micro_batch": batch.micro, "accum": batch.accum,
                        "global_batch": batch.global_size}
-    record = {"signature": sig, "requested": cfg.batch.size, "global_size": cfg.batch.global_size,
-              "train_world": world, "oom_retries": []}
+    record = AutobatchRecord(signature=sig, requested=cfg.batch.size, global_size=cfg.batch.global_size,
+                             train_world=world)
     if cfg.batch.size != "auto":
-        found = int(cfg.batch.size)
-        batch = Batch(found, found * batch_geometry(cfg, found, world)[0], world)
-        record.update(reason="fixed")
+        batch = geometry(int(cfg.batch.size), cfg.batch.global_size, world, exact=True)
+        record.reason = "fixed"
     elif device.type != "cuda" and limit is None:
-        found = job.cfg.batch_size
-        batch = geometry(found, cfg.batch.global_size, world)
-        record.update(reason=f"no device memory to probe on {device.type}: the job's default micro-batch")
+        batch = geometry(job.cfg.batch_size, cfg.batch.global_size, world)
+        record.reason = f"no device memory to probe on {device.type}: the job's default micro-batch"
         log.info("batch.size=auto on %s: no memory to probe, using the job's default micro-batch %d",
-                 device.type, found)
+                 device.type, job.cfg.batch_size)
     else:
         # Not in the trial step but on the device during training: DDP's gradient buckets (a copy of the
         # gradients) and, with inline validation, rank 0's evaluation copy of the model.
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if device.type == "cuda" and dist.distributed_training:  # NCCL's buffers exist before we measure
+            dist.all_reduce(torch.zeros(1, device=device))
         copies = (world > 1) + (env.is_main and cfg.validation.mode == "inline")
         memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
-        snap = Snapshot(model)
+        snap = Snapshot(model, device)
         start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
         try:
             mine = search(train_trial(model, job, dataset, device, amp, make_optimizer, precision == "fp16",
@@ -390,181 +277,19 @@ def choose(cfg: Config, env, dist, run_dir: Path, model: nn.Module, job, dataset
             raise OutOfMemory(f"batch.size=auto: not even a micro-batch of 1 trains on training rank(s) {worst} "
                               f"of device {sig[worst[0]]['device']}; use a smaller model or more memory")
         batch = geometry(found, cfg.batch.global_size, world)
-        record.update(reason="probed", found=found, per_rank=per_rank,
-                      probes=max(len(r["probes"]) for r in per_rank),
-                      seconds=max(r["seconds"] for r in per_rank))
+        record.reason, record.found, record.per_rank = "probed", found, per_rank
+        record.probes = max(len(r["probes"]) for r in per_rank)
+        record.seconds = max(r["seconds"] for r in per_rank)
         log.info("autobatch: micro-batch %d on this rank (%d probes, %.1fs); all ranks agree on %d",
                  mine.found, len(mine.probes), mine.seconds, found)
-    record.update(micro_batch=batch.micro, step_batch=batch.step, accum=batch.accum,
-                  global_batch=batch.global_size)
+    record.micro_batch, record.step_batch, record.accum, record.global_batch = \
+        batch.micro, batch.step, batch.accum, batch.global_size
     if env.is_main:
-        write_json(path, record)
-    event = {k: record[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes",
-                                    "seconds") if k in record}
-    if "per_rank" in record:  # the curve: [size, peak bytes, ok, seconds] per probe, per rank
+        rundir.write_autobatch(record)
+    data = record.to_dict()
+    event = {k: data[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes",
+                                  "seconds") if k in data}
+    if record.per_rank:  # the curve: [size, peak bytes, ok, seconds] per probe, per rank
         event["curve"] = [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in r["probes"]]
-                          for r in record["per_rank"]]
+                          for r in record.per_rank]
     return batch, {"cached": False, **event}
-
-
-def batch_geometry(cfg: Config, micro: int, world: int) -> tuple[int, int]:
-    """(accumulation steps, global batch) for a user-given micro-batch; exact or a ConfigError."""
-    if cfg.batch.global_size is None:
-        return 1, micro * world
-    per_step = micro * world
-    if cfg.batch.global_size % per_step:
-        raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not a multiple of batch.size x "
-                          f"training ranks = {micro} x {world}; choose a multiple of {per_step}")
-    return cfg.batch.global_size // per_step, cfg.batch.global_size
-
-
-# ---------------------------------------------------------------------------------------------
-# Runtime recovery.
-
-class StepOOM(Exception):
-    """Some training rank ran out of memory in this step; every rank raises it at the same point."""
-
-    def __init__(self, phase: str, ranks: List[int]):
-        super().__init__(f"out of memory in {phase} on training rank(s) {ranks}")
-        self.phase, self.ranks = phase, ranks
-
-
-class Recovery:
-    """Agreement after every forward and backward, gradient sync after the last one, and the policy:
-    halve the micro-batch, redo the step, at most `autobatch.max_retries` times.
-
-    With `autobatch.max_retries=0` it steps aside: no agreement, DDP's own overlapped gradient sync.
-    The GradScaler needs no reset: an OOM in forward or backward comes before unscale_/step, so the
-    scaler has recorded nothing for this step. Not covered: an OOM in the optimizer step or in our
-    gradient all-reduce (the probe ran both); a non-OOM error ends that rank and torchrun the others."""
-
-    def __init__(self, cfg: Config, env, dist, run_dir: Path, model: nn.Module, tel):
-        self.enabled = cfg.autobatch.max_retries > 0
-        self.max_retries, self.retries = cfg.autobatch.max_retries, 0
-        self.env, self.dist, self.run_dir, self.model, self.tel = env, dist, run_dir, model, tel
-        self.device = env.device
-        self.manual_sync = self.enabled and dist.distributed_training
-        self.agreements = 0
-        self.at_step = cfg.debug.simulate_oom_at_step
-        self._step = -1
-        if self.at_step is not None and self.enabled:
-            model.register_full_backward_pre_hook(self._simulated_backward_oom)
-
-    # -- the loop's three calls ---------------------------------------------------------------
-    def forward(self, step: int) -> "_Guard":
-        self._step = step
-        return _Guard(self, "forward") if self.enabled else nullcontext()
-
-    def backward(self, step: int) -> "_Guard":
-        return _Guard(self, "backward") if self.enabled else nullcontext()
-
-    def no_sync(self, ddp: nn.Module, last: bool):
-        """DDP syncs in backward only on the last micro-batch, and never when we sync ourselves."""
-        if ddp is self.model or (last and not self.manual_sync):
-            return nullcontext()
-        return ddp.no_sync()
-
-    def all_reduce_grads(self) -> None:
-        """Average gradients across training ranks, then take rank 0's buffers (as DDP's
-        broadcast_buffers would before the next forward). Only when every rank's backward is done."""
-        if not self.manual_sync:
-            return
-        group, world = self.dist.group, self.env.train_world
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        for flat, tensors in _coalesce([p.grad for p in params]):
-            tdist.all_reduce(flat, group=group)
-            flat.div_(world)
-            _scatter(flat, tensors)
-        buffers = [b for b in self.model.buffers()]
-        for flat, tensors in _coalesce(buffers):
-            tdist.broadcast(flat, src=self.env.train_ranks[0], group=group)
-            _scatter(flat, tensors)
-
-    def recover(self, batch: Batch, e: StepOOM, step: int) -> None:
-        """After every rank dropped the step's graph and gradients: halve, log, or give up clearly."""
-        cleanup(self.device)
-        if batch.micro == 1 or self.retries >= self.max_retries:
-            why = "at micro-batch 1" if batch.micro == 1 else f"after autobatch.max_retries={self.max_retries}"
-            msg = (f"{e} at step {step + 1} with micro-batch {batch.micro}: giving up {why}; "
-                   "lower batch.size, use a smaller model or free device memory")
-            log.error(msg)
-            self.tel.event("oom_giveup", step=step, phase=e.phase, ranks=e.ranks, micro_batch=batch.micro)
-            raise OutOfMemory(msg) from None
-        self.retries += 1
-        before = batch.micro
-        batch.micro = -(-batch.micro // 2)
-        log.warning("%s at step %d: redoing it with micro-batch %d -> %d, accumulation %d (same %d samples)",
-                    e, step + 1, before, batch.micro, batch.accum, batch.step)
-        self.tel.event("oom_retry", step=step, phase=e.phase, ranks=e.ranks, micro_from=before,
-                       micro_to=batch.micro, accum=batch.accum, step_batch=batch.step, retry=self.retries)
-        path = self.run_dir / "autobatch.json"
-        if self.env.is_main and path.exists():  # a resume continues with the reduced micro-batch
-            record = read_json(path)
-            record["oom_retries"].append({"step": step, "phase": e.phase, "ranks": e.ranks,
-                                          "micro_from": before, "micro_to": batch.micro})
-            record.update(micro_batch=batch.micro, accum=batch.accum)
-            write_json(path, record)
-
-    # -- internals ----------------------------------------------------------------------------
-    def agree(self, phase: str, failed: bool) -> None:
-        """All-reduce a one-hot "I ran out of memory" over the training group (a CPU tensor: gloo)."""
-        self.agreements += 1
-        flags = torch.zeros(self.env.train_world)
-        flags[max(self.env.train_rank, 0)] = float(failed)
-        if self.dist.distributed_training:
-            tdist.all_reduce(flags, group=self.dist.group)
-        ranks = [int(r) for r in torch.nonzero(flags).flatten()]
-        if ranks:
-            raise StepOOM(phase, ranks)
-
-    def _simulated_backward_oom(self, _module, _grad):
-        if self._step + 1 == self.at_step and self.env.train_rank == self.env.train_world - 1:
-            self.at_step = None  # once
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated in backward: "
-                                         f"debug.simulate_oom_at_step={self._step + 1})")
-
-
-class _Guard:
-    """Catches an OOM in its block, then agrees with every other rank; raises StepOOM on all if any."""
-
-    def __init__(self, rec: Recovery, phase: str):
-        self.rec, self.phase = rec, phase
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ, exc, tb) -> bool:
-        if exc is not None and not is_oom(exc):
-            return False
-        if exc is not None:
-            log.warning("out of memory in %s on this rank: %s", self.phase, str(exc).splitlines()[0][:200])
-            traceback.clear_frames(tb)  # the failed frames hold activations
-        self.rec.agree(self.phase, exc is not None)
-        return False
-
-
-def _coalesce(tensors: List[torch.Tensor], bucket_bytes: int = 25 << 20):
-    """(flat buffer, tensors) buckets of one dtype and device, about `bucket_bytes` each."""
-    groups: dict = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    for group in groups.values():
-        bucket, size = [], 0
-        for t in group:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
-            if size >= bucket_bytes:
-                yield torch.cat([b.reshape(-1) for b in bucket]), bucket
-                bucket, size = [], 0
-        if bucket:
-            yield torch.cat([b.reshape(-1) for b in bucket]), bucket
-
-
-def _scatter(flat: torch.Tensor, tensors: List[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()

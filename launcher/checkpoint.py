@@ -4,6 +4,10 @@
 holds its sha256 and is written after it, so a checkpoint whose manifest exists
 was completely written. Retention runs only after a save succeeded: a failed save
 (disk full, read-only directory) never costs the previous checkpoint.
+
+`Checkpointer` owns what a checkpoint holds: one table of parts, read by save and
+by restore alike, so the two cannot drift apart. Deployable weights (safetensors)
+are written here too.
 """
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ import io
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from launcher.batch import Batch
+from launcher.dist import rng_state, seed_everything, set_rng_state
 from launcher.files import atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -94,3 +101,103 @@ def load_latest(directory: Path, map_location: Any = "cpu") -> Tuple[Optional[Pa
             log.warning("skipping unreadable checkpoint %s", reason)
             skipped.append(reason)
     return None, None, skipped
+
+
+def save_weights(path: Path, state: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """A deployable safetensors file, written atomically."""
+    from safetensors.torch import save as st_save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    data = st_save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    atomic_write(path, lambda f: f.write(data))
+
+
+@dataclass
+class TrainState:
+    """Where the loop is. `batch` changes only by OOM recovery; autobatch.json carries it across a resume."""
+    batch: Batch
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "micro_batch": self.batch.micro, "accum": self.batch.accum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+class _RNG:
+    """Every RNG of this process (of its own CUDA device only), as a part."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state, self.device)
+
+
+class Checkpointer:
+    """Save and restore of the whole training state.
+
+    `parts` (model, optimizer, scheduler, scaler, EMA) are training rank 0's, saved once and loaded
+    by every rank; `state` (the loop's position) is stored at the top level. `per_rank` parts (RNG,
+    the loss meter) are gathered from every training rank, and each rank takes its own back."""
+
+    def __init__(self, cfg, env, dist, rundir, tel, state: TrainState, parts: Dict[str, Any],
+                 per_rank: Dict[str, Any]):
+        self.cfg, self.env, self.dist, self.rundir, self.tel = cfg, env, dist, rundir, tel
+        self.state, self.parts, self.per_rank = state, parts, {"rng": _RNG(env.device), **per_rank}
+
+    def should_save(self, step: int, last: bool) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return last or bool(every and step % every == 0)
+
+    def save(self, protect: Iterable[int] = ()) -> None:
+        """Every training rank calls this; rank 0 writes. If rank 0 cannot write (disk full, read-only),
+        every rank raises SaveError together, so none is left waiting in a collective."""
+        buf = io.BytesIO()  # tensors travel as torch.save bytes: pickling them through gloo fails
+        torch.save({name: part.state_dict() for name, part in self.per_rank.items()}, buf)
+        ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in self.dist.all_gather_object(buf.getvalue())]
+        error = None
+        if self.env.is_main:
+            data = {**{name: part.state_dict() for name, part in self.parts.items()}, **self.state.state_dict(),
+                    "train_world": self.env.train_world, "ranks": ranks, "wandb_id": self.tel.wandb_id}
+            try:
+                path = save(self.rundir.checkpoints, self.state.step, data, self.cfg.checkpoint.keep_last, protect)
+                self.tel.event("checkpoint", step=self.state.step, path=path.name)
+            except SaveError as e:
+                error = e
+        if self.dist.all_reduce(torch.tensor([float(error is not None)]), "max").item():
+            raise error or SaveError(f"training rank 0 could not save the step-{self.state.step} checkpoint")
+
+    def restore(self) -> bool:
+        """Rank 0 picks the newest checkpoint that loads; every rank loads that one. False: none."""
+        if self.cfg.run.resume == "never":
+            return False
+        path, data, skipped = load_latest(self.rundir.checkpoints) if self.env.is_main else (None, None, [])
+        for reason in skipped:
+            self.tel.event("checkpoint_skipped", reason=reason)
+        found = self.dist.broadcast_train(str(path) if path else None)
+        if not found:
+            return False
+        if not self.env.is_main:
+            data = load(Path(found))
+        for name, part in self.parts.items():
+            part.load_state_dict(data[name])
+        self.state.load_state_dict(data)
+        step = self.state.step
+        if len(data["ranks"]) == self.env.train_world:
+            for name, part in self.per_rank.items():
+                part.load_state_dict(data["ranks"][self.env.train_rank][name])
+        else:  # another number of ranks: continue, but per-rank randomness starts afresh
+            seed_everything(self.cfg.run.seed + self.env.rank + 1000 * step)
+            self.tel.event("resume_world_changed", saved=len(data["ranks"]), now=self.env.train_world)
+        self.tel.truncate_after(step, wandb_id=data.get("wandb_id"))
+        self.tel.event("resume", step=step, epoch=self.state.epoch, checkpoint=Path(found).name,
+                       restart_count=self.env.restart_count)
+        return True

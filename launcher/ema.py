@@ -37,7 +37,7 @@ def auto_tau(total_steps: int, window: float = 0.05) -> float:
 
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: str = "exp", tau: float = 2000.0):
-        self.decay, self.ramp, self.tau = decay, ramp, tau
+        self.decay, self.ramp, self.tau = decay, str(ramp), tau  # plain values: checkpoints load weights_only
         self._pending: Optional[torch.Tensor] = None  # skips decided on the device, not yet counted
         self.updates = 0
         self.skipped = 0
@@ -143,13 +143,34 @@ class EMA:
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))
 
-    def to(self, device: torch.device) -> "EMA":
-        for v in self.shadow.values():
-            v.data = v.data.to(device)
-        if self._model_ref is not None:
-            self._bind(self._model_ref)
-        return self
-
     @property
     def current_decay(self) -> float:
         return self.decay_at(self.updates)
+
+    def describe(self) -> str:
+        mb = sum(v.numel() * v.element_size() for v in self.shadow.values()) / 2**20
+        return f"EMA kept on this rank: {len(self.shadow)} tensors, {mb:.2f} MB fp32, tau {self.tau:.0f}"
+
+    def stats(self) -> dict:
+        """For metrics rows and the summary."""
+        return {"ema_decay": self.current_decay, "ema_updates": self.updates, "ema_skipped": self.skipped}
+
+
+class NoEMA:
+    """No EMA here (ema.enabled=false, or a training rank other than 0): every call does nothing."""
+    shadow: Dict[str, torch.Tensor] = {}
+
+    def update(self, model: nn.Module, skip: "bool | torch.Tensor" = False) -> None:
+        pass
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "EMA: none on this rank"
+
+    def stats(self) -> dict:
+        return {}

@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import torch
 
+from launcher.schema import ConfigError
+
 
 @dataclass(frozen=True)
 class Env:
@@ -58,22 +60,69 @@ def validation_mode(mode: str, world_size: int) -> str:
     return mode
 
 
-def detect(validation_mode_: str = "off", validation_rank: int = -1, device: str = "auto") -> Env:
+def detect(validation_mode_: str = "off", validation_rank: int = -1, device: str = "auto",
+           share_gpu: bool = False) -> Env:
+    """Read torchrun's variables and pick this process's device (a ConfigError where the launch cannot work)."""
     world = _int("WORLD_SIZE", 1)
     rank = _int("RANK", 0)
     local_rank = _int("LOCAL_RANK", 0)
+    local_world = _int("LOCAL_WORLD_SIZE", 1)
     vrank = None
     if validation_mode(validation_mode_, world) == "rank" and world >= 2:
         vrank = validation_rank % world
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        dev = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-    else:
-        dev = torch.device("cpu")
-    return Env(rank=rank, world_size=world, local_rank=local_rank,
-               local_world_size=_int("LOCAL_WORLD_SIZE", 1),
+    first = rank - local_rank  # torchrun numbers a node's processes consecutively
+    vlocal = vrank - first if vrank is not None and first <= vrank < first + local_world else None
+    count = torch.cuda.device_count() if device != "cpu" else 0
+    dev = assign_device(local_rank, local_world, count, device, vlocal, share_gpu)
+    return Env(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
                restart_count=_int("TORCHELASTIC_RESTART_COUNT", 0),
                validator_rank=vrank, device=dev)
+
+
+def assign_device(local_rank: int, local_world_size: int, device_count: int, device: str = "auto",
+                  validator_local_rank: Optional[int] = None, share_gpu: bool = False) -> torch.device:
+    """This process's device from the node's shape alone (pure, so it is tested without GPUs).
+
+    One GPU per process, in local-rank order. More processes on a node than GPUs is a ConfigError,
+    not `local_rank % device_count`: two ranks on one GPU make NCCL fail on a duplicate GPU (or both
+    run out of memory) long after the start. One exception, asked for explicitly: with
+    `validation.share_gpu=true` the validator rank on a node with exactly one process more than
+    GPUs shares the last GPU with the trainer there, so every GPU trains.
+    `validator_local_rank`: the validator's local rank if it runs on this node, else None.
+    """
+    if device == "cpu" or (device == "auto" and device_count == 0):
+        return torch.device("cpu")
+    if device_count == 0:
+        build = "this torch is a CPU-only build" if torch.version.cuda is None else \
+            f"torch built for CUDA {torch.version.cuda}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}"
+        raise ConfigError(f"train.device={device} but no CUDA GPU is visible ({build}); "
+                          "use train.device=auto or train.device=cpu")
+    if local_world_size <= device_count:
+        return torch.device("cuda", local_rank)
+    trainers = local_world_size - (validator_local_rank is not None)
+    if validator_local_rank is not None and share_gpu and trainers == device_count:
+        if local_rank == validator_local_rank:
+            return torch.device("cuda", device_count - 1)
+        return torch.device("cuda", local_rank - (local_rank > validator_local_rank))
+    raise ConfigError(oversubscribed(local_world_size, device_count, validator_local_rank is not None, share_gpu))
+
+
+def oversubscribed(processes: int, gpus: int, validator_here: bool, share_gpu: bool) -> str:
+    """One line: how many GPUs there are and which launches fit them."""
+    msg = (f"{processes} processes on this node but only {gpus} GPU(s) visible: one process per GPU; "
+           f"launch torchrun --nproc_per_node={gpus}")
+    if not validator_here:
+        return msg + " (or use train.device=cpu)"
+    auto = f" ({gpus - 1} training ranks + the validator rank on its own GPU)" if gpus > 1 else \
+        " (with one process validation.mode=auto runs the validator as a side process on the same GPU)"
+    process = f", or --nproc_per_node={gpus} with validation.mode=process ({gpus} training ranks, the " \
+              "validator as a side process on a shared GPU)" if gpus > 1 else ""
+    if processes == gpus + 1 and not share_gpu:
+        return (f"{processes} processes on this node but only {gpus} GPU(s) visible: the validator rank would "
+                f"share a GPU with a trainer; set validation.share_gpu=true to allow it (all {gpus} GPUs train, "
+                f"the validator on GPU {gpus - 1}), or launch torchrun --nproc_per_node={gpus}{auto}{process}")
+    return (msg + auto + process + f", or --nproc_per_node={gpus + 1} with validation.share_gpu=true "
+            f"(all {gpus} GPUs train, the validator shares GPU {gpus - 1})")
 
 
 def run_id_from_env() -> Optional[str]:

@@ -1,7 +1,11 @@
 """The hand-off queue between trainer and validator: plain files in <run>/handoff/.
 
-Trainer side, `Writer` (training rank 0): `put()` copies weights into pinned host
-buffers without synchronizing the training stream and returns; a background
+Trainer side, `Writer` (training rank 0): `put()` copies weights straight into pinned
+host buffers on a side stream (no device staging copy: nothing on the GPU beyond what
+the probe measured) without synchronizing the training stream and returns; `fence()`
+makes the training stream wait for that copy before the EMA moves on (a GPU-side wait).
+An out-of-memory error inside `put()` skips that snapshot (val/skipped.jsonl, reason
+`oom`) and training goes on; a background
 thread writes `<step>.safetensors`, then `<step>.json` (the manifest: step, epoch,
 weights, sha256, bytes). A manifest exists only once its data is complete.
 
@@ -32,7 +36,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from launcher.files import append_jsonl, atomic_write, read_json, write_json
+from launcher.files import atomic_write, read_json, write_json
+from launcher.oom import is_oom
+from launcher.rundir import Manifest, RunDir
 
 log = logging.getLogger(__name__)
 MANIFEST = re.compile(r"^(\d+)\.json$")
@@ -46,12 +52,6 @@ def data_path(directory: Path, step: int) -> Path:
 
 def manifest_path(directory: Path, step: int, state: str = "json") -> Path:
     return Path(directory) / f"{step:08d}.{state}"
-
-
-def record_skip(run_dir: Path, step: int, reason: str, detail: str = "") -> None:
-    """A snapshot that will never be validated, and why (stale, corrupt, busy)."""
-    append_jsonl(Path(run_dir) / "val" / "skipped.jsonl",
-                 {"step": step, "reason": reason, "detail": detail, "time": time.time()})
 
 
 def pending(directory: Path) -> List[int]:
@@ -83,7 +83,7 @@ def drop(directory: Path, step: int, reason: str = "stale") -> bool:
         return False
     data_path(directory, step).unlink(missing_ok=True)
     manifest_path(directory, step, "dropped").unlink(missing_ok=True)
-    record_skip(Path(directory).parent, step, reason)
+    RunDir(Path(directory).parent).skip(step, reason)
     return True
 
 
@@ -99,14 +99,15 @@ class _Slot:
 class Writer:
     """Rank 0's end of the queue. Two slots, so a new snapshot never overwrites one still being written."""
 
-    def __init__(self, run_dir: Path, policy: str, keep: int, device: torch.device):
-        self.run_dir, self.dir = Path(run_dir), Path(run_dir) / "handoff"
+    def __init__(self, run_dir, policy: str, keep: int, device: torch.device, fault=None):
+        self.rundir = RunDir.of(run_dir)
+        self.dir = self.rundir.handoff
         self.dir.mkdir(parents=True, exist_ok=True)
         self.policy, self.keep = policy, keep
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.stage: Dict[str, torch.Tensor] = {}  # device staging copy (CUDA): the EMA may move on at once
-        self.stage_free = None  # event: the last device-to-host copy out of `stage` finished
+        self.pending = None  # CUDA event: the last copy out of the live weights finished (see fence())
+        self.fault = fault  # debug.handoff_oom_at_step (faults.py)
         self.free: "queue.Queue[_Slot]" = queue.Queue()
         for _ in range(2):
             self.free.put(_Slot())
@@ -124,37 +125,56 @@ class Writer:
             slot = self.free.get_nowait()
         except queue.Empty:  # both slots still being written: the disk is slower than the interval
             if self.policy == "latest":
-                record_skip(self.run_dir, step, "busy", "the previous snapshots were still being written")
+                self.rundir.skip(step, "busy", "the previous snapshots were still being written")
                 log.warning("hand-off of step %d skipped: the writer is still busy", step)
                 return None
             slot = self.free.get()  # policy=all: every snapshot must reach the validator
-        flat = {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
-        if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
-                                                  for k, v in flat.items()):
-            slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
-        src, dst = list(flat.values()), list(slot.host.values())
-        if self.cuda:
-            main = torch.cuda.current_stream()
-            if self.stage.keys() != flat.keys():
-                self.stage = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in flat.items()}
-            if self.stage_free is not None:
-                main.wait_event(self.stage_free)  # a GPU-side wait, already satisfied in practice
-            stage = list(self.stage.values())
-            torch._foreach_copy_(stage, src)  # device to device, ordered before the next EMA update
-            self.side.wait_stream(main)
-            with torch.cuda.stream(self.side):
-                torch._foreach_copy_(dst, stage, non_blocking=True)
-                slot.ready = torch.cuda.Event()
-                slot.ready.record(self.side)
-            self.stage_free = slot.ready
-        else:
-            torch._foreach_copy_(dst, src)  # CPU training: a memcpy is the whole cost
-            slot.ready = None
+        try:
+            self._copy(step, states, slot)
+        except Exception as e:  # noqa: BLE001 - an OOM skips this snapshot; anything else is a bug
+            if not is_oom(e):
+                self.free.put(slot)
+                raise
+            slot.host, slot.ready = {}, None
+            self.free.put(slot)
+            detail = str(e).splitlines()[0][:200]
+            self.rundir.skip(step, "oom", detail)
+            log.warning("hand-off of step %d skipped, out of memory: %s", step, detail)
+            return None
         self.jobs.put((step, epoch, sorted(states), slot))
         self.submitted.append(step)
         blocked = time.perf_counter() - t0
         self.blocked_s.append(blocked)
         return blocked
+
+    def _copy(self, step: int, states: Dict[str, Dict[str, torch.Tensor]], slot: _Slot) -> None:
+        flat = {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
+        if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
+                                                  for k, v in flat.items()):
+            slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
+        if self.fault is not None:
+            self.fault(step)
+        src, dst = list(flat.values()), list(slot.host.values())
+        if not self.cuda:
+            torch._foreach_copy_(dst, src)  # CPU training: a memcpy is the whole cost
+            slot.ready = None
+            return
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)  # the weights as of now
+        with torch.cuda.stream(self.side):
+            torch._foreach_copy_(dst, src, non_blocking=True)  # device to pinned host, no staging copy
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(self.side)
+        self.pending = slot.ready
+        if "raw" in states:  # the next forward updates BatchNorm buffers: wait right away (GPU side)
+            self.fence()
+
+    def fence(self) -> None:
+        """Before the weights handed off last change (the next EMA update): the training stream waits on
+        the device for the copy to host. Free when it finished long ago; no host sync either way."""
+        if self.pending is not None:
+            torch.cuda.current_stream().wait_event(self.pending)
+            self.pending = None
 
     def _write_loop(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -164,15 +184,15 @@ class Writer:
                     slot.ready.synchronize()
                 data = st_save(slot.host, metadata={"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)})
                 atomic_write(data_path(self.dir, step), lambda f: f.write(data))
-                write_json(manifest_path(self.dir, step), {
-                    "step": step, "epoch": epoch, "weights": kinds, "file": data_path(self.dir, step).name,
-                    "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "time": time.time()})
+                write_json(manifest_path(self.dir, step), vars(Manifest(
+                    step, epoch, kinds, data_path(self.dir, step).name, hashlib.sha256(data).hexdigest(), len(data),
+                    time.time())))
                 if self.policy == "latest":
                     for old in pending(self.dir)[:-self.keep]:
                         drop(self.dir, old, "stale")
             except Exception:  # a full disk must not kill training; the step shows up as unvalidated
                 log.exception("hand-off of step %d failed", step)
-                record_skip(self.run_dir, step, "write_failed")
+                self.rundir.skip(step, "write_failed")
             finally:
                 self.free.put(slot)
 
@@ -198,16 +218,16 @@ class Snapshot:
     directory: Path
     step: int
 
-    def load(self) -> tuple[dict, Dict[str, Dict[str, torch.Tensor]]]:
+    def load(self) -> tuple[Manifest, Dict[str, Dict[str, torch.Tensor]]]:
         """(manifest, {kind: state_dict}), verified; raises Corrupt."""
         try:
-            manifest = read_json(manifest_path(self.directory, self.step, "claimed"))
+            manifest = Manifest(**read_json(manifest_path(self.directory, self.step, "claimed")))
             data = data_path(self.directory, self.step).read_bytes()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, TypeError) as e:
             raise Corrupt(f"unreadable: {type(e).__name__}: {e}") from None
-        if len(data) != manifest.get("bytes"):
-            raise Corrupt(f"size {len(data)} != {manifest.get('bytes')} bytes (truncated?)")
-        if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        if len(data) != manifest.bytes:
+            raise Corrupt(f"size {len(data)} != {manifest.bytes} bytes (truncated?)")
+        if hashlib.sha256(data).hexdigest() != manifest.sha256:
             raise Corrupt("sha256 mismatch")
         try:
             flat = st_load(data)
@@ -230,7 +250,7 @@ class Snapshot:
         if data.exists():
             os.replace(data, data.with_name(data.name + ".bad"))
         _transition(self.directory, self.step, "claimed", "bad")
-        record_skip(Path(self.directory).parent, self.step, "corrupt", reason)
+        RunDir(Path(self.directory).parent).skip(self.step, "corrupt", reason)
 
 
 def claim(directory: Path, policy: str) -> Optional[Snapshot]:
@@ -254,42 +274,44 @@ def recover(directory: Path) -> None:
 
 # ---------------------------------------------------------------- control files
 
-def request_stop(run_dir: Path, step: int, reason: str) -> None:
+def request_stop(run_dir, step: int, reason: str) -> None:
     """The first request stands: later validations of the backlog do not move it."""
     if not stop_requested(run_dir):
-        write_json(Path(run_dir) / "handoff" / "stop.json", {"step": step, "reason": reason, "time": time.time()})
+        write_json(RunDir.of(run_dir).stop, {"step": step, "reason": reason, "time": time.time()})
 
 
-def stop_requested(run_dir: Path) -> bool:
-    return (Path(run_dir) / "handoff" / "stop.json").exists()
+def stop_requested(run_dir) -> bool:
+    return RunDir.of(run_dir).stop.exists()
 
 
-def mark_done(run_dir: Path, final_step: int, closed: bool = False) -> None:
-    write_json(Path(run_dir) / "handoff" / "done.json", {"final_step": final_step, "closed": closed})
+def mark_done(run_dir, final_step: int, closed: bool = False) -> None:
+    write_json(RunDir.of(run_dir).done, {"final_step": final_step, "closed": closed})
 
 
-def done(run_dir: Path, or_summary: bool = False) -> Optional[dict]:
+def done(run_dir, or_summary: bool = False) -> Optional[dict]:
     """The end marker. `or_summary`: a finished run that had no async validator has only summary.json."""
-    for name in ("handoff/done.json", "summary.json") if or_summary else ("handoff/done.json",):
+    rundir = RunDir.of(run_dir)
+    for path in (rundir.done, rundir.summary) if or_summary else (rundir.done,):
         try:
-            return read_json(Path(run_dir) / name)
+            return read_json(path)
         except (OSError, ValueError):
             continue
     return None
 
 
-def reset(run_dir: Path) -> None:
+def reset(run_dir) -> None:
     """A (re)starting trainer: forget the previous session's stop request and end marker."""
-    for name in ("stop.json", "done.json"):
-        (Path(run_dir) / "handoff" / name).unlink(missing_ok=True)
+    rundir = RunDir.of(run_dir)
+    rundir.stop.unlink(missing_ok=True)
+    rundir.done.unlink(missing_ok=True)
 
 
-def write_status(run_dir: Path, **fields) -> None:
-    write_json(Path(run_dir) / "handoff" / "validator.json", {"time": time.time(), **fields})
+def write_status(run_dir, **fields) -> None:
+    write_json(RunDir.of(run_dir).status, {"time": time.time(), **fields})
 
 
-def read_status(run_dir: Path) -> Optional[dict]:
+def read_status(run_dir) -> Optional[dict]:
     try:
-        return read_json(Path(run_dir) / "handoff" / "validator.json")
+        return read_json(RunDir.of(run_dir).status)
     except (OSError, ValueError):
         return None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from launcher.files import iter_jsonl, read_json
+from launcher.rundir import AutobatchRecord, RunDir
 
 USAGE = "python -m launcher report <run_dir> [--out DIR] | report --compare <run_a> <run_b> [--out DIR]"
 
@@ -22,36 +23,43 @@ class Run:
     """Everything the report needs from one run directory; absent files are empty and noted."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path, rundir = path, RunDir(path)
         self.name = path.name if path.name not in ("", ".") else str(path)
         self.notes: List[str] = []
-        self.metrics = self._jsonl("metrics.jsonl")
+        self.metrics = self._jsonl(rundir.metrics)
         self.train = [r for r in self.metrics if "loss" in r]
-        self.val = self._jsonl("val/results.jsonl")
-        self.events = self._jsonl("events.jsonl")
-        self.best = self._json("best/best.json")
-        self.summary = self._json("summary.json")
-        self.autobatch = self._json("autobatch.json", quiet=True)
+        self.val = self._jsonl(rundir.results)
+        self.events = self._jsonl(rundir.events)
+        self.best = self._json(rundir.best_json)
+        self.summary = self._json(rundir.summary)
+        self.autobatch = rundir.read_autobatch()
 
-    def _jsonl(self, rel: str) -> List[dict]:
-        if not (self.path / rel).exists():
-            self.notes.append(f"`{rel}` not found")
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.path).as_posix()
+
+    def _jsonl(self, path: Path) -> List[dict]:
+        if not path.exists():
+            self.notes.append(f"`{self._rel(path)}` not found")
             return []
-        return list(iter_jsonl(self.path / rel))
+        return list(iter_jsonl(path))
 
-    def _json(self, rel: str, quiet: bool = False) -> Optional[dict]:
+    def _json(self, path: Path) -> Optional[dict]:
         try:
-            return read_json(self.path / rel)
+            return read_json(path)
         except FileNotFoundError:
-            if not quiet:
-                self.notes.append(f"`{rel}` not found")
+            self.notes.append(f"`{self._rel(path)}` not found")
         except ValueError as e:
-            self.notes.append(f"`{rel}` unreadable ({e})")
+            self.notes.append(f"`{self._rel(path)}` unreadable ({e})")
         return None
 
     @property
     def finished(self) -> bool:
         return self.summary is not None
+
+    @property
+    def planned_steps(self) -> Optional[int]:
+        """The total the latest session set out to train (its `start` event)."""
+        return next((e.get("steps") for e in reversed(self.events) if e.get("event") == "start"), None)
 
     def val_series(self) -> Dict[Tuple[str, str], Tuple[List[int], List[float]]]:
         """(weights, metric) -> (steps, values), sorted by step."""
@@ -77,17 +85,32 @@ def _plt():
     return plt
 
 
+def _legend(ax) -> List[List[str]]:
+    from matplotlib.colors import to_hex
+
+    legend = ax.get_legend()
+    handles = legend.legend_handles if legend else []
+    return [[t.get_text(), to_hex(h.get_markerfacecolor() if h.get_marker() == "*" else h.get_color())]
+            for t, h in zip(legend.get_texts(), handles)] if legend else []
+
+
 def _save(fig, path: Path) -> str:
+    """The PNG, with its titles and legend entries ([label, colour]) as JSON in its Description text."""
+    import json
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    said = {"titles": [ax.get_title() for ax in fig.axes if ax.get_title()],
+            "legend": [e for ax in fig.axes for e in _legend(ax)]}
+    fig.savefig(path, dpi=110, metadata={"Description": json.dumps(said)})
     _plt().close(fig)
     return path.name
 
 
-def _mark_resumes(ax, run: Run) -> None:
-    for e in run.events:
-        if e.get("event") == "resume":
-            ax.axvline(e.get("step", 0), color="grey", ls=":", lw=1)
+def _mark_resumes(ax, run: Run) -> bool:
+    resumes = [e.get("step", 0) for e in run.events if e.get("event") == "resume"]
+    for step in resumes:
+        ax.axvline(step, color="grey", ls=":", lw=1)
+    return bool(resumes)
 
 
 def plot_loss(runs: List[Run], out: Path) -> Optional[str]:
@@ -96,11 +119,16 @@ def plot_loss(runs: List[Run], out: Path) -> Optional[str]:
         return None
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    resumed, planned = False, []
     for run in runs:
         steps = [r["step"] for r in run.train]
-        ax1.plot(steps, [r["loss"] for r in run.train], label=run.name)
+        line, = ax1.plot(steps, [r["loss"] for r in run.train], label=run.name)
         ax2.plot(steps, [r.get("lr", float("nan")) for r in run.train], label=run.name)
-        _mark_resumes(ax1, run)
+        resumed |= _mark_resumes(ax1, run)
+        if not run.finished and run.planned_steps:  # in progress: where it is heading
+            ax1.axvline(run.planned_steps, color=line.get_color(), ls="-.", lw=1)
+            ax1.set_xlim(left=0, right=run.planned_steps * 1.02)
+            planned.append(f"step {steps[-1]} of {run.planned_steps}")
     ax1.set_ylabel("train loss")
     losses = [r["loss"] for run in runs for r in run.train if r["loss"] > 0]
     if losses and max(losses) / min(losses) > 20:
@@ -108,7 +136,9 @@ def plot_loss(runs: List[Run], out: Path) -> Optional[str]:
     ax2.set_ylabel("learning rate")
     ax2.set_xlabel("optimizer step")
     ax1.legend()
-    ax1.set_title("loss and learning rate (dotted: resume)")
+    notes = (["dotted: resume"] if resumed else []) + ([f"dash-dot: planned end, {', '.join(planned)}"]
+                                                        if planned else [])
+    ax1.set_title("loss and learning rate" + (f" ({'; '.join(notes)})" if notes else ""))
     return _save(fig, out / "loss_lr.png")
 
 
@@ -119,20 +149,24 @@ def plot_val(runs: List[Run], out: Path) -> Optional[str]:
     plt = _plt()
     metrics = sorted({m for run in runs for (_, m) in run.val_series()})
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 3 * len(metrics)), sharex=True, squeeze=False)
+    plotted = {w for run in runs for (w, _) in run.val_series()}
     for ax, metric in zip(axes[:, 0], metrics):
-        for run in runs:
+        for i, run in enumerate(runs):
+            colour = f"C{i}" if len(runs) > 1 else "gold"  # compare: one colour per run, its best too
             for (weights, m), (steps, values) in sorted(run.val_series().items()):
                 if m == metric:
                     label = f"{weights}" if len(runs) == 1 else f"{run.name} {weights}"
-                    ax.plot(steps, values, marker="o", ms=3, ls="--" if weights == "raw" else "-", label=label)
+                    ax.plot(steps, values, marker="o", ms=3, ls="--" if weights == "raw" else "-", label=label,
+                            **({"color": colour} if len(runs) > 1 else {}))
             b = run.best
             if b and b.get("metric") == metric:
-                ax.plot([b["step"]], [b["value"]], marker="*", ms=16, color="gold", mec="black", zorder=5,
+                ax.plot([b["step"]], [b["value"]], marker="*", ms=16, color=colour, mec="black", zorder=5, ls="",
                         label=f"best {b['value']:.4g} @ {b['step']}" + ("" if len(runs) == 1 else f" ({run.name})"))
         ax.set_ylabel(metric)
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
-    axes[0, 0].set_title("validation: raw (dashed) vs EMA (solid)")
+    axes[0, 0].set_title("validation: raw (dashed) vs EMA (solid)" if plotted >= {"raw", "ema"}
+                         else f"validation of the {' and '.join(sorted(plotted))} weights")
     return _save(fig, out / "validation.png")
 
 
@@ -142,9 +176,15 @@ def plot_throughput(runs: List[Run], out: Path) -> Optional[str]:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    for run in runs:
+    for i, run in enumerate(runs):
         rows = [r for r in run.train if "samples_per_s" in r]
-        ax.plot([r["step"] for r in rows], [r["samples_per_s"] for r in rows], label=run.name)
+        steps, values = [r["step"] for r in rows], [r["samples_per_s"] for r in rows]
+        k = max(1, len(values) // 10)  # a moving average over a tenth of the points
+        windows = [values[max(0, j - k + 1):j + 1] for j in range(len(values))]
+        smooth = [sum(w) / len(w) for w in windows]
+        ax.plot(steps, values, color=f"C{i}", alpha=0.3, lw=1, label=f"{run.name} (each log line)")
+        ax.plot(steps, smooth, color=f"C{i}", lw=2, label=f"{run.name} (mean of {k})")
+    ax.set_title("training throughput")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("samples/s (all ranks)")
     ax.set_ylim(bottom=0)
@@ -173,43 +213,43 @@ def plot_gpu(run: Run, out: Path) -> Optional[str]:
     return _save(fig, out / "gpu.png")
 
 
-def autobatch_points(data: dict) -> Tuple[List[Tuple[int, float, bool]], Optional[int]]:
-    """(batch, peak memory GiB, ok) per probe, and the chosen batch, from autobatch.json."""
-    probes = next((data[k] for k in ("probes", "trials", "tries", "history") if isinstance(data.get(k), list)), [])
-    points = []
-    for p in probes:
-        batch = next((p[k] for k in ("batch", "batch_size", "micro_batch", "size") if k in p), None)
-        mem_key = next((k for k in p if "peak" in k or "mem" in k), None)
-        if batch is None or mem_key is None or p[mem_key] is None:
-            continue
-        mem = float(p[mem_key]) / (2**30 if "byte" in mem_key or float(p[mem_key]) > 2**20 else 1)
-        ok = bool(p.get("ok", p.get("status", "ok") == "ok")) and not p.get("oom", False)
-        points.append((int(batch), mem, ok))
-    chosen = next((data[k] for k in ("chosen", "choice", "batch_size", "micro_batch") if isinstance(data.get(k), int)),
-                  None)
-    return sorted(points), chosen
+def autobatch_points(record: AutobatchRecord) -> Dict[int, List[Tuple[int, Optional[float], bool]]]:
+    """Per training rank, in probe order: (micro-batch, peak memory GiB or None where it is not
+    measured, fits) from a probed run's autobatch.json."""
+    return {r["rank"]: [(p["size"], p["peak_bytes"] / 2**30 if p.get("peak_bytes") else None, p["fits"])
+                        for p in r["probes"]] for r in record.per_rank}
 
 
 def plot_autobatch(run: Run, out: Path) -> Optional[str]:
-    if not run.autobatch:
-        return None
-    points, chosen = autobatch_points(run.autobatch)
-    if not points:
+    """The probe's path (micro-batch per probe: fit or OOM) and, where memory was measured, peak memory
+    against the micro-batch; the agreed choice on both."""
+    points = autobatch_points(run.autobatch) if run.autobatch else {}
+    if not any(points.values()):
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ok = [(b, m) for b, m, good in points if good]
-    bad = [(b, m) for b, m, good in points if not good]
-    if ok:
-        ax.plot(*zip(*ok), "o-", label="fits")
-    if bad:
-        ax.plot(*zip(*bad), "x", color="red", ms=10, label="out of memory")
-    if chosen:
-        ax.axvline(chosen, color="green", ls="--", label=f"chosen {chosen}")
-    ax.set_xlabel("micro-batch")
-    ax.set_ylabel("peak memory GiB")
-    ax.set_title("autobatch probe")
-    ax.legend()
+    measured = any(m is not None for pts in points.values() for _, m, _ in pts)
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(11 if measured else 7, 4), squeeze=False)
+    path_ax = axes[0, 0]
+    for rank, pts in sorted(points.items()):
+        line, = path_ax.plot(range(1, len(pts) + 1), [b for b, _, _ in pts], "-", lw=1, label=f"rank {rank}")
+        for i, (b, _, fits) in enumerate(pts, 1):
+            path_ax.plot(i, b, "o" if fits else "x", color=line.get_color() if fits else "red", ms=7 if fits else 9)
+    path_ax.axhline(run.autobatch.micro_batch, color="green", ls="--", label=f"chosen {run.autobatch.micro_batch}")
+    path_ax.set_xlabel("probe")
+    path_ax.set_ylabel("micro-batch (o fits, x out of memory)")
+    path_ax.set_title(f"autobatch probe: {run.autobatch.reason}")
+    path_ax.legend(fontsize=8)
+    if measured:
+        ax = axes[0, 1]
+        for rank, pts in sorted(points.items()):
+            fit = sorted((b, m) for b, m, good in pts if good and m is not None)
+            if fit:
+                ax.plot(*zip(*fit), "o-", label=f"rank {rank} fits")
+        ax.axvline(run.autobatch.micro_batch, color="green", ls="--", label="chosen")
+        ax.set_xlabel("micro-batch")
+        ax.set_ylabel("peak memory GiB")
+        ax.set_title("peak memory per probe")
+        ax.legend(fontsize=8)
     return _save(fig, out / "autobatch.png")
 
 
@@ -224,6 +264,7 @@ def summary_rows(run: Run) -> List[Tuple[str, str]]:
     elif run.train:
         last = run.train[-1]
         rows += [("last logged step", str(last["step"])), ("last loss", _fmt(last["loss"]))]
+        rows += [("planned steps", str(run.planned_steps))] if run.planned_steps else []
     if run.best and not (run.summary and "best_step" in run.summary):
         rows += [("best", f"{run.best.get('metric')} {_fmt(run.best.get('value'))} at step {run.best.get('step')}")]
     counts: Dict[str, int] = {}
@@ -270,7 +311,7 @@ def main(argv: List[str]) -> int:
     p.add_argument("run_dir", nargs="?", type=Path)
     p.add_argument("--compare", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"), help="overlay two runs")
     p.add_argument("--out", type=Path, help="output folder (default: <run_dir>/report, or <run_a>/compare-<b>)")
-    args = p.parse_args(argv)
+    args = p.parse_args([a.split("=", 1)[1] if a.startswith("run.dir=") else a for a in argv])
     dirs = list(args.compare) if args.compare else [args.run_dir] if args.run_dir else []
     if not dirs or (args.compare and args.run_dir):
         print(f"launcher: error: give one run directory or --compare A B; usage: {USAGE}", file=sys.stderr)
@@ -287,7 +328,8 @@ def main(argv: List[str]) -> int:
         print(f"launcher: error: {', '.join(map(str, dirs))}: no metrics.jsonl or val/results.jsonl; "
               "is this a run directory?", file=sys.stderr)
         return 2
-    out = args.out or (dirs[0] / "report" if len(dirs) == 1 else dirs[0] / "report" / f"compare-{dirs[1].name}")
+    report = RunDir(dirs[0]).report
+    out = args.out or (report if len(dirs) == 1 else report / f"compare-{dirs[1].name}")
     path = write_report(runs, out)
     for r in runs:
         for note in r.notes:

@@ -4,59 +4,40 @@ Hydra composes `conf/config.yaml` on top of these dataclasses, so an unknown key
 or a value of the wrong type is rejected before anything runs. `check()` adds the
 rules a type cannot express (choices, ranges, combinations). Only this module and
 `cli.py` know about Hydra; everything else receives a plain `Config` object.
+Choices are Enums (str-valued, so they compare equal to their names): the schema
+itself rejects a bad value, naming the valid ones. Each shipped job's own config
+dataclass lives beside the job in jobs/.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-@dataclass
-class JobConfig:
-    """Which task to train. `target` is `module:Class`; any importable path works."""
-    name: str = MISSING
-    target: str = MISSING
-    batch_size: int = 64  # the job's default micro-batch (used by batch.size=auto on CPU)
+from jobs.base import Choice, CustomJob
+from jobs.images import ImagesJob
+from jobs.mnist1d import Mnist1dJob
+from jobs.synthetic import SyntheticJob
+from launcher.signals import parse as parse_signals
 
 
-@dataclass
-class Mnist1dJob(JobConfig):
-    name: str = "mnist1d"
-    target: str = "jobs.mnist1d:Mnist1D"
-    batch_size: int = 64
-    model: str = "cnn"  # mlp | cnn (the two models of the MNIST-1D paper)
-    hidden: int = 100
-    channels: int = 25
-    samples: int = 5000  # train + test, 80/20 split as in the paper
-    data_seed: int = 42
+def _choice(name: str, *values: str) -> type:
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
 
 
-@dataclass
-class SyntheticJob(JobConfig):
-    name: str = "synthetic"
-    target: str = "jobs.synthetic:Synthetic"
-    batch_size: int = 32
-    model: str = "resnet"  # resnet | vit
-    width: int = 64  # resnet: stem channels (64 = ResNet-50 widths); vit: ignored
-    depth: List[int] = field(default_factory=lambda: [3, 4, 6, 3])  # resnet stages
-    dim: int = 768  # vit
-    layers: int = 12  # vit
-    heads: int = 12  # vit
-    patch: int = 16  # vit
-    image_size: int = 224
-    num_classes: int = 1000
-    train_samples: int = 4096
-    val_samples: int = 1024
-
-
-@dataclass
-class CustomJob(JobConfig):
-    """A user's own job: `job=custom job.target=my_pkg.my_job:MyJob +job.params.k=v`."""
-    name: str = "custom"
-    params: Dict[str, Any] = field(default_factory=dict)
+Resume = _choice("Resume", "auto", "never", "must")
+Precision = _choice("Precision", "auto", "fp32", "bf16", "fp16")
+TrainDevice = _choice("TrainDevice", "auto", "cpu", "cuda")
+Optimizer = _choice("Optimizer", "adamw", "sgd")
+Ramp = _choice("Ramp", "exp", "tf", "none")
+ValidationMode = _choice("ValidationMode", "auto", "rank", "process", "inline", "off", "external")
+Weights = _choice("Weights", "ema", "raw", "both")
+Policy = _choice("Policy", "latest", "all")
+Goal = _choice("Goal", "max", "min")
+WandbMode = _choice("WandbMode", "offline", "online", "disabled")
+ProgressMode = _choice("ProgressMode", "auto", "rich", "plain", "off")
 
 
 @dataclass
@@ -64,7 +45,7 @@ class RunConfig:
     dir: Optional[str] = None  # default: <root>/<id>
     root: str = "runs"
     id: Optional[str] = None  # default: SLURM_JOB_ID, TORCHELASTIC_RUN_ID, timestamp
-    resume: str = "auto"  # auto | never | must
+    resume: Resume = Resume.auto
     seed: int = 0
     # Signals that stop training cleanly at the next step (checkpoint, exit 128+signum); see launcher/signals.py.
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
@@ -74,10 +55,10 @@ class RunConfig:
 class TrainConfig:
     epochs: int = 60
     max_steps: int = 0  # optimizer steps; 0 = epochs decide
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: Precision = Precision.auto
     grad_clip: float = 0.0  # max grad norm; 0 = off
     log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda
+    device: TrainDevice = TrainDevice.auto
     compile: bool = False  # torch.compile the forward (DDP-aware: compiles the DDP wrapper in place)
     channels_last: bool = False  # NHWC weights and inputs for conv nets (faster convolutions on tensor cores)
 
@@ -99,6 +80,12 @@ class DdpConfig:
 
 
 @dataclass
+class DistConfig:
+    """Process groups."""
+    timeout_s: float = 1800.0  # collective/rendezvous timeout of the process groups (tests shorten it)
+
+
+@dataclass
 class BatchConfig:
     size: Any = 64  # per-rank micro-batch: an int or "auto"
     global_size: Optional[int] = None  # fixed effective batch; accumulation fills the rest
@@ -116,7 +103,7 @@ class AutobatchConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: Optimizer = Optimizer.adamw
     lr: float = 3e-3
     weight_decay: float = 0.01  # never applied to biases or norm weights
     momentum: float = 0.9  # sgd momentum / adamw beta1
@@ -139,26 +126,27 @@ class SchedConfig:
 class EmaConfig:
     enabled: bool = True
     decay: float = 0.9999
-    ramp: str = "exp"  # exp | tf | none
+    ramp: Ramp = Ramp.exp
     tau: Optional[float] = None  # exp ramp time constant in updates; null = auto: spans ~5% of the run at its end
     every: int = 1  # update every k optimizer steps
 
 
 @dataclass
 class ValidationConfig:
-    mode: str = "auto"  # auto | rank | process | inline | off | external (hand-off only; `launcher validate` elsewhere)
+    mode: ValidationMode = ValidationMode.auto  # external: hand-off only; `launcher validate` elsewhere
     rank: int = -1  # which global rank validates with mode=rank
     every_steps: int = 0  # 0 = use every_epochs
     every_epochs: int = 1
-    weights: str = "ema"  # ema | raw | both
-    policy: str = "latest"  # latest | all
+    weights: Weights = Weights.ema
+    policy: Policy = Policy.latest
     batch_size: Any = 1000  # an int or "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: Precision = Precision.auto
     metric: str = "acc"
-    goal: str = "max"  # max | min
+    goal: Goal = Goal.max
     queue: int = 2  # most unclaimed snapshots kept with policy=latest
     drain_timeout_s: float = 300.0
     device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
+    share_gpu: bool = False  # mode=rank, one process more than GPUs on a node: the validator shares the last GPU
 
 
 @dataclass
@@ -176,7 +164,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "launcher"
     entity: Optional[str] = None
     name: Optional[str] = None
@@ -192,7 +180,7 @@ class TelemetryConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress: str = "auto"  # auto | rich | plain | off
+    progress: ProgressMode = ProgressMode.auto
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
@@ -201,9 +189,13 @@ class DebugConfig:
     """Real fault injection for tests and demos; all off by default."""
     simulate_oom_above: Any = None  # int, or a list with one limit per rank
     simulate_oom_at_step: Optional[int] = None  # one OOM in backward of this step (from 1), last training rank
+    nan_loss_at_step: Optional[int] = None  # the loss of this step (from 1) is NaN on training rank nan_loss_rank
+    nan_loss_rank: int = -1  # the training rank that gets debug.nan_loss_at_step's NaN (-1: the last)
+    handoff_oom_at_step: Optional[int] = None  # the hand-off of this step raises an OOM (skipped, recorded)
     fail_at_step: Optional[int] = None  # os._exit at this step, once per run
     step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
     val_delay_s: float = 0.0
+    fail_at_start: Optional[int] = None  # SIGKILL this global rank before it joins the group, first attempt only
 
 
 @dataclass
@@ -213,6 +205,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ddp: DdpConfig = field(default_factory=DdpConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -231,8 +224,6 @@ def register() -> None:
     cs.store(group="job", name="mnist1d_schema", node=Mnist1dJob)
     cs.store(group="job", name="synthetic_schema", node=SyntheticJob)
     cs.store(group="job", name="custom_schema", node=CustomJob)
-    from jobs.images import ImagesJob  # the images job keeps its schema beside it
-
     cs.store(group="job", name="images_schema", node=ImagesJob)
 
 
@@ -240,23 +231,8 @@ class ConfigError(ValueError):
     """Bad input: the CLI prints it as one line and exits with status 2."""
 
 
-CHOICES = {
-    "run.resume": ("auto", "never", "must"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "optim.name": ("adamw", "sgd"),
-    "ema.ramp": ("exp", "tf", "none"),
-    "validation.mode": ("auto", "rank", "process", "inline", "off", "external"),
-    "validation.weights": ("ema", "raw", "both"),
-    "validation.policy": ("latest", "all"),
-    "validation.precision": ("auto", "fp32", "bf16", "fp16"),
-    "validation.goal": ("max", "min"),
-    "logger.wandb.mode": ("offline", "online", "disabled"),
-    "logger.progress": ("auto", "rich", "plain", "off"),
-}
-
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
-            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes")
+            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
 NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
                 "sched.warmup_steps",
                 "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
@@ -282,11 +258,34 @@ def check_device(key: str, value: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; use auto, cpu, cuda or cuda:<index>")
 
 
+def check_global_size(cfg: Config, world_size: int) -> None:
+    """batch.global_size must split evenly over the training ranks: a silent floor (256 over 7 ranks
+    -> 252) would change the effective batch. The usual cause is the validator rank taking one of the
+    processes (8 GPUs -> 7 trainers), so the message names it and the launches that work."""
+    size = cfg.batch.global_size
+    if size is None or size <= 0 or world_size < 2:
+        return
+    validator = cfg.validation.mode == "rank" or cfg.validation.mode == "auto"
+    train_world = world_size - 1 if validator else world_size
+    if size % train_world == 0:
+        return
+    lo, hi = size // train_world * train_world, -(-size // train_world) * train_world
+    sizes = f"{lo} or {hi}" if lo else f"{hi}"
+    msg = f"batch.global_size={size} is not divisible by the {train_world} training ranks"
+    msg += f" (it would be floored to {lo})" if lo else ""
+    if validator:
+        msg += (f"; {world_size} processes, one of them the validator rank of validation.mode="
+                f"{cfg.validation.mode}: use batch.global_size={sizes}, or train on all {world_size} "
+                f"processes with validation.mode=process (the validator as a side process on a shared GPU), or "
+                f"on one node with {world_size} GPUs launch {world_size + 1} processes with "
+                "validation.share_gpu=true (all GPUs train, the validator shares one)")
+    else:
+        msg += f"; use batch.global_size={sizes}, or a number of processes that divides {size}"
+    raise ConfigError(msg)
+
+
 def check(cfg: Config, world_size: int = 1) -> None:
     """Reject what the types cannot: bad choices, ranges, impossible combinations."""
-    for key, allowed in CHOICES.items():
-        if get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; choose one of {', '.join(allowed)}")
     for key in POSITIVE:
         if get(cfg, key) <= 0:
             raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; it must be > 0")
@@ -308,6 +307,7 @@ def check(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.lr={cfg.optim.lr} is not valid; it must be > 0")
     if cfg.batch.global_size is not None and cfg.batch.global_size <= 0:
         raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not valid; it must be > 0")
+    check_global_size(cfg, world_size)
     if cfg.validation.mode == "rank" and world_size < 2:
         raise ConfigError("validation.mode=rank needs at least 2 processes (torchrun --nproc_per_node>=2); "
                           "with one process use validation.mode=process, inline or off")
@@ -315,15 +315,19 @@ def check(cfg: Config, world_size: int = 1) -> None:
         if not -world_size <= cfg.validation.rank < world_size:
             raise ConfigError(f"validation.rank={cfg.validation.rank} is not valid for {world_size} processes; "
                               f"use -{world_size}..{world_size - 1}")
+    if cfg.validation.share_gpu and cfg.validation.mode not in ("auto", "rank"):
+        raise ConfigError(f"validation.share_gpu=true is for the validator rank, not validation.mode="
+                          f"{cfg.validation.mode}; use validation.mode=auto or rank, or drop validation.share_gpu")
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
     if cfg.ddp.static_graph and cfg.autobatch.max_retries > 0:
         raise ConfigError("ddp.static_graph=true needs autobatch.max_retries=0: OOM recovery averages gradients "
                           "itself, outside DDP's recorded graph; or keep ddp.static_graph=false")
-    from launcher.signals import parse
-
-    parse(cfg.run.stop_signals)
+    try:
+        parse_signals(cfg.run.stop_signals)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     oom = cfg.debug.simulate_oom_above
     if oom is not None:
         limits = list(oom) if isinstance(oom, (list, tuple)) or hasattr(oom, "__iter__") and not isinstance(oom, str) else [oom]

@@ -16,7 +16,6 @@ training collective, so it checks `flag.signum` between validations and returns.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -24,14 +23,12 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 
-from launcher.schema import ConfigError
-
 log = logging.getLogger(__name__)
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 
 
 def parse(names: Iterable[str]) -> List[signal.Signals]:
-    """`["SIGTERM", "USR1", 15]` -> signals; a ConfigError names the bad one."""
+    """`["SIGTERM", "USR1", 15]` -> signals; a ValueError names the bad one."""
     out = []
     for name in names:
         text = str(name).upper()
@@ -39,10 +36,10 @@ def parse(names: Iterable[str]) -> List[signal.Signals]:
         try:
             sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text]
         except (KeyError, ValueError):
-            raise ConfigError(f"run.stop_signals: {name!r} is not a signal; use names like SIGTERM, SIGINT, "
-                              "SIGUSR1, SIGUSR2, SIGHUP") from None
+            raise ValueError(f"run.stop_signals: {name!r} is not a signal; use names like SIGTERM, SIGINT, "
+                             "SIGUSR1, SIGUSR2, SIGHUP") from None
         if sig.name in UNCATCHABLE:
-            raise ConfigError(f"run.stop_signals: {sig.name} cannot be caught; use SIGTERM, SIGINT, SIGUSR1, ...")
+            raise ValueError(f"run.stop_signals: {sig.name} cannot be caught; use SIGTERM, SIGINT, SIGUSR1, ...")
         out.append(sig)
     return out
 
@@ -79,11 +76,10 @@ class Stop:
 
 
 class Guard:
-    """The step-boundary checks of the training loop: an agreed stop, and fault injection (debug.*)."""
+    """The step-boundary agreement of the training loop: a stop signal and the validator's early stop."""
 
-    def __init__(self, cfg, dist, tel, failed_before: bool):
+    def __init__(self, cfg, dist, tel):
         self.dist, self.tel = dist, tel
-        self.delay, self.fail_at = cfg.debug.step_delay_s, None if failed_before else cfg.debug.fail_at_step
         self.flag = StopFlag(cfg.run.stop_signals)
 
     def log_restart(self, restart_count: int, step: int) -> None:
@@ -93,23 +89,12 @@ class Guard:
         if count:
             self.tel.event("restart", restart_count=count, step=step)
 
-    def step_end(self, step: int, early_stop: bool = False) -> Tuple[Stop, bool]:
+    def step_end(self, early_stop: bool = False) -> Tuple[Stop, bool]:
         """Call on every training rank after every optimizer step; all get the same answer, for a stop
         signal and for the validator's early-stop request, in one all-reduce."""
-        if self.delay:
-            time.sleep(self.delay)
         flags = torch.tensor([self.flag.signum, int(early_stop)], dtype=torch.int32)
         signum, early = self.dist.all_reduce(flags, "max").tolist()
         return Stop(int(signum)), bool(early)
-
-    def fail_if_due(self, step: int) -> None:
-        """debug.fail_at_step: every training rank dies hard (no cleanup), once per run."""
-        if self.fail_at == step:
-            self.tel.event("debug_fail", step=step)
-            self.dist.barrier()  # the event is on disk before any rank dies
-            log.error("debug.fail_at_step=%d: exiting hard", step)
-            logging.shutdown()
-            os._exit(13)
 
     def exit(self, stop: Stop, step: int) -> None:
         """After the stop checkpoint: record it, flush, leave with 128 + signal (the run is not finished)."""

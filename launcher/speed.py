@@ -57,8 +57,17 @@ class EpochIndices(Sampler):
         return len(self.indices)
 
 
-def nonfinite(loss: torch.Tensor) -> "torch.Tensor | bool":
-    """Whether the EMA must skip this step. On a GPU a 0-d device tensor, so no host-device
-    sync in the step (the EMA gates on the device); on the CPU a bool (reading it is free)."""
-    flag = ~torch.isfinite(loss)
-    return flag if loss.is_cuda else bool(flag)
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """Total 2-norm of the model's gradients, on their device: one foreach norm, no host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def nonfinite(value: torch.Tensor) -> "torch.Tensor | bool":
+    """Whether the EMA must skip this step, from a value every training rank agrees on (the norm of the
+    synced gradients). On a GPU a 0-d device tensor, so no host-device sync in the step (the EMA gates
+    on the device); on the CPU a bool (reading it is free)."""
+    flag = ~torch.isfinite(value)
+    return flag if value.is_cuda else bool(flag)

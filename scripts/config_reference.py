@@ -1,7 +1,7 @@
 """Generate docs/config.md, the config reference, from launcher/schema.py.
 
 Every key, its type, its default and the comment written next to it in the
-schema, plus the allowed choices from `schema.CHOICES`. The doc cannot drift: a
+schema, plus the allowed choices of every Enum-typed key. The doc cannot drift: a
 test runs `--check`, which fails when docs/config.md differs from what this prints.
 
     python scripts/config_reference.py          # rewrite docs/config.md
@@ -13,12 +13,18 @@ import argparse
 import inspect
 import re
 import sys
+import typing
 from dataclasses import MISSING as DC_MISSING, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from jobs.base import CustomJob  # noqa: E402
+from jobs.images import ImagesJob  # noqa: E402
+from jobs.mnist1d import Mnist1dJob  # noqa: E402
+from jobs.synthetic import SyntheticJob  # noqa: E402
 from launcher import schema  # noqa: E402
 
 OUT = ROOT / "docs" / "config.md"
@@ -40,7 +46,7 @@ NOTES = {
     "sched.warmup_steps": "linear warmup length in optimizer steps, then cosine decay",
     "ema.enabled": "keep an EMA of the weights on rank 0",
     "ema.decay": "target decay d",
-    "ema.tau": "ramp time constant (in EMA updates) for ramp=exp; unset = auto: the average spans ~5% of the run at its end (launcher.ema.auto_tau)",
+    "ema.tau": "ramp time constant (in EMA updates) for ramp=exp",
     "validation.every_epochs": "validate at the end of every k-th epoch (when every_steps is 0)",
     "validation.metric": "the job metric that decides best/ and early stopping",
     "validation.drain_timeout_s": "at the end, how long training waits for the validator to finish",
@@ -94,7 +100,7 @@ def show(value) -> str:
 
 
 def rows(cls, prefix: str = "") -> list:
-    notes = comments(cls)
+    notes, hints = comments(cls), typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
         key = prefix + f.name
@@ -103,20 +109,18 @@ def rows(cls, prefix: str = "") -> list:
             out += rows(type(default), key + ".")
             continue
         note = notes.get(f.name) or NOTES.get(key, "")
-        choices = schema.CHOICES.get(key)
-        if choices and not note.startswith(" | ".join(choices)):
-            note = (note + "; " if note else "") + "one of " + ", ".join(f"`{c}`" for c in choices)
-        type_, note = (t.replace("|", "\\|") for t in (str(f.type), note))
+        kind = hints[f.name]
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            note = (note + "; " if note else "") + "one of " + ", ".join(f"`{c.value}`" for c in kind)
+            kind = "str"
+        type_, note = (t.replace("|", "\\|") for t in (str(f.type) if kind != "str" else "str", note))
         out.append(f"| `{key}` | {type_} | {show(default)} | {note} |")
     return out
 
 
 def render() -> str:
     head = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    from jobs.images import ImagesJob
-
-    jobs = [("mnist1d", schema.Mnist1dJob), ("synthetic", schema.SyntheticJob), ("custom", schema.CustomJob),
-            ("images", ImagesJob)]
+    jobs = [("mnist1d", Mnist1dJob), ("synthetic", SyntheticJob), ("custom", CustomJob), ("images", ImagesJob)]
     text = [
         "# Config reference",
         "",

@@ -45,7 +45,7 @@ def test_queue_policies_and_retention(tmp_path):
     assert handoff.pending(q) == [10, 20, 30]
     snap = handoff.claim(q, "all")
     manifest, states = snap.load()
-    assert (snap.step, manifest["weights"]) == (10, ["ema"])
+    assert (snap.step, manifest.weights) == (10, ["ema"])
     assert torch.equal(states["ema"]["w"], torch.arange(6.0).reshape(2, 3)) and int(states["ema"]["n"]) == 3
     snap.ack()
     assert not handoff.data_path(q, 10).exists() and handoff.settled(q, 10)

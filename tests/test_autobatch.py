@@ -14,6 +14,9 @@ from torch import nn
 
 from conftest import FAST, final_weights, launch, read_jsonl
 from launcher import autobatch
+from launcher.batch import geometry
+from launcher.memory import SimulatedDevice
+from launcher.oom import is_oom
 from launcher.schema import AutobatchConfig
 
 QUICK = [*FAST, "validation.mode=off", "checkpoint.every_steps=0", "train.log_every=1"]
@@ -46,7 +49,7 @@ class LinearMemory(autobatch.DeviceMemory):
     """A device whose peak memory is affine in the batch, like a real step; OOM at the total."""
 
     def __init__(self, fixed, per_sample, total, fraction):
-        self.device, self.extra, self.cuda = torch.device("cpu"), 0, False
+        self.device, self.extra, self.cuda, self.alloc = torch.device("cpu"), 0, False, None
         self.fixed, self.per, self.total = fixed, per_sample, total
         self.limit, self.n = int(fraction * total), 0
 
@@ -68,6 +71,55 @@ def test_search_with_measured_memory_lands_under_the_fraction_quickly():
     assert out.found >= 0.88 * true_max and len(out.probes) <= 6, (out.found, true_max, out.probes)
 
 
+class StaleMeasurement(autobatch.DeviceMemory):
+    """The probe before issue 13: reset the peak, keep the cache of earlier trials."""
+
+    def start(self):
+        self.alloc.reset_peak()
+
+
+GiB = 1 << 30
+
+
+def _h100_like(model: str) -> SimulatedDevice:
+    """80 GiB, weights + AdamW + EMA, and per-sample activations that fit the H100 reference maxima."""
+    params, per = {"resnet50": (25.6e6 * 4, 80 * GiB * 0.97 / 1856), "vitb16": (86.6e6 * 4, 80 * GiB * 0.97 / 1184)}[model]
+    return SimulatedDevice(80 * GiB, 0.97, weights=params, fixed=4 * params, per_sample=per)
+
+
+@pytest.mark.parametrize("model", ["resnet50", "vitb16"])
+def test_probe_on_a_caching_allocator_measures_the_step_not_the_stale_cache(model):
+    """Cached blocks of earlier trials stay reserved on a caching allocator. The old measurement read them
+    (probe 2n saw R(n) + R(2n); after one trial over the limit every later one read over it) and settled far
+    below the limit; emptying the cache before each trial lands at the limit in a few probes."""
+    cfg = AutobatchConfig()
+    sim = _h100_like(model)
+    at_limit = max(n for n in range(1, cfg.max + 1) if sim.in_use + sim.fixed + sim.per_sample * n <= 0.9 * sim.total)
+    out = autobatch.search(sim.step, 32, cfg.max, cfg.max_probes, autobatch.DeviceMemory(
+        torch.device("cpu"), cfg.fraction, allocator=sim), cfg.margin)
+    assert at_limit * (1 - cfg.margin / 2) <= out.found <= at_limit and sim.fits(out.found), (out.found, out.probes)
+    assert len(out.probes) <= 6
+    stale = autobatch.search(_h100_like(model).step, 32, cfg.max, cfg.max_probes, StaleMeasurement(
+        torch.device("cpu"), cfg.fraction, allocator=_h100_like(model)), cfg.margin)
+    assert stale.found < 0.9 * at_limit  # the simulated device does show the old flaw
+
+
+def test_eval_probe_empties_the_cache_before_each_trial_too():
+    class Job:
+        def metrics(self, out, y):
+            return {}
+
+    sim = SimulatedDevice(16 * GiB, 0.97, weights=GiB, per_sample=8 << 20, layers=4)
+    model = nn.Linear(4, 2)
+    model.register_forward_pre_hook(lambda m, args: sim.step(len(args[0])))
+    cfg = AutobatchConfig()
+    at_limit = max(n for n in range(1, cfg.max + 1) if sim.in_use + sim.per_sample * n <= 0.9 * sim.total)
+    memory = autobatch.DeviceMemory(torch.device("cpu"), cfg.fraction, allocator=sim)
+    out = autobatch.probe_eval_batch(model, Job(), [(torch.randn(4), 0)], torch.device("cpu"), cfg, start=64,
+                                     memory=memory)
+    assert at_limit * (1 - cfg.margin / 2) <= out.found <= at_limit, (at_limit, out.probes)
+
+
 def test_start_that_does_not_fit_goes_down_and_nothing_fits_is_zero():
     memory = autobatch.DeviceMemory(torch.device("cpu"), 0.9)
     assert autobatch.search(_oom_above(5, []), 64, 4096, 10, memory, 0.0).found == 5
@@ -75,22 +127,36 @@ def test_start_that_does_not_fit_goes_down_and_nothing_fits_is_zero():
 
 
 def test_oom_forms_are_recognized_and_other_errors_are_not():
-    assert autobatch.is_oom(torch.OutOfMemoryError("x"))
-    for msg in ("CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling",
-                "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous",
-                "GET was unable to find an engine to execute this computation",
-                "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"):
-        assert autobatch.is_oom(RuntimeError(msg)), msg
-    assert not autobatch.is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
-    assert not autobatch.is_oom(ValueError("out of memory"))
+    """The real texts torch, cuBLAS, cuDNN, HIP and the CPU allocator give for a failed allocation are OOMs;
+    a missing cuDNN kernel (NOT_SUPPORTED, no engine) or an illegal access is a bug, not memory."""
+    assert is_oom(torch.OutOfMemoryError("x"))
+    oom = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which "
+           "1.02 GiB is free. Including non-PyTorch memory, this process has 78.07 GiB memory in use.",
+           "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call",
+           "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+           "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+           "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)",
+           "HIP out of memory. Tried to allocate 1.00 GiB. GPU 0 has a total capacity of 63.98 GiB")
+    for msg in oom:
+        assert is_oom(RuntimeError(msg)), msg
+    not_oom = ("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous "
+               "input.", "GET was unable to find an engine to execute this computation",
+               "CUDA error: an illegal memory access was encountered",
+               "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k, "
+               "&alpha, a, lda, b, ldb, &beta, c, ldc)`",
+               "cuDNN error: CUDNN_STATUS_BAD_PARAM")
+    for msg in not_oom:
+        assert not is_oom(RuntimeError(msg)), msg
+    assert not is_oom(ValueError("CUDA out of memory"))  # only RuntimeErrors carry allocator messages
 
 
 def test_geometry_keeps_the_step_batch_and_cuts_it_evenly():
-    b = autobatch.geometry(22, 128, 2)  # 64 per rank, at most 22 per micro-batch
+    b = geometry(22, 128, 2)  # 64 per rank, at most 22 per micro-batch
     assert (b.step, b.accum, b.micro, b.global_size) == (64, 3, 22, 128)
-    b.micro = -(-b.micro // 2)  # what recovery does
+    b = b.halved()  # what recovery does
     assert (b.step, b.accum, b.global_size) == (64, 6, 128)
-    assert autobatch.geometry(40, None, 3).global_size == 120
+    assert geometry(40, None, 3).global_size == 120
 
 
 def test_eval_probe_finds_the_limit_without_gradients_and_leaves_the_model_alone():

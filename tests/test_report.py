@@ -9,6 +9,7 @@ import pytest
 
 from conftest import FAST, launch
 from launcher.report import autobatch_points, main as report_main
+from launcher.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +74,7 @@ def test_report_compare_overlays_two_runs(finished, tmp_path):
 
 
 def test_report_gpu_and_autobatch_plots(finished, tmp_path):
-    """GPU rows as telemetry writes them on a GPU machine, and an autobatch probe file."""
+    """GPU rows as telemetry writes them on a GPU machine, and the autobatch.json of a real probed run."""
     run = tmp_path / "gpu"
     shutil.copytree(finished, run, ignore=shutil.ignore_patterns("report", "checkpoints"))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -81,10 +82,15 @@ def test_report_gpu_and_autobatch_plots(finished, tmp_path):
         r["gpu"] = [{"index": g, "uuid": f"GPU-{g}abc", "util": 50.0 + i + g, "mem_used_gb": 10.0 + g,
                      "mem_total_gb": 80.0, "power_w": 300.0, "temp_c": 60.0} for g in (0, 1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    probe = {"probes": [{"batch": 64, "peak_gb": 10.0, "ok": True}, {"batch": 128, "peak_gb": 19.5, "ok": True},
-                        {"batch": 256, "peak_gb": None, "ok": False}], "chosen": 115}
-    (run / "autobatch.json").write_text(json.dumps(probe))
-    assert autobatch_points(probe) == ([(64, 10.0, True), (128, 19.5, True)], 115)
+    probed = tmp_path / "probed"  # the probe on a simulated 100-sample device
+    launch(["train", *FAST, "batch.size=auto", "debug.simulate_oom_above=100", "train.max_steps=2",
+            "validation.mode=off", f"run.dir={probed}"])
+    shutil.copy(probed / "autobatch.json", run / "autobatch.json")
+    record = RunDir(run).read_autobatch()
+    points = autobatch_points(record)[0]
+    assert [b for b, _, _ in points] == [p["size"] for p in record.per_rank[0]["probes"]] and len(points) >= 3
+    assert any(not fits for _, _, fits in points) and max(b for b, _, fits in points if fits) <= 100
+    assert record.micro_batch <= 100 and record.reason == "probed"
     assert report_main([str(run)]) == 0
     images = pngs(run / "report")
     assert {"gpu.png", "autobatch.png"} <= set(images)
@@ -117,3 +123,62 @@ def test_config_reference_matches_the_schema():
             line = next(ln for ln in doc.splitlines() if ln.startswith(f"| `{key}` |"))
             shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
             assert f"`{shown}`" in line or "[" in shown, (key, line)
+
+
+# ----------------------------------------------------------------------------- issue 15, item 16
+def said(png: Path) -> dict:
+    """What a plot says: its titles and legend entries ([label, colour]), from the PNG's text."""
+    from PIL import Image
+
+    return json.loads(Image.open(png).info["Description"])
+
+
+def test_report_and_validate_take_the_run_directory_in_both_forms(finished, tmp_path):
+    run = tmp_path / "both"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns("report"))
+    assert report_main([f"run.dir={run}"]) == 0 and (run / "report" / "report.md").exists()
+    before = len((run / "val" / "results.jsonl").read_text().splitlines())
+    launch(["validate", str(run), "validation.device=cpu"], timeout=240)
+    assert len((run / "val" / "results.jsonl").read_text().splitlines()) > before
+
+
+def test_report_titles_and_legends_say_only_what_is_plotted(finished, tmp_path):
+    run = tmp_path / "ema_only"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    rows = [json.loads(x) for x in (run / "val" / "results.jsonl").read_text().splitlines()]
+    (run / "val" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["weights"] == "ema"))
+    assert report_main([str(run)]) == 0
+    loss, val, speed = (said(run / "report" / n) for n in ("loss_lr.png", "validation.png", "throughput.png"))
+    assert "resume" not in " ".join(loss["titles"]) and "dashed" not in " ".join(val["titles"])
+    assert "ema" in val["titles"][0] and "raw" not in val["titles"][0]
+    assert speed["titles"] == ["training throughput"] and any("mean of" in lb for lb, _ in speed["legend"])
+    with open(run / "events.jsonl", "a") as f:  # a resume: now the dotted line is there and named
+        f.write(json.dumps({"event": "resume", "step": 20, "time": 0}) + "\n")
+    assert report_main([str(run)]) == 0
+    assert "dotted: resume" in said(run / "report" / "loss_lr.png")["titles"][0]
+
+
+def test_report_in_progress_shows_the_planned_steps(finished, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(finished, partial, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    (partial / "summary.json").unlink()
+    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    planned = next(e["steps"] for e in map(json.loads, (partial / "events.jsonl").read_text().splitlines())
+                   if e["event"] == "start")
+    assert report_main([str(partial)]) == 0
+    assert f"of {planned}" in said(partial / "report" / "loss_lr.png")["titles"][0]
+    assert f"| planned steps | {planned} |" in (partial / "report" / "report.md").read_text()
+
+
+def test_report_compare_marks_each_best_in_its_runs_colour(finished, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(finished, other, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    best = json.loads((other / "best" / "best.json").read_text())
+    (other / "best" / "best.json").write_text(json.dumps({**best, "value": best["value"] - 0.1}))
+    assert report_main(["--compare", str(finished), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    legend = said(tmp_path / "cmp" / "validation.png")["legend"]
+    bests = {lb.split("(")[-1].rstrip(")"): c for lb, c in legend if lb.startswith("best")}
+    assert set(bests) == {"finished", "other"} and len(set(bests.values())) == 2
+    for name, colour in bests.items():
+        assert {c for lb, c in legend if lb.startswith(f"{name} ")} == {colour}  # its ema and raw lines
