@@ -48,6 +48,10 @@ class Job:
     def __init__(self, cfg: Any):
         self.cfg = cfg
 
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Reject this job's bad config before anything starts: raise ValueError naming the fix."""
+
     def model(self) -> nn.Module:
         raise NotImplementedError
 

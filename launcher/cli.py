@@ -118,6 +118,7 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     schema.check(cfg, world_size)
     try:
         target = jobs.resolve(cfg.job.target)
+        getattr(target, "check", lambda _: None)(cfg.job)  # the job's own checks (data dir, extras)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     missing = [m for m in ("model", "datasets") if getattr(target, m, None) in (None, getattr(jobs.Job, m))]

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from jobs.base import Choice, CustomJob
+from jobs.images import ImagesJob
 from jobs.mnist1d import Mnist1dJob
 from jobs.synthetic import SyntheticJob
 from launcher.signals import parse as parse_signals
@@ -126,7 +127,7 @@ class EmaConfig:
     enabled: bool = True
     decay: float = 0.9999
     ramp: Ramp = Ramp.exp
-    tau: float = 2000.0
+    tau: Optional[float] = None  # exp ramp time constant in updates; null = auto: spans ~5% of the run at its end
     every: int = 1  # update every k optimizer steps
 
 
@@ -223,6 +224,7 @@ def register() -> None:
     cs.store(group="job", name="mnist1d_schema", node=Mnist1dJob)
     cs.store(group="job", name="synthetic_schema", node=SyntheticJob)
     cs.store(group="job", name="custom_schema", node=CustomJob)
+    cs.store(group="job", name="images_schema", node=ImagesJob)
 
 
 class ConfigError(ValueError):
@@ -297,7 +299,7 @@ def check(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("train.epochs=0 and train.max_steps=0: set at least one of them > 0")
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay={cfg.ema.decay} is not valid; it must be in (0, 1)")
-    if cfg.ema.tau <= 0:
+    if cfg.ema.tau is not None and cfg.ema.tau <= 0:
         raise ConfigError(f"ema.tau={cfg.ema.tau} is not valid; it must be > 0")
     if not 0.0 < cfg.autobatch.fraction <= 1.0 or not 0.0 <= cfg.autobatch.margin < 1.0:
         raise ConfigError("autobatch.fraction must be in (0, 1] and autobatch.margin in [0, 1)")

@@ -20,7 +20,7 @@ import jobs
 from launcher import autobatch, speed
 from launcher.checkpoint import Checkpointer, TrainState, save_weights
 from launcher.dist import Dist, seed_everything
-from launcher.ema import EMA, NoEMA
+from launcher.ema import EMA, NoEMA, auto_tau
 from launcher.env import Env
 from launcher.faults import Faults
 from launcher.oom import Recovery, StepOOM
@@ -30,6 +30,7 @@ from launcher.rundir import RunDir
 from launcher.schema import Config, ConfigError
 from launcher.signals import Guard, Stop
 from launcher.telemetry import Telemetry
+from launcher.evaluation import best_by_weights
 from launcher.validation import for_training
 
 log = logging.getLogger("launcher.train")
@@ -75,8 +76,9 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     faults.arm_forward(model)
 
     # The micro-batch (probed and agreed by all ranks with batch.size=auto) and the fixed per-rank step batch.
-    def make_ema(m):
-        return EMA(m, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled else NoEMA()
+    def make_ema(m, total_steps=0):  # ema.tau unset: scaled to the run's length (the probe's EMA is thrown away)
+        tau = cfg.ema.tau if cfg.ema.tau is not None else auto_tau(total_steps)
+        return EMA(m, cfg.ema.decay, cfg.ema.ramp, tau) if cfg.ema.enabled else NoEMA()
 
     batch, autobatch_event = autobatch.choose(
         cfg, env, dist, rundir, model, job, train_set, precision, lambda: autocast(device, precision),
@@ -95,7 +97,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     opt = build_optimizer(model, cfg.optim, device)
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = make_ema(model) if env.is_main else NoEMA()  # rank 0 alone keeps the EMA
+    ema = make_ema(model, total // cfg.ema.every) if env.is_main else NoEMA()  # rank 0 alone keeps the EMA
     log.info(ema.describe())
     ddp = speed.wrap(model, cfg, dist.group if dist.distributed_training else None, device)  # DDP, compile
     tel = Telemetry(rundir, cfg, env, total, enabled=env.is_main)
@@ -198,10 +200,12 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
                "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
                "wall_time_s": round(time.time() - t_start, 2)}
     summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
+    if cfg.validation.weights == "both":  # best and final raw and EMA side by side
+        summary.update(best_by_weights(rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
     if env.is_main:
         if cfg.ema.enabled:
             save_weights(rundir.ema_weights, ema.shadow, {"step": state.step, "updates": ema.updates})
-        summary.update(ema.stats())
+        summary.update(ema.stats(), **({"ema_tau": ema.tau} if cfg.ema.enabled else {}))
         rundir.write_summary(summary)
         tel.event("end", **summary)
         best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \
