@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write  # noqa: E402
-from jobs.synthetic import Synthetic, SyntheticJob  # noqa: E402
+from launcher.jobs.synthetic import Synthetic, SyntheticJob  # noqa: E402
 from launcher import autobatch  # noqa: E402
 from launcher.oom import cleanup  # noqa: E402
 from launcher.ema import EMA  # noqa: E402

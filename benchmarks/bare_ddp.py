@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from jobs.synthetic import Synthetic, SyntheticJob
+from launcher.jobs.synthetic import Synthetic, SyntheticJob
 
 p = argparse.ArgumentParser()
 p.add_argument("--job", default="{}", help="SyntheticJob fields as JSON")

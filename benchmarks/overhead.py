@@ -67,7 +67,7 @@ def rate(kind: str, job: dict, s: argparse.Namespace, tmp: Path, extra=()) -> fl
 def ema_gate(job: dict, s: argparse.Namespace, steps: int) -> tuple:
     """ms per training step with the EMA skipped on a host-read finiteness check (a sync
     per step) and with the device-side gate (launcher.speed.nonfinite on a GPU)."""
-    from jobs.synthetic import Synthetic, SyntheticJob
+    from launcher.jobs.synthetic import Synthetic, SyntheticJob
     from launcher.ema import EMA
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

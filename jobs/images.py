@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from jobs.base import Job, JobConfig
+from launcher.jobs.base import Job, JobConfig
 
 log = logging.getLogger("launcher.jobs.images")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm and torchvision use
@@ -30,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 @dataclass
 class ImagesJob(JobConfig):
     name: str = "images"
-    target: str = "jobs.images:Images"
+    target: str = "launcher.jobs.images:Images"
     batch_size: int = 32
     data_dir: Optional[str] = None  # holds train/<class>/ and val/<class>/
     model: str = "resnet18"  # a timm.create_model name; a torchvision.models name without timm

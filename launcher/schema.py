@@ -16,10 +16,10 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from jobs.base import Choice, CustomJob
-from jobs.images import ImagesJob
-from jobs.mnist1d import Mnist1dJob
-from jobs.synthetic import SyntheticJob
+from launcher.jobs.base import Choice, CustomJob
+from launcher.jobs.images import ImagesJob
+from launcher.jobs.mnist1d import Mnist1dJob
+from launcher.jobs.synthetic import SyntheticJob
 from launcher.signals import parse as parse_signals
 
 

@@ -16,7 +16,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-import jobs
+from launcher import jobs
 from launcher import autobatch, speed
 from launcher.checkpoint import Checkpointer, TrainState, save_weights
 from launcher.dist import Dist, seed_everything

@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.base import CustomJob  # noqa: E402
-from jobs.images import ImagesJob  # noqa: E402
-from jobs.mnist1d import Mnist1dJob  # noqa: E402
-from jobs.synthetic import SyntheticJob  # noqa: E402
+from launcher.jobs.base import CustomJob  # noqa: E402
+from launcher.jobs.images import ImagesJob  # noqa: E402
+from launcher.jobs.mnist1d import Mnist1dJob  # noqa: E402
+from launcher.jobs.synthetic import SyntheticJob  # noqa: E402
 from launcher import schema  # noqa: E402
 
 OUT = ROOT / "docs" / "config.md"

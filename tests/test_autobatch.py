@@ -215,7 +215,7 @@ def test_auto_probes_once_resume_reuses_it_and_the_run_equals_a_fixed_size_run(t
 
 
 def test_cpu_without_a_simulated_limit_uses_the_jobs_default(tmp_path):
-    import jobs
+    from launcher import jobs
     from launcher.cli import load_config
     from launcher.dist import Dist
     from launcher.env import detect

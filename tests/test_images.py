@@ -10,7 +10,7 @@ from conftest import launch, read_jsonl
 
 pytest.importorskip("PIL")
 # The job's own import (it copes with PyPI's CUDA-built torchvision beside a CPU torch); skip without the extra.
-vision = pytest.importorskip("jobs.images").vision
+vision = pytest.importorskip("launcher.jobs.images").vision
 try:
     TV, TIMM = vision()
 except ImportError:
