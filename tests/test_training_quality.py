@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import FAST, launch, read_jsonl
-from launcher.ema import EMA, auto_tau, decay_at
+from launcher.ema import auto_tau, decay_at
 
 
 @pytest.mark.parametrize("total", [100, 3720, 6200, 100_000])

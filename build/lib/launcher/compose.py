@@ -1,0 +1,179 @@
+"""Hydra's habits, kept: compose the config the way `@hydra.main` would, without its side effects.
+
+- `--config-dir DIR` / `-cd DIR` adds a user's own config groups to the search path exactly where
+  `hydra.main` puts them (after conf/, before the structured schemas), and the run trains with it.
+- `hydra.verbose=true|<logger>[,...]` turns on debug logging; the other `hydra.*` keys have no
+  meaning here (the launcher creates no Hydra output directory and never changes the working
+  directory) and are refused, naming what to use instead.
+- wandb's own environment variables (WANDB_MODE, WANDB_PROJECT, ...) win over the config's
+  defaults and lose to an explicit `logger.wandb.*=` on the command line, as with `wandb.init`.
+- Hydra's flags (--cfg, --help, --info, -sc) run `hydra.main`, with the internal `*_schema`
+  configs hidden from help and completion and refused as options.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from launcher.schema import ConfigError
+
+# Installed from a wheel the configs are package data (launcher/conf); in a checkout, the top-level conf/.
+CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
+                if (d / "config.yaml").exists())
+HYDRA_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
+               "--shell-completion", "-sc"}
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+GROUPS = ("job", "optim")
+# hydra.* overrides that mean nothing to the launcher, and what to use instead.
+HYDRA_INSTEAD = {
+    "hydra.run.dir": "use run.dir=<dir> (or run.root=<dir>): the launcher creates no Hydra output directory",
+    "hydra.sweep.dir": "sweeps are not supported; use run.dir=<dir> per run",
+    "hydra.job.chdir": "the launcher never changes the working directory; paths are relative to where you "
+                       "start it; use run.dir=<dir> for where the run's files go",
+    "hydra.output_subdir": "the launcher writes the resolved config to <run.dir>/config.yaml",
+    "hydra.job_logging": "logs go to <run.dir>/logs/rank-<r>.log; use hydra.verbose=true for debug logging",
+    "hydra.hydra_logging": "use hydra.verbose=true for debug logging",
+}
+# wandb's environment variables and the config keys they fill when not given on the command line.
+WANDB_ENV = {"WANDB_MODE": "mode", "WANDB_PROJECT": "project", "WANDB_ENTITY": "entity", "WANDB_NAME": "name",
+             "WANDB_RUN_GROUP": "group", "WANDB_TAGS": "tags"}
+WANDB_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+               "disabled": "disabled"}
+
+
+def split_config_dir(args: List[str]) -> Tuple[Optional[Path], List[str]]:
+    """(the --config-dir directory or None, the other arguments)."""
+    config_dir, rest, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        flag, eq, value = a.partition("=")
+        if flag in CONFIG_DIR_FLAGS:
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{a} needs a directory: {a} DIR")
+                value, i = args[i + 1], i + 1
+            config_dir = Path(value).expanduser().resolve()
+            if not config_dir.is_dir():
+                raise ConfigError(f"--config-dir {value}: no such directory; give a folder of config groups "
+                                  "(e.g. DIR/optim/mysgd.yaml, then optim=mysgd)")
+        else:
+            rest.append(a)
+        i += 1
+    return config_dir, rest
+
+
+def hydra_keys(overrides: List[str]) -> Tuple[List[str], List[str]]:
+    """(loggers to set to DEBUG from hydra.verbose, the overrides without hydra.*); refuses the others."""
+    loggers, rest = [], []
+    for a in overrides:
+        key, _, value = a.lstrip("+~").partition("=")
+        if not key.startswith("hydra."):
+            if key in GROUPS and value.endswith("_schema"):
+                raise ConfigError(f"{key}={value}: internal schema, not an option; see `launcher train --help` "
+                                  f"for the {key} options")
+            rest.append(a)
+            continue
+        if key == "hydra.verbose":
+            names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
+            if names in ([], ["false"], ["False"]):
+                continue
+            loggers += [""] if names in (["true"], ["True"]) else names
+            continue
+        if key == "hydra.searchpath":
+            rest.append(a)
+            continue
+        instead = next((v for k, v in HYDRA_INSTEAD.items() if key == k or key.startswith(k + ".")), None)
+        raise ConfigError(f"{key} is a Hydra setting the launcher does not use; "
+                          + (instead or "use the launcher's own keys (see `launcher train --help`)"))
+    return loggers, rest
+
+
+@contextlib.contextmanager
+def hydra_context(config_dir: Optional[Path]) -> Iterator[None]:
+    """What `initialize_config_dir(conf/)` does, plus `--config-dir` where `hydra.main` puts it."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from hydra.version import setbase
+
+    backup = get_gh_backup()
+    setbase(None)
+    search_path = create_config_search_path(str(CONF_DIR))
+    if config_dir is not None:
+        search_path.prepend(provider="command-line", path=f"file://{config_dir}",
+                            anchor=SearchPathQuery(provider="schema"))
+    try:
+        Hydra.create_main_hydra2(task_name="launcher", config_search_path=search_path)
+        yield
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def compose_config(overrides: List[str], config_dir: Optional[Path]) -> DictConfig:
+    from hydra import compose
+
+    with hydra_context(config_dir):
+        cfg = compose("config", overrides=overrides)
+    apply_wandb_env(cfg, overrides)
+    return cfg
+
+
+def apply_wandb_env(cfg: DictConfig, overrides: List[str]) -> None:
+    """Command line > wandb's environment variables > the config's defaults."""
+    given = {a.partition("=")[0].lstrip("+~") for a in overrides}
+    for var, key in WANDB_ENV.items():
+        value = os.environ.get(var)
+        if value is None or value == "" or f"logger.wandb.{key}" in given:
+            continue
+        if key == "mode":
+            if value.lower() not in WANDB_MODES:
+                raise ConfigError(f"{var}={value!r} (environment) is not a wandb mode; use online, offline or "
+                                  "disabled, or unset it")
+            value = WANDB_MODES[value.lower()]
+        with open_dict(cfg):
+            OmegaConf.update(cfg, f"logger.wandb.{key}",
+                             [t.strip() for t in value.split(",") if t.strip()] if key == "tags" else value)
+
+
+def completion_line(line: str) -> str:
+    """`launcher train jo` / `python -m launcher train jo` -> `launcher jo`, which Hydra's completer reads."""
+    words = line.split(" ")
+    for i, w in enumerate(words):
+        if w == "train" or (w == "launcher" and (i + 1 >= len(words) or words[i + 1] != "train")):
+            return " ".join(["launcher", *words[i + 1:]])
+    return line
+
+
+def _hide_schemas(text: str) -> str:
+    text = re.sub(r"\b\w+_schema, ", "", text)
+    return re.sub(r", \w+_schema\b", "", text)
+
+
+def hydra_main(args: List[str], config_dir: Optional[Path]) -> None:
+    """Hydra's own flags (--cfg job, --help, -sc query=bash, ...), with the internal schemas hidden."""
+    import hydra
+
+    if "COMP_LINE" in os.environ:
+        os.environ["COMP_LINE"] = completion_line(os.environ["COMP_LINE"])
+    sys.argv = ["launcher", *args, *(["--config-dir", str(config_dir)] if config_dir else [])]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(lambda _: None)()
+    finally:
+        text = out.getvalue()
+        if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=") for a in args):
+            if "query=" in " ".join(args):
+                text = " ".join(w for w in text.split() if not w.endswith("_schema")) + "\n"
+        else:
+            text = _hide_schemas(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()

@@ -1,0 +1,200 @@
+"""Process groups and collectives.
+
+Every rank joins the default group (needed to agree on the run directory), then
+all ranks create the training group in the same order. Training collectives use
+the training group only, so the validator rank never takes part in one. With one
+process there is no group and every collective is the identity.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from typing import Any, List, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher.env import Env
+
+log = logging.getLogger(__name__)
+
+
+class Dist:
+    def __init__(self, env: Env, timeout_s: float = 1800.0):
+        """`timeout_s` (dist.timeout_s): how long joining the group or any collective may wait."""
+        self.env = env
+        self.group: Optional[dist.ProcessGroup] = None
+        if env.world_size > 1 and not dist.is_initialized():
+            backend = "cpu:gloo,cuda:nccl" if env.device.type == "cuda" else "gloo"
+            if env.device.type == "cuda":
+                torch.cuda.set_device(env.device)
+            timeout = datetime.timedelta(seconds=timeout_s)
+            dist.init_process_group(backend, store=attempt_store(env, timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
+        if env.world_size > 1:
+            # All ranks, the validator included, must create groups in the same order.
+            group = dist.new_group(env.train_ranks) if env.validator_rank is not None else dist.group.WORLD
+            self.group = None if env.is_validator else group
+
+    @property
+    def distributed_training(self) -> bool:
+        return self.group is not None and self.env.train_world > 1
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """From global rank 0 to every rank (validator included); used once at start."""
+        if self.env.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_train(self, obj: Any) -> Any:
+        """From training rank 0 to every training rank."""
+        if not self.distributed_training:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.env.train_ranks[0], group=self.group)
+        return box[0]
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place over the training group; the identity with one training rank."""
+        if self.distributed_training:
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=self.group)
+        return t
+
+    def all_gather_object(self, obj: Any) -> list:
+        if not self.distributed_training:
+            return [obj]
+        out = [None] * self.env.train_world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed_training:
+            dist.barrier(group=self.group)
+
+    def close(self, finished: bool = False) -> None:
+        """`finished`: every rank got here normally, so all first meet (a CPU tensor: gloo even on
+        CUDA), and none tears down its gloo connections while a peer still uses them (seen as
+        "terminate called without an active exception" on CPU). A rank leaving on an error or a
+        signal does not wait for the others."""
+        if dist.is_initialized():
+            if finished:
+                dist.all_reduce(torch.zeros(1))
+            dist.destroy_process_group()
+
+
+def attempt_store(env: Env, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """A fresh store for this start of the worker group, found through torchrun's agent store
+    (None: env:// as usual, where torchrun does not share its store).
+
+    torchrun keeps its store across `--max-restarts` restarts (static and c10d rendezvous alike) and
+    the workers' keys carry no round, so a restarted group could read the dead group's gloo
+    addresses. Nothing torchrun exports names the round on every node: TORCHELASTIC_RESTART_COUNT
+    is per agent (with c10d an agent restarted for a peer's failure does not count it), the c10d
+    rendezvous round is not exported, and the agents' own keys live in another store. Counting
+    starts in the store drifts when a worker dies before it counts. What every rank of one start
+    does agree on is its rank 0, the only rank 0 alive (torchrun stops every worker of a group
+    before it starts the next): rank 0 opens a new TCPStore on a free port and publishes
+    "<port> <nonce>"; every other rank uses the published store once it has connected to it and
+    read the same nonce there, so an address left by a dead rank 0 (nothing listens, or another
+    server listens, without that nonce) is never used: the rank reads the key again until the live
+    rank 0 has replaced it. No count, so nothing to drift.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    host = os.environ["MASTER_ADDR"]
+    agent = dist.TCPStore(host, int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    key = f"/launcher/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/store"
+    if env.rank == 0:
+        store = dist.TCPStore(host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        nonce = secrets.token_hex(8)
+        store.set("launcher/nonce", nonce)
+        agent.set(key, f"{store.port} {nonce}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        port, nonce = agent.get(key).decode().split()
+        store = _connect(host, int(port), nonce)
+        if store is not None:
+            store.set_timeout(timeout)
+            return store
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {env.rank}: no live rank 0 published its store within {timeout}")
+        time.sleep(0.5)
+
+
+def _connect(host: str, port: int, nonce: str) -> Optional[dist.Store]:
+    """The store at host:port if it is the one that published `nonce`, else None (a dead rank 0)."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()  # refused at once, quietly, when dead
+        store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=5))
+        if store.get("launcher/nonce").decode() == nonce:
+            return store
+    except (RuntimeError, ValueError, OSError):  # refused, timed out, not a TCPStore
+        pass
+    log.info("the store published at %s:%d is gone (a previous start's rank 0); waiting for this start's", host, port)
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: Optional[torch.device] = None) -> dict:
+    """This process's RNG states. CUDA: the state of this rank's device only (`device`, default the
+    current one), so a checkpoint resumes on nodes with another number of GPUs."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's array becomes a tensor so the checkpoint loads with weights_only=True.
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    index = _cuda_index(device)
+    if index is not None:
+        state["cuda"] = torch.cuda.get_rng_state(index)
+    return state
+
+
+def set_rng_state(state: dict, device: Optional[torch.device] = None) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    index = _cuda_index(device)
+    saved = cuda_state_for(state.get("cuda"), index) if index is not None else None
+    if saved is not None:
+        torch.cuda.set_rng_state(saved, index)
+
+
+def cuda_state_for(saved: Union[None, torch.Tensor, List[torch.Tensor]], index: int) -> Optional[torch.Tensor]:
+    """The saved CUDA RNG state to restore on device `index`. Checkpoints hold one state (the saving
+    rank's device). Older ones hold a list, every device of the saving node: its entry `index` where the
+    list has one, else None (the device keeps its seeded state), never an IndexError on a node with
+    fewer GPUs."""
+    if saved is None or torch.is_tensor(saved):
+        return saved
+    return saved[index] if index < len(saved) else None
+
+
+def _cuda_index(device: Optional[torch.device]) -> Optional[int]:
+    """The CUDA device whose RNG state belongs to this rank, or None (a CPU rank, or no CUDA)."""
+    if device is not None:
+        return (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def local_env_for_child() -> dict:
+    """Environment for a side process (the local validator): no torchrun identity."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    return env

@@ -1,0 +1,147 @@
+"""Evaluation and what follows from it: results, best weights, early stopping.
+
+Used by inline validation in the training loop and by the validator process alike;
+it knows nothing of either.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from launcher import autobatch
+from launcher.faults import simulated_limit, validation_delay
+from launcher.checkpoint import save_weights
+from launcher.precision import autocast, resolve_precision
+from launcher.rundir import Best, RunDir, ValResult
+from launcher.schema import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, job, dataset: Dataset, batch_size: int, device: torch.device,
+             precision: str = "fp32", workers: int = 0) -> Dict[str, float]:
+    """Job metrics averaged over every sample of `dataset` (metrics are per-batch sums)."""
+    model.eval()
+    sums: Dict[str, torch.Tensor] = {}
+    n = 0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
+                        num_workers=workers)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = model(x)
+        for k, v in job.metrics(out, y).items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        n += len(x)
+    return {k: float(v) / n for k, v in sums.items()}
+
+
+def validate_state(model: nn.Module, state: Dict[str, torch.Tensor], job, dataset: Dataset, cfg,
+                   batch_size: int, device: torch.device) -> tuple[Dict[str, float], float]:
+    """Load `state` into `model` and evaluate it: (metrics, seconds)."""
+    t0 = time.perf_counter()
+    model.load_state_dict(state, strict=True)
+    validation_delay(cfg.debug)
+    metrics = evaluate(model, job, dataset, batch_size, device, resolve_precision(cfg.validation.precision, device),
+                       cfg.data.workers)
+    return metrics, time.perf_counter() - t0
+
+
+def val_batch_size(cfg, model: nn.Module, job, dataset: Dataset, device: torch.device, start: int) -> int:
+    """`validation.batch_size`, or with `auto` the largest evaluation batch that fits on this device:
+    probed forward-only, without gradients, like the training batch (on CPU, without a simulated
+    limit, there is nothing to probe and `start` is used)."""
+    if cfg.validation.batch_size != "auto":
+        return int(cfg.validation.batch_size)
+    precision = resolve_precision(cfg.validation.precision, device)
+    search = autobatch.probe_eval_batch(model, job, dataset, device, cfg.autobatch, start=start,
+                                        amp=lambda: autocast(device, precision),
+                                        simulate=simulated_limit(cfg.debug.simulate_oom_above, 0))
+    if search.found == 0:
+        raise ConfigError(f"validation.batch_size=auto: not even a batch of 1 fits on {device} for evaluation; "
+                          "free device memory or set validation.device to another device")
+    log.info("validation.batch_size=auto: %d on %s (%d probes)", search.found, device, len(search.probes))
+    return search.found
+
+
+def kinds(cfg) -> List[str]:
+    """Which weights each validation evaluates."""
+    return ["ema", "raw"] if cfg.validation.weights == "both" else [str(cfg.validation.weights)]
+
+
+def fmt(metrics: Dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def best_summary(best: Optional[Best]) -> dict:
+    return {"best_metric": best.metric, "best_value": best.value, "best_step": best.step} if best else {}
+
+
+def best_by_weights(rows: List[ValResult], metric: str, goal: str) -> dict:
+    """best_raw / best_ema ({value, step}) and final_raw / final_ema (the last step's value), side by side."""
+    out = {}
+    for kind in ("raw", "ema"):
+        mine = sorted((r.step, r.metrics[metric]) for r in rows
+                      if r.weights == kind and metric in r.metrics and r.source is None)
+        if mine:
+            step, value = (max if goal == "max" else min)(mine, key=lambda sv: (sv[1], -sv[0]))
+            out[f"best_{kind}"] = {"value": value, "step": step}
+            out[f"final_{kind}"] = mine[-1][1]
+    return out
+
+
+class Tracker:
+    """Results, best weights and early stopping, rebuilt from val/results.jsonl on restart."""
+
+    def __init__(self, rundir: RunDir, cfg):
+        self.rundir = rundir.make()
+        self.metric, self.goal = cfg.validation.metric, cfg.validation.goal
+        self.es = cfg.early_stop
+        self.primary = "raw" if cfg.validation.weights == "raw" else "ema"
+        self.best = rundir.read_best()
+        results = rundir.read_results()
+        self.done = {(r.step, r.weights) for r in results if r.source is None}
+        self.history = [r.metrics[self.metric] for r in results
+                        if r.weights == self.primary and self.metric in r.metrics]
+        self._best_smoothed, self._since_best = None, 0
+        for i in range(len(self.history)):
+            self._early_stop_step(self.history[: i + 1])
+
+    def _better(self, a: float, b: Optional[float], delta: float = 0.0) -> bool:
+        if b is None:
+            return True
+        return a > b + delta if self.goal == "max" else a < b - delta
+
+    def _early_stop_step(self, history: List[float]) -> bool:
+        window = history[-self.es.window:]
+        smoothed = sum(window) / len(window)
+        if self._better(smoothed, self._best_smoothed, self.es.min_delta):
+            self._best_smoothed, self._since_best = smoothed, 0
+        else:
+            self._since_best += 1
+        return self.es.patience > 0 and self._since_best >= self.es.patience
+
+    def record(self, row: ValResult, state: Optional[Dict[str, torch.Tensor]] = None) -> bool:
+        """Append the result, update best/, and return True when early stopping says stop."""
+        self.rundir.append_result(row)
+        if row.source is None:
+            self.done.add((row.step, row.weights))
+        if row.weights != self.primary:
+            return False
+        if self.metric not in row.metrics:
+            log.warning("validation.metric=%r is not among the job's metrics %s", self.metric, sorted(row.metrics))
+            return False
+        value = row.metrics[self.metric]
+        if self._better(value, None if self.best is None else self.best.value):
+            self.best = Best(row.step, row.epoch, self.metric, value, row.weights)
+            if state is not None:
+                save_weights(self.rundir.best_weights, state, vars(self.best))
+            self.rundir.write_best(self.best)
+        self.history.append(value)
+        return self._early_stop_step(self.history)

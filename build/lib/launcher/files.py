@@ -1,0 +1,106 @@
+"""Atomic files: a reader never sees half a file.
+
+Write to a temporary name in the same directory, flush, fsync, rename, fsync the
+directory. Same directory so the rename never crosses a file system (Lightning's
+fsspec staging in $TMPDIR broke on exactly that).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, List
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call write(f) on a temporary file, then move it into place. Nothing is left on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str) + "\n"), mode="w")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
+    """One line per record, flushed: a crash loses at most the line being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, default=str) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> List[dict]:
+    """Every complete line; a torn last line (a crash mid-write) is ignored."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        return
+
+
+class JsonlTail:
+    """New complete lines of a jsonl file since the last call: never blocks, never re-reads, and a
+    half-written last line waits for the next call. `from_end` skips what is already there."""
+
+    def __init__(self, path: str | os.PathLike, from_end: bool = False):
+        self.path = Path(path)
+        self.offset = self.path.stat().st_size if from_end and self.path.exists() else 0
+
+    def read(self) -> List[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        chunk = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(chunk)
+        rows = []
+        for line in chunk.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+
+def truncate_jsonl(path: str | os.PathLike, keep: Callable[[dict], bool]) -> None:
+    """Rewrite atomically with only the records keep() accepts (resume drops lines past the checkpoint)."""
+    if not Path(path).exists():
+        return
+    rows = [r for r in read_jsonl(path) if keep(r)]
+    atomic_write(path, lambda f: f.writelines(json.dumps(r, default=str) + "\n" for r in rows), mode="w")

@@ -1,0 +1,317 @@
+"""The hand-off queue between trainer and validator: plain files in <run>/handoff/.
+
+Trainer side, `Writer` (training rank 0): `put()` copies weights straight into pinned
+host buffers on a side stream (no device staging copy: nothing on the GPU beyond what
+the probe measured) without synchronizing the training stream and returns; `fence()`
+makes the training stream wait for that copy before the EMA moves on (a GPU-side wait).
+An out-of-memory error inside `put()` skips that snapshot (val/skipped.jsonl, reason
+`oom`) and training goes on; a background
+thread writes `<step>.safetensors`, then `<step>.json` (the manifest: step, epoch,
+weights, sha256, bytes). A manifest exists only once its data is complete.
+
+Validator side, `claim()`: every change of a snapshot's state is an atomic rename
+of its manifest (`.json` -> `.claimed` / `.dropped` / `.bad`), so a trainer
+dropping a stale snapshot and a validator claiming it can never both win, and
+nothing the validator still needs is ever deleted.
+
+Control files, written atomically, read by stat or a small JSON read:
+`stop.json` (the validator asks training to stop), `done.json` (training is over:
+final step; `closed` once the trainer stops waiting), `validator.json` (the
+validator's status and heartbeat). Skipped snapshots go to val/skipped.jsonl.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from launcher.files import atomic_write, read_json, write_json
+from launcher.oom import is_oom
+from launcher.rundir import Manifest, RunDir
+
+log = logging.getLogger(__name__)
+MANIFEST = re.compile(r"^(\d+)\.json$")
+HEARTBEAT_S = 2.0  # the validator refreshes validator.json this often
+STALE_S = 30.0  # a heartbeat older than this means the validator is gone
+
+
+def data_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"{step:08d}.safetensors"
+
+
+def manifest_path(directory: Path, step: int, state: str = "json") -> Path:
+    return Path(directory) / f"{step:08d}.{state}"
+
+
+def pending(directory: Path) -> List[int]:
+    """Unclaimed, complete snapshots, oldest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := MANIFEST.match(n)))
+
+
+def _transition(directory: Path, step: int, src: str, dst: str) -> bool:
+    """Atomically move a snapshot's manifest from one state to another; False if someone else won."""
+    try:
+        os.rename(manifest_path(directory, step, src), manifest_path(directory, step, dst))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def settled(directory: Path, step: int) -> bool:
+    """Nothing left to do for this snapshot: validated, dropped or rejected."""
+    return not any(manifest_path(directory, step, s).exists() for s in ("json", "claimed"))
+
+
+def drop(directory: Path, step: int, reason: str = "stale") -> bool:
+    """Remove an unclaimed snapshot (policy=latest); False if a validator claimed it first."""
+    if not _transition(directory, step, "json", "dropped"):
+        return False
+    data_path(directory, step).unlink(missing_ok=True)
+    manifest_path(directory, step, "dropped").unlink(missing_ok=True)
+    RunDir(Path(directory).parent).skip(step, reason)
+    return True
+
+
+# ---------------------------------------------------------------- trainer side
+
+@dataclass
+class _Slot:
+    """One set of pinned host buffers; the writer thread owns it until it is written."""
+    host: Dict[str, torch.Tensor] = field(default_factory=dict)
+    ready: Optional[object] = None  # CUDA event: the device-to-host copy finished
+
+
+class Writer:
+    """Rank 0's end of the queue. Two slots, so a new snapshot never overwrites one still being written."""
+
+    def __init__(self, run_dir, policy: str, keep: int, device: torch.device, fault=None):
+        self.rundir = RunDir.of(run_dir)
+        self.dir = self.rundir.handoff
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.policy, self.keep = policy, keep
+        self.cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.pending = None  # CUDA event: the last copy out of the live weights finished (see fence())
+        self.fault = fault  # debug.handoff_oom_at_step (faults.py)
+        self.free: "queue.Queue[_Slot]" = queue.Queue()
+        for _ in range(2):
+            self.free.put(_Slot())
+        self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self.submitted: List[int] = []
+        self.blocked_s: List[float] = []
+        self.thread = threading.Thread(target=self._write_loop, name="handoff-writer", daemon=True)
+        self.thread.start()
+
+    @torch.no_grad()
+    def put(self, step: int, epoch: int, states: Dict[str, Dict[str, torch.Tensor]]) -> Optional[float]:
+        """Snapshot `states` ({kind: state_dict}); returns the seconds the caller was blocked, None if dropped."""
+        t0 = time.perf_counter()
+        try:
+            slot = self.free.get_nowait()
+        except queue.Empty:  # both slots still being written: the disk is slower than the interval
+            if self.policy == "latest":
+                self.rundir.skip(step, "busy", "the previous snapshots were still being written")
+                log.warning("hand-off of step %d skipped: the writer is still busy", step)
+                return None
+            slot = self.free.get()  # policy=all: every snapshot must reach the validator
+        try:
+            self._copy(step, states, slot)
+        except Exception as e:  # noqa: BLE001 - an OOM skips this snapshot; anything else is a bug
+            if not is_oom(e):
+                self.free.put(slot)
+                raise
+            slot.host, slot.ready = {}, None
+            self.free.put(slot)
+            detail = str(e).splitlines()[0][:200]
+            self.rundir.skip(step, "oom", detail)
+            log.warning("hand-off of step %d skipped, out of memory: %s", step, detail)
+            return None
+        self.jobs.put((step, epoch, sorted(states), slot))
+        self.submitted.append(step)
+        blocked = time.perf_counter() - t0
+        self.blocked_s.append(blocked)
+        return blocked
+
+    def _copy(self, step: int, states: Dict[str, Dict[str, torch.Tensor]], slot: _Slot) -> None:
+        flat = {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
+        if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
+                                                  for k, v in flat.items()):
+            slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
+        if self.fault is not None:
+            self.fault(step)
+        src, dst = list(flat.values()), list(slot.host.values())
+        if not self.cuda:
+            torch._foreach_copy_(dst, src)  # CPU training: a memcpy is the whole cost
+            slot.ready = None
+            return
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)  # the weights as of now
+        with torch.cuda.stream(self.side):
+            torch._foreach_copy_(dst, src, non_blocking=True)  # device to pinned host, no staging copy
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(self.side)
+        self.pending = slot.ready
+        if "raw" in states:  # the next forward updates BatchNorm buffers: wait right away (GPU side)
+            self.fence()
+
+    def fence(self) -> None:
+        """Before the weights handed off last change (the next EMA update): the training stream waits on
+        the device for the copy to host. Free when it finished long ago; no host sync either way."""
+        if self.pending is not None:
+            torch.cuda.current_stream().wait_event(self.pending)
+            self.pending = None
+
+    def _write_loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            step, epoch, kinds, slot = job
+            try:
+                if slot.ready is not None:
+                    slot.ready.synchronize()
+                data = st_save(slot.host, metadata={"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)})
+                atomic_write(data_path(self.dir, step), lambda f: f.write(data))
+                write_json(manifest_path(self.dir, step), vars(Manifest(
+                    step, epoch, kinds, data_path(self.dir, step).name, hashlib.sha256(data).hexdigest(), len(data),
+                    time.time())))
+                if self.policy == "latest":
+                    for old in pending(self.dir)[:-self.keep]:
+                        drop(self.dir, old, "stale")
+            except Exception:  # a full disk must not kill training; the step shows up as unvalidated
+                log.exception("hand-off of step %d failed", step)
+                self.rundir.skip(step, "write_failed")
+            finally:
+                self.free.put(slot)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being written."""
+        return self.free.qsize() == 2
+
+    def flush(self) -> None:
+        """Wait until every snapshot is on disk (used once, after training)."""
+        self.jobs.put(None)
+        self.thread.join()
+
+
+# ---------------------------------------------------------------- validator side
+
+class Corrupt(Exception):
+    """A snapshot that fails its manifest, size or checksum."""
+
+
+@dataclass
+class Snapshot:
+    directory: Path
+    step: int
+
+    def load(self) -> tuple[Manifest, Dict[str, Dict[str, torch.Tensor]]]:
+        """(manifest, {kind: state_dict}), verified; raises Corrupt."""
+        try:
+            manifest = Manifest(**read_json(manifest_path(self.directory, self.step, "claimed")))
+            data = data_path(self.directory, self.step).read_bytes()
+        except (OSError, ValueError, TypeError) as e:
+            raise Corrupt(f"unreadable: {type(e).__name__}: {e}") from None
+        if len(data) != manifest.bytes:
+            raise Corrupt(f"size {len(data)} != {manifest.bytes} bytes (truncated?)")
+        if hashlib.sha256(data).hexdigest() != manifest.sha256:
+            raise Corrupt("sha256 mismatch")
+        try:
+            flat = st_load(data)
+        except Exception as e:
+            raise Corrupt(f"not a safetensors file: {e}") from None
+        states: Dict[str, Dict[str, torch.Tensor]] = {}
+        for key, t in flat.items():
+            kind, _, name = key.partition("/")
+            states.setdefault(kind, {})[name] = t
+        return manifest, states
+
+    def ack(self) -> None:
+        """Validated: the files are no longer needed."""
+        data_path(self.directory, self.step).unlink(missing_ok=True)
+        manifest_path(self.directory, self.step, "claimed").unlink(missing_ok=True)
+
+    def reject(self, reason: str) -> None:
+        """Corrupt: move aside as .bad (kept for inspection), record it, go on."""
+        data = data_path(self.directory, self.step)
+        if data.exists():
+            os.replace(data, data.with_name(data.name + ".bad"))
+        _transition(self.directory, self.step, "claimed", "bad")
+        RunDir(Path(self.directory).parent).skip(self.step, "corrupt", reason)
+
+
+def claim(directory: Path, policy: str) -> Optional[Snapshot]:
+    """The next snapshot to validate: the oldest (policy=all) or the newest, dropping older ones (latest)."""
+    steps = pending(directory)
+    for step in (reversed(steps) if policy == "latest" else steps):
+        if _transition(directory, step, "json", "claimed"):
+            if policy == "latest":
+                for old in steps:
+                    if old < step:
+                        drop(directory, old, "stale")
+            return Snapshot(Path(directory), step)
+    return None
+
+
+def recover(directory: Path) -> None:
+    """A validator that died holding a claim: give its snapshot back to the queue."""
+    for p in Path(directory).glob("*.claimed"):
+        os.replace(p, p.with_suffix(".json"))
+
+
+# ---------------------------------------------------------------- control files
+
+def request_stop(run_dir, step: int, reason: str) -> None:
+    """The first request stands: later validations of the backlog do not move it."""
+    if not stop_requested(run_dir):
+        write_json(RunDir.of(run_dir).stop, {"step": step, "reason": reason, "time": time.time()})
+
+
+def stop_requested(run_dir) -> bool:
+    return RunDir.of(run_dir).stop.exists()
+
+
+def mark_done(run_dir, final_step: int, closed: bool = False) -> None:
+    write_json(RunDir.of(run_dir).done, {"final_step": final_step, "closed": closed})
+
+
+def done(run_dir, or_summary: bool = False) -> Optional[dict]:
+    """The end marker. `or_summary`: a finished run that had no async validator has only summary.json."""
+    rundir = RunDir.of(run_dir)
+    for path in (rundir.done, rundir.summary) if or_summary else (rundir.done,):
+        try:
+            return read_json(path)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def reset(run_dir) -> None:
+    """A (re)starting trainer: forget the previous session's stop request and end marker."""
+    rundir = RunDir.of(run_dir)
+    rundir.stop.unlink(missing_ok=True)
+    rundir.done.unlink(missing_ok=True)
+
+
+def write_status(run_dir, **fields) -> None:
+    write_json(RunDir.of(run_dir).status, {"time": time.time(), **fields})
+
+
+def read_status(run_dir) -> Optional[dict]:
+    try:
+        return read_json(RunDir.of(run_dir).status)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,155 @@
+"""Device memory as the batch probe sees it: the real CUDA caching allocator, or an honest simulation of one.
+
+`DeviceMemory` measures one trial step. Before each trial it collects garbage and
+empties the allocator's cache, so blocks cached by an earlier (smaller or larger)
+trial are not counted again: with only `reset_peak_memory_stats`, the reserved peak
+of a trial at 2n reads roughly R(n) + R(2n) while growing, and after one trial over
+the limit every later trial reads over it too. The peak is then what the step itself
+reserved (its tensors plus the allocator's rounding and fragmentation), plus what the
+device holds outside the allocator (CUDA context, NCCL, other processes), plus
+`extra_bytes` the caller knows training will add.
+
+`SimulatedDevice` models a caching allocator on the CPU, for tests and
+benchmarks/autobatch.py: freed blocks stay cached (reserved) and are reused only by a
+request of their size, a failed reservation first releases the cache and retries (as
+the real allocator does), and `empty_cache()` hands the cache back. A probe that reads
+stale cache on a GPU reads it here too.
+"""
+from __future__ import annotations
+
+import gc
+from collections import Counter
+from typing import List, Optional, Tuple
+
+import torch
+
+
+class CudaAllocator:
+    """The few allocator calls DeviceMemory needs, for one CUDA device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def empty_cache(self) -> None:
+        gc.collect()  # a failed trial's graph may sit in reference cycles
+        torch.cuda.empty_cache()
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def reserved(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
+
+    def max_reserved(self) -> int:
+        return torch.cuda.max_memory_reserved(self.device)
+
+    def mem_get_info(self) -> Tuple[int, int]:
+        return torch.cuda.mem_get_info(self.device)
+
+
+class SimulatedDevice:
+    """A caching allocator on a device of `total` bytes, of which `capacity` can be reserved.
+
+    `step(n)` is one training step at micro-batch n: the persistent step state (optimizer
+    moments, EMA: `fixed` bytes, the same blocks every time) and `layers` activation blocks
+    of `per_sample * n / layers` bytes each; it raises a real torch.OutOfMemoryError when
+    the device cannot hold them. `weights` bytes stay allocated throughout."""
+
+    def __init__(self, total: int, capacity: float = 0.97, weights: int = 0, fixed: int = 0,
+                 per_sample: float = 0.0, layers: int = 8):
+        self.total, self.capacity = int(total), int(capacity * total)
+        self.fixed, self.per_sample, self.layers = int(fixed), float(per_sample), layers
+        self.cache: Counter = Counter()  # block size -> free cached blocks
+        self.in_use = self._reserved = self.peak_reserved = 0
+        self.steps = 0
+        if weights:
+            self.malloc(int(weights))
+
+    # ---- the allocator
+    def malloc(self, size: int) -> int:
+        if self.cache[size]:
+            self.cache[size] -= 1
+        else:
+            if self._reserved + size > self.capacity:
+                self.empty_cache()  # what the real allocator does before giving up
+            if self._reserved + size > self.capacity:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate {size / 2**30:.2f} GiB (simulated device: "
+                    f"{self.in_use / 2**30:.2f} GiB allocated, capacity {self.capacity / 2**30:.2f} GiB)")
+            self._reserved += size
+        self.in_use += size
+        self.peak_reserved = max(self.peak_reserved, self._reserved)
+        return size
+
+    def free(self, size: int) -> None:
+        self.in_use -= size
+        self.cache[size] += 1  # stays reserved until empty_cache()
+
+    def step(self, n: int) -> None:
+        self.steps += 1
+        held: List[int] = []
+        try:
+            if self.fixed:
+                held.append(self.malloc(self.fixed))
+            for _ in range(self.layers):
+                held.append(self.malloc(int(self.per_sample * n / self.layers)))
+        finally:
+            for size in held:
+                self.free(size)
+
+    def fits(self, n: int) -> bool:
+        """Whether a step at n runs (on an empty cache): the ground truth for tests."""
+        need = self.fixed + self.layers * int(self.per_sample * n / self.layers)
+        return self.in_use + need <= self.capacity
+
+    # ---- what DeviceMemory reads
+    def synchronize(self) -> None:
+        pass
+
+    def empty_cache(self) -> None:
+        self._reserved -= sum(size * k for size, k in self.cache.items())
+        self.cache.clear()
+
+    def reset_peak(self) -> None:
+        self.peak_reserved = self._reserved
+
+    def reserved(self) -> int:
+        return self._reserved
+
+    def max_reserved(self) -> int:
+        return self.peak_reserved
+
+    def mem_get_info(self) -> Tuple[int, int]:
+        return self.total - self._reserved, self.total
+
+
+class DeviceMemory:
+    """Peak memory of one trial (see the module's docstring); nothing to measure on a CPU (limit None)."""
+
+    def __init__(self, device: torch.device, fraction: float, extra_bytes: int = 0, allocator=None):
+        self.device, self.extra = device, extra_bytes
+        self.alloc = allocator if allocator is not None else CudaAllocator(device) if device.type == "cuda" else None
+        self.cuda = device.type == "cuda"
+        self.total = self.alloc.mem_get_info()[1] if self.alloc is not None else 0
+        self.limit: Optional[int] = int(fraction * self.total) if self.alloc is not None else None
+        self.outside = 0
+
+    def start(self) -> None:
+        if self.alloc is None:
+            return
+        self.alloc.synchronize()
+        self.alloc.empty_cache()  # earlier trials' cached blocks are not this trial's memory
+        self.alloc.reset_peak()
+        free, total = self.alloc.mem_get_info()
+        self.outside = max(0, total - free - self.alloc.reserved())
+
+    def peak(self) -> int:
+        if self.alloc is None:
+            return 0
+        self.alloc.synchronize()
+        free, total = self.alloc.mem_get_info()
+        outside = max(self.outside, total - free - self.alloc.reserved())  # NCCL, other tenants
+        return self.alloc.max_reserved() + outside + self.extra

@@ -1,0 +1,25 @@
+"""Precision: which one `auto` means on a device, and the autocast context for it.
+
+Shared by the trainer and the validator, which may run on different devices.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 on a GPU that supports it, fp16 on an older one, fp32 on the CPU."""
+    if precision != "auto":
+        return str(precision)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """`precision` is already resolved (fp32, bf16 or fp16)."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

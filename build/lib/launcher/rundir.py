@@ -1,0 +1,194 @@
+"""Every path of a run directory, and typed records of the files in it.
+
+Writers (trainer, validator) and readers (report, a resumed trainer, a standalone
+validator) name files only through `RunDir`, so the layout in DESIGN.md lives in
+one place. Records that cross a process boundary are dataclasses with one writer
+and one reader each; files another process reads are written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from launcher.files import append_jsonl, read_json, read_jsonl, write_json
+
+
+@dataclass
+class ValResult:
+    """One line of val/results.jsonl: one set of weights of one step, evaluated."""
+    step: int
+    epoch: int
+    weights: str  # ema | raw
+    metrics: Dict[str, float]
+    seconds: float
+    time: float = field(default_factory=time.time)
+    source: Optional[str] = None  # "checkpoint" when re-validated from a finished run's checkpoints
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "ValResult":
+        return cls(**_fields(cls, row))
+
+
+@dataclass
+class Best:
+    """best/best.json: the best validation so far of the primary weights."""
+    step: int
+    epoch: int
+    metric: str
+    value: float
+    weights: str
+
+
+@dataclass
+class Manifest:
+    """handoff/<step>.json: a complete snapshot's description; it exists only once its data is complete."""
+    step: int
+    epoch: int
+    weights: List[str]
+    file: str
+    sha256: str
+    bytes: int
+    time: float
+
+
+@dataclass
+class AutobatchRecord:
+    """autobatch.json: what the probe tried and chose, and every runtime reduction since."""
+    signature: List[dict] = field(default_factory=list)  # per rank: device, settings; a resume must match
+    requested: Any = None  # batch.size
+    global_size: Optional[int] = None  # batch.global_size
+    train_world: int = 1
+    reason: str = ""
+    micro_batch: int = 0
+    step_batch: int = 0
+    accum: int = 1
+    global_batch: int = 0
+    found: Optional[int] = None
+    probes: Optional[int] = None  # the most probes any rank ran
+    seconds: Optional[float] = None
+    per_rank: List[dict] = field(default_factory=list)  # {"rank", "found", "probes": [Probe as dict], ...}
+    oom_retries: List[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _fields(cls, data: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _read(cls, path: Path):
+    """A record from its JSON file; None when it is missing, torn or not that record."""
+    try:
+        return cls(**_fields(cls, read_json(path)))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class RunDir:
+    """A run directory: `RunDir(path)`; `RunDir.of(x)` accepts a RunDir or a path."""
+
+    SUBDIRS = ("checkpoints", "logs", "val", "best", "handoff")
+
+    def __init__(self, root: Union[str, Path]):
+        self.root = Path(root)
+
+    @classmethod
+    def of(cls, where: Union["RunDir", str, Path]) -> "RunDir":
+        return where if isinstance(where, RunDir) else cls(where)
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def make(self) -> "RunDir":
+        for sub in ("", *self.SUBDIRS):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ------------------------------------------------------------------------------------ paths
+    config = property(lambda self: self.root / "config.yaml")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    events = property(lambda self: self.root / "events.jsonl")
+    autobatch = property(lambda self: self.root / "autobatch.json")
+    summary = property(lambda self: self.root / "summary.json")
+    ema_weights = property(lambda self: self.root / "ema.safetensors")
+    wandb_id = property(lambda self: self.root / "wandb_id")
+    wandb = property(lambda self: self.root / "wandb")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    logs = property(lambda self: self.root / "logs")
+    handoff = property(lambda self: self.root / "handoff")
+    results = property(lambda self: self.root / "val" / "results.jsonl")
+    skipped = property(lambda self: self.root / "val" / "skipped.jsonl")
+    best_json = property(lambda self: self.root / "best" / "best.json")
+    best_weights = property(lambda self: self.root / "best" / "model.safetensors")
+    stop = property(lambda self: self.handoff / "stop.json")
+    done = property(lambda self: self.handoff / "done.json")
+    status = property(lambda self: self.handoff / "validator.json")
+    validator_restarts = property(lambda self: self.handoff / "validator-restarts.jsonl")  # validator rank only
+    report = property(lambda self: self.root / "report")
+
+    def log(self, rank: Union[int, str]) -> Path:
+        return self.logs / f"rank-{rank}.log"
+
+    @property
+    def validator_stderr(self) -> Path:
+        return self.logs / "validator-stderr.log"
+
+    # ---------------------------------------------------------------------------------- records
+    def append_result(self, row: ValResult) -> None:
+        append_jsonl(self.results, row.to_dict())
+
+    def read_results(self) -> List[ValResult]:
+        return [ValResult.from_dict(r) for r in read_jsonl(self.results)]
+
+    def write_best(self, best: Best) -> None:
+        write_json(self.best_json, dataclasses.asdict(best))
+
+    def read_best(self) -> Optional[Best]:
+        return _read(Best, self.best_json)
+
+    def write_autobatch(self, record: AutobatchRecord) -> None:
+        write_json(self.autobatch, record.to_dict())
+
+    def read_autobatch(self) -> Optional[AutobatchRecord]:
+        return _read(AutobatchRecord, self.autobatch)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.summary, summary)
+
+    def read_summary(self) -> Optional[dict]:
+        try:
+            return read_json(self.summary)
+        except (OSError, ValueError):
+            return None
+
+    def event(self, kind: str, **fields: Any) -> dict:
+        row = {"event": kind, "time": time.time(), **fields}
+        append_jsonl(self.events, row)
+        return row
+
+    def read_events(self) -> List[dict]:
+        return read_jsonl(self.events)
+
+    def restarted_validator(self, restart: int, returncode: int, backoff_s: float) -> None:
+        """The validator rank restarted its child (written by that rank alone; training rank 0 turns each
+        line into a `validator_restart` event, so events.jsonl keeps its single writer)."""
+        append_jsonl(self.validator_restarts, {"restart": restart, "returncode": returncode, "backoff_s": backoff_s,
+                                               "time": time.time()})
+
+    def skip(self, step: int, reason: str, detail: str = "") -> None:
+        """A snapshot that will never be validated, and why (stale, corrupt, busy, write_failed)."""
+        append_jsonl(self.skipped, {"step": step, "reason": reason, "detail": detail, "time": time.time()})

@@ -1,0 +1,349 @@
+"""The structured config: every key a user can set, its type and default.
+
+Hydra composes `conf/config.yaml` on top of these dataclasses, so an unknown key
+or a value of the wrong type is rejected before anything runs. `check()` adds the
+rules a type cannot express (choices, ranges, combinations). Only this module and
+`cli.py` know about Hydra; everything else receives a plain `Config` object.
+Choices are Enums (str-valued, so they compare equal to their names): the schema
+itself rejects a bad value, naming the valid ones. Each shipped job's own config
+dataclass lives beside the job in jobs/.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from launcher.jobs.base import Choice, CustomJob
+from launcher.jobs.images import ImagesJob
+from launcher.jobs.mnist1d import Mnist1dJob
+from launcher.jobs.synthetic import SyntheticJob
+from launcher.signals import parse as parse_signals
+
+
+def _choice(name: str, *values: str) -> type:
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+Resume = _choice("Resume", "auto", "never", "must")
+Precision = _choice("Precision", "auto", "fp32", "bf16", "fp16")
+TrainDevice = _choice("TrainDevice", "auto", "cpu", "cuda")
+Optimizer = _choice("Optimizer", "adamw", "sgd")
+Ramp = _choice("Ramp", "exp", "tf", "none")
+ValidationMode = _choice("ValidationMode", "auto", "rank", "process", "inline", "off", "external")
+Weights = _choice("Weights", "ema", "raw", "both")
+Policy = _choice("Policy", "latest", "all")
+Goal = _choice("Goal", "max", "min")
+WandbMode = _choice("WandbMode", "offline", "online", "disabled")
+ProgressMode = _choice("ProgressMode", "auto", "rich", "plain", "off")
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None  # default: <root>/<id>
+    root: str = "runs"
+    id: Optional[str] = None  # default: SLURM_JOB_ID, TORCHELASTIC_RUN_ID, timestamp
+    resume: Resume = Resume.auto
+    seed: int = 0
+    # Signals that stop training cleanly at the next step (checkpoint, exit 128+signum); see launcher/signals.py.
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    max_steps: int = 0  # optimizer steps; 0 = epochs decide
+    precision: Precision = Precision.auto
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    log_every: int = 10
+    device: TrainDevice = TrainDevice.auto
+    compile: bool = False  # torch.compile the forward (DDP-aware: compiles the DDP wrapper in place)
+    channels_last: bool = False  # NHWC weights and inputs for conv nets (faster convolutions on tensor cores)
+
+
+@dataclass
+class DataConfig:
+    workers: int = 0
+    pin_memory: bool = True  # only where a GPU is used
+    persistent_workers: bool = True  # keep loader workers alive across epochs (with workers > 0)
+    prefetch: int = 2  # batches each worker loads ahead (with workers > 0)
+
+
+@dataclass
+class DdpConfig:
+    """DistributedDataParallel settings (used with 2+ training ranks)."""
+    bucket_cap_mb: float = 25.0  # gradient bucket size; larger = fewer, bigger all-reduces
+    gradient_as_bucket_view: bool = True  # grads are views into the buckets: no copy, less memory
+    static_graph: bool = False  # same graph every step: lets DDP skip its per-step bookkeeping
+
+
+@dataclass
+class DistConfig:
+    """Process groups."""
+    timeout_s: float = 1800.0  # collective/rendezvous timeout of the process groups (tests shorten it)
+
+
+@dataclass
+class BatchConfig:
+    size: Any = 64  # per-rank micro-batch: an int or "auto"
+    global_size: Optional[int] = None  # fixed effective batch; accumulation fills the rest
+
+
+@dataclass
+class AutobatchConfig:
+    fraction: float = 0.9  # of device memory the chosen batch may peak at (the margin where memory is measured)
+    margin: float = 0.05  # where memory is not measured (simulated limits): this much below the largest that ran;
+    #                       also the search's resolution (it stops when fit and failure are margin/2 apart)
+    max: int = 4096  # largest micro-batch tried
+    max_probes: int = 10  # trial steps per rank at most
+    max_retries: int = 3  # runtime OOM recoveries before giving up; 0 = off (then DDP syncs inside backward)
+
+
+@dataclass
+class OptimConfig:
+    name: Optimizer = Optimizer.adamw
+    lr: float = 3e-3
+    weight_decay: float = 0.01  # never applied to biases or norm weights
+    momentum: float = 0.9  # sgd momentum / adamw beta1
+    beta2: float = 0.999
+    nesterov: bool = False
+    eps: float = 1e-8
+    fused: Optional[bool] = None  # None = fused where torch supports it (CUDA)
+
+
+@dataclass
+class SchedConfig:
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # used when warmup_steps is 0
+    min_lr: float = 0.0  # cosine floor, as a fraction of optim.lr
+    warmup_momentum: Optional[float] = None  # YOLO-style: momentum rises from this
+    warmup_bias_lr: Optional[float] = None  # YOLO-style: bias lr falls from this
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    ramp: Ramp = Ramp.exp
+    tau: Optional[float] = None  # exp ramp time constant in updates; null = auto: spans ~5% of the run at its end
+    every: int = 1  # update every k optimizer steps
+
+
+@dataclass
+class ValidationConfig:
+    mode: ValidationMode = ValidationMode.auto  # external: hand-off only; `launcher validate` elsewhere
+    rank: int = -1  # which global rank validates with mode=rank
+    every_steps: int = 0  # 0 = use every_epochs
+    every_epochs: int = 1
+    weights: Weights = Weights.ema
+    policy: Policy = Policy.latest
+    batch_size: Any = 1000  # an int or "auto"
+    precision: Precision = Precision.auto
+    metric: str = "acc"
+    goal: Goal = Goal.max
+    queue: int = 2  # most unclaimed snapshots kept with policy=latest
+    drain_timeout_s: float = 300.0
+    device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
+    share_gpu: bool = False  # mode=rank, one process more than GPUs on a node: the validator shares the last GPU
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: int = 0  # validations without improvement; 0 = off
+    min_delta: float = 0.0
+    window: int = 1  # sliding average over this many validations
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 200  # and always at the end; 0 = only at the end
+    keep_last: int = 3
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.offline
+    project: str = "launcher"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TelemetryConfig:
+    every_s: float = 10.0  # NVML sampling period; 0 = off
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: ProgressMode = ProgressMode.auto
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+
+@dataclass
+class DebugConfig:
+    """Real fault injection for tests and demos; all off by default."""
+    simulate_oom_above: Any = None  # int, or a list with one limit per rank
+    simulate_oom_at_step: Optional[int] = None  # one OOM in backward of this step (from 1), last training rank
+    nan_loss_at_step: Optional[int] = None  # the loss of this step (from 1) is NaN on training rank nan_loss_rank
+    nan_loss_rank: int = -1  # the training rank that gets debug.nan_loss_at_step's NaN (-1: the last)
+    handoff_oom_at_step: Optional[int] = None  # the hand-off of this step raises an OOM (skipped, recorded)
+    fail_at_step: Optional[int] = None  # os._exit at this step, once per run
+    step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
+    val_delay_s: float = 0.0
+    fail_at_start: Optional[int] = None  # SIGKILL this global rank before it joins the group, first attempt only
+
+
+@dataclass
+class Config:
+    job: Any = MISSING
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    autobatch: AutobatchConfig = field(default_factory=AutobatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="job", name="mnist1d_schema", node=Mnist1dJob)
+    cs.store(group="job", name="synthetic_schema", node=SyntheticJob)
+    cs.store(group="job", name="custom_schema", node=CustomJob)
+    cs.store(group="job", name="images_schema", node=ImagesJob)
+
+
+class ConfigError(ValueError):
+    """Bad input: the CLI prints it as one line and exits with status 2."""
+
+
+POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
+            "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
+NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
+                "sched.warmup_steps",
+                "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
+                "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",
+                "autobatch.max_retries", "data.workers")
+
+
+def get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _size_or_auto(key: str, value: Any) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return
+    raise ConfigError(f"{key}={value!r} is not valid; use a positive integer or 'auto'")
+
+
+def check_device(key: str, value: str) -> None:
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise ConfigError(f"{key}={value!r} is not valid; use auto, cpu, cuda or cuda:<index>")
+
+
+def check_global_size(cfg: Config, world_size: int) -> None:
+    """batch.global_size must split evenly over the training ranks: a silent floor (256 over 7 ranks
+    -> 252) would change the effective batch. The usual cause is the validator rank taking one of the
+    processes (8 GPUs -> 7 trainers), so the message names it and the launches that work."""
+    size = cfg.batch.global_size
+    if size is None or size <= 0 or world_size < 2:
+        return
+    validator = cfg.validation.mode == "rank" or cfg.validation.mode == "auto"
+    train_world = world_size - 1 if validator else world_size
+    if size % train_world == 0:
+        return
+    lo, hi = size // train_world * train_world, -(-size // train_world) * train_world
+    sizes = f"{lo} or {hi}" if lo else f"{hi}"
+    msg = f"batch.global_size={size} is not divisible by the {train_world} training ranks"
+    msg += f" (it would be floored to {lo})" if lo else ""
+    if validator:
+        msg += (f"; {world_size} processes, one of them the validator rank of validation.mode="
+                f"{cfg.validation.mode}: use batch.global_size={sizes}, or train on all {world_size} "
+                f"processes with validation.mode=process (the validator as a side process on a shared GPU), or "
+                f"on one node with {world_size} GPUs launch {world_size + 1} processes with "
+                "validation.share_gpu=true (all GPUs train, the validator shares one)")
+    else:
+        msg += f"; use batch.global_size={sizes}, or a number of processes that divides {size}"
+    raise ConfigError(msg)
+
+
+def check(cfg: Config, world_size: int = 1) -> None:
+    """Reject what the types cannot: bad choices, ranges, impossible combinations."""
+    for key in POSITIVE:
+        if get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; it must be > 0")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; it must be >= 0")
+    _size_or_auto("batch.size", cfg.batch.size)
+    _size_or_auto("validation.batch_size", cfg.validation.batch_size)
+    check_device("validation.device", cfg.validation.device)
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        raise ConfigError("train.epochs=0 and train.max_steps=0: set at least one of them > 0")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay={cfg.ema.decay} is not valid; it must be in (0, 1)")
+    if cfg.ema.tau is not None and cfg.ema.tau <= 0:
+        raise ConfigError(f"ema.tau={cfg.ema.tau} is not valid; it must be > 0")
+    if not 0.0 < cfg.autobatch.fraction <= 1.0 or not 0.0 <= cfg.autobatch.margin < 1.0:
+        raise ConfigError("autobatch.fraction must be in (0, 1] and autobatch.margin in [0, 1)")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} is not valid; it must be > 0")
+    if cfg.batch.global_size is not None and cfg.batch.global_size <= 0:
+        raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not valid; it must be > 0")
+    check_global_size(cfg, world_size)
+    if cfg.validation.mode == "rank" and world_size < 2:
+        raise ConfigError("validation.mode=rank needs at least 2 processes (torchrun --nproc_per_node>=2); "
+                          "with one process use validation.mode=process, inline or off")
+    if cfg.validation.mode in ("auto", "rank") and world_size >= 2:
+        if not -world_size <= cfg.validation.rank < world_size:
+            raise ConfigError(f"validation.rank={cfg.validation.rank} is not valid for {world_size} processes; "
+                              f"use -{world_size}..{world_size - 1}")
+    if cfg.validation.share_gpu and cfg.validation.mode not in ("auto", "rank"):
+        raise ConfigError(f"validation.share_gpu=true is for the validator rank, not validation.mode="
+                          f"{cfg.validation.mode}; use validation.mode=auto or rank, or drop validation.share_gpu")
+    if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
+        raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
+                          "use validation.weights=raw or enable the EMA")
+    if cfg.ddp.static_graph and cfg.autobatch.max_retries > 0:
+        raise ConfigError("ddp.static_graph=true needs autobatch.max_retries=0: OOM recovery averages gradients "
+                          "itself, outside DDP's recorded graph; or keep ddp.static_graph=false")
+    try:
+        parse_signals(cfg.run.stop_signals)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    oom = cfg.debug.simulate_oom_above
+    if oom is not None:
+        limits = list(oom) if isinstance(oom, (list, tuple)) or hasattr(oom, "__iter__") and not isinstance(oom, str) else [oom]
+        if not limits or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in limits):
+            raise ConfigError(f"debug.simulate_oom_above={oom!r} is not valid; use a positive int or a list of them")
+
+
+def flat_defaults(node: Any = None, prefix: str = "") -> List[tuple]:
+    """(key, type, default) for every leaf of the schema, for the README's config reference."""
+    node = node if node is not None else Config
+    rows = []
+    for f in fields(node):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            rows += flat_defaults(type(default), key + ".")
+        else:
+            rows.append((key, str(f.type), default))
+    return rows

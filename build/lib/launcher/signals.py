@@ -1,0 +1,107 @@
+"""Stopping cleanly: a signal sets a flag; all training ranks stop at the same step.
+
+A handler only records the signal: no I/O, no collective, since it can run in the
+middle of a CUDA call or a collective. At the end of every optimizer step the
+training ranks all-reduce the flag (MAX of a CPU tensor: gloo even on CUDA, no device
+sync), so either every rank stops at this step or none does; a rank that stopped
+alone would leave the others waiting in DDP's next all-reduce until the timeout.
+The loop then writes one checkpoint, flushes, and the process exits with
+`128 + signal number` (SIGTERM 143, SIGINT 130, SIGUSR1 138): the status a shell
+reports for death by that signal, so schedulers and scripts keep treating the run as
+interrupted, while the checkpoint makes the next launch lose no step.
+
+The validator (rank or process) uses `StopFlag` alone: it never takes part in a
+training collective, so it checks `flag.signum` between validations and returns.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, List, Optional, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+def parse(names: Iterable[str]) -> List[signal.Signals]:
+    """`["SIGTERM", "USR1", 15]` -> signals; a ValueError names the bad one."""
+    out = []
+    for name in names:
+        text = str(name).upper()
+        text = text if text.isdigit() or text.startswith("SIG") else "SIG" + text
+        try:
+            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text]
+        except (KeyError, ValueError):
+            raise ValueError(f"run.stop_signals: {name!r} is not a signal; use names like SIGTERM, SIGINT, "
+                             "SIGUSR1, SIGUSR2, SIGHUP") from None
+        if sig.name in UNCATCHABLE:
+            raise ValueError(f"run.stop_signals: {sig.name} cannot be caught; use SIGTERM, SIGINT, SIGUSR1, ...")
+        out.append(sig)
+    return out
+
+
+class StopFlag:
+    """Remembers the first stop signal received; `signum` is 0 until then."""
+
+    def __init__(self, names: Iterable[str]):
+        self.signum = 0
+        self.received_at: Optional[float] = None
+        for sig in parse(names):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self.signum:
+            self.signum, self.received_at = signum, time.time()
+
+
+@dataclass
+class Stop:
+    """What the training ranks agreed on at a step boundary."""
+    signum: int = 0
+
+    def __bool__(self) -> bool:
+        return self.signum != 0
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class Guard:
+    """The step-boundary agreement of the training loop: a stop signal and the validator's early stop."""
+
+    def __init__(self, cfg, dist, tel):
+        self.dist, self.tel = dist, tel
+        self.flag = StopFlag(cfg.run.stop_signals)
+
+    def log_restart(self, restart_count: int, step: int) -> None:
+        """A `restart` event when torchrun restarted the group. The count is the max over the training
+        ranks: with c10d a node restarted only because a peer failed does not count it."""
+        count = int(self.dist.all_reduce(torch.tensor([restart_count]), "max").item())
+        if count:
+            self.tel.event("restart", restart_count=count, step=step)
+
+    def step_end(self, early_stop: bool = False) -> Tuple[Stop, bool]:
+        """Call on every training rank after every optimizer step; all get the same answer, for a stop
+        signal and for the validator's early-stop request, in one all-reduce."""
+        flags = torch.tensor([self.flag.signum, int(early_stop)], dtype=torch.int32)
+        signum, early = self.dist.all_reduce(flags, "max").tolist()
+        return Stop(int(signum)), bool(early)
+
+    def exit(self, stop: Stop, step: int) -> None:
+        """After the stop checkpoint: record it, flush, leave with 128 + signal (the run is not finished)."""
+        since = time.time() - self.flag.received_at if self.flag.received_at else None
+        self.tel.event("preempt", step=step, signal=stop.name, exit_code=stop.exit_code,
+                       seconds_since_signal=round(since, 3) if since is not None else None)
+        log.warning("stopped by %s at step %d after a checkpoint; exit status %d; relaunch to resume",
+                    stop.name, step, stop.exit_code)
+        self.tel.close()  # flush metrics and wandb
+        raise SystemExit(stop.exit_code)

@@ -1,0 +1,229 @@
+"""The training loop, top to bottom.
+
+Each optimizer step consumes one per-rank *step batch* of `micro * accum` samples
+from the loader and splits it into micro-batches. The effective batch is therefore
+fixed by the data, not by the micro-batch: changing `micro` (autobatch, OOM
+recovery) only changes how the same samples are cut up.
+
+`train()` composes the leaves; each owns its state and its cadence (telemetry
+decides when to log, validation when to validate, the checkpointer when to save).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from launcher import jobs
+from launcher import autobatch, speed
+from launcher.checkpoint import Checkpointer, TrainState, save_weights
+from launcher.dist import Dist, seed_everything
+from launcher.ema import EMA, NoEMA, auto_tau
+from launcher.env import Env
+from launcher.faults import Faults
+from launcher.oom import Recovery, StepOOM
+from launcher.optim import build_optimizer, build_scheduler, set_momentum, warmup_steps
+from launcher.precision import autocast, resolve_precision
+from launcher.rundir import RunDir
+from launcher.schema import Config, ConfigError
+from launcher.signals import Guard, Stop
+from launcher.telemetry import Telemetry
+from launcher.evaluation import best_by_weights
+from launcher.validation import for_training
+
+log = logging.getLogger("launcher.train")
+
+
+class LossMeter:
+    """Mean loss and throughput since the last log line; the loss sum is per-rank checkpoint state."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sum, self.count, self.samples, self.since = torch.zeros((), device=device), 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.sum += loss
+        self.count += 1
+        self.samples += samples
+
+    def take(self, dist: Dist, world: int) -> dict:
+        """The mean over the training ranks (one all-reduce), then start again."""
+        mean = dist.all_reduce(self.sum / max(self.count, 1)) / world
+        now = time.perf_counter()
+        row = {"loss": float(mean), "samples_per_s": self.samples / (now - self.since)}
+        self.sum, self.count, self.samples, self.since = torch.zeros((), device=self.device), 0, 0, now
+        return row
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.sum.cpu(), "loss_count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sum, self.count = state["loss_sum"].to(self.device), state["loss_count"]
+
+
+def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
+    device = env.device
+    precision = resolve_precision(cfg.train.precision, device)
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    job = jobs.load(cfg.job)
+    model = job.model().to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_set, val_set = job.datasets()
+    faults = Faults(cfg.debug, env, rundir)
+    faults.arm_forward(model)
+
+    # The micro-batch (probed and agreed by all ranks with batch.size=auto) and the fixed per-rank step batch.
+    def make_ema(m, total_steps=0):  # ema.tau unset: scaled to the run's length (the probe's EMA is thrown away)
+        tau = cfg.ema.tau if cfg.ema.tau is not None else auto_tau(total_steps)
+        return EMA(m, cfg.ema.decay, cfg.ema.ramp, tau) if cfg.ema.enabled else NoEMA()
+
+    batch, autobatch_event = autobatch.choose(
+        cfg, env, dist, rundir, model, job, train_set, precision, lambda: autocast(device, precision),
+        lambda m: build_optimizer(m, cfg.optim, device), make_ema)
+    sampler = DistributedSampler(train_set, num_replicas=env.train_world, rank=env.train_rank,
+                                 shuffle=True, seed=cfg.run.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // batch.step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the effective batch {batch.global_size} is larger than the training set "
+                          f"({len(train_set)} samples); lower batch.size or batch.global_size")
+    total = steps_per_epoch * cfg.train.epochs if cfg.train.epochs else cfg.train.max_steps
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    warmup = warmup_steps(cfg.sched, steps_per_epoch)
+
+    opt = build_optimizer(model, cfg.optim, device)
+    sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = make_ema(model, total // cfg.ema.every) if env.is_main else NoEMA()  # rank 0 alone keeps the EMA
+    log.info(ema.describe())
+    ddp = speed.wrap(model, cfg, dist.group if dist.distributed_training else None, device)  # DDP, compile
+    tel = Telemetry(rundir, cfg, env, total, enabled=env.is_main)
+    tel.event("autobatch", **autobatch_event)
+
+    state, meter = TrainState(batch), LossMeter(device)
+    ckpt = Checkpointer(cfg, env, dist, rundir, tel, state, per_rank={"meter": meter},
+                        parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema})
+    if not ckpt.restore():
+        if cfg.run.resume == "must":
+            raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
+                              "use run.resume=auto to start fresh")
+        seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
+    oom = Recovery(cfg, env, dist, rundir, model, tel)
+    if oom.enabled:
+        faults.arm_backward(model, state)
+    faults.arm_nan(model, state)
+    guard = Guard(cfg, dist, tel)  # stop signals and early stop, agreed at every step boundary
+    guard.log_restart(env.restart_count, state.step)
+    tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
+              accum=batch.accum, global_batch=batch.global_size, steps=total, steps_per_epoch=steps_per_epoch,
+              precision=precision, device=str(device), start_step=state.step)
+    validation = for_training(cfg, env, rundir, job, val_set, model, ema, batch.micro, tel)
+
+    log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
+             total, env.train_world, batch.micro, batch.accum, batch.global_size, precision, device)
+    t_start, stopped_early, stop = time.time(), False, Stop()
+    ddp.train()
+    indices = speed.EpochIndices()  # one loader for the run: its workers persist across epochs
+    loader = DataLoader(train_set, batch_size=batch.step, sampler=indices, drop_last=True,
+                        **speed.loader_options(cfg.data, device))
+    while state.step < total and not stopped_early and not stop:
+        sampler.set_epoch(state.epoch)
+        indices.set(list(sampler)[state.batch_in_epoch * batch.step: steps_per_epoch * batch.step])
+        for x, y in loader:
+            if cfg.train.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+
+            # Forward and backward over the micro-batches. An OOM on any rank, in forward or backward,
+            # is agreed on by all; each then redoes this step batch with half the micro-batch.
+            while True:
+                try:
+                    step_loss = forward_backward(x, y, state.batch, ddp, job, scaler, oom, device, precision)
+                    break
+                except StepOOM as e:
+                    opt.zero_grad(set_to_none=True)
+                    state.batch = oom.recover(state.batch, e, state.step)
+            oom.all_reduce_grads()  # with recovery on, gradients are averaged here, after every backward
+
+            # Optimizer step; the EMA follows unless the step was skipped (fp16 overflow, non-finite synced
+            # gradients: a NaN loss on any rank reaches every rank's gradients, not every rank's loss).
+            norm = None
+            if cfg.train.grad_clip:
+                scaler.unscale_(opt)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            set_momentum(opt, cfg.sched, cfg.optim.momentum, state.step, warmup)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            ema_due = env.is_main and cfg.ema.enabled and (state.step + 1) % cfg.ema.every == 0
+            bad = speed.nonfinite(speed.grad_norm(model) if norm is None else norm) \
+                if ema_due and scale_before is None else False
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            state.step += 1
+            state.batch_in_epoch += 1
+            if state.step % cfg.ema.every == 0:
+                # fp16: the scaler already synchronized, so reading its scale is free; otherwise
+                # a device flag on a GPU (no sync in the step).
+                validation.fence()  # the last hand-off's copy out of the EMA finished (a GPU-side wait)
+                ema.update(model, skip=scaler.get_scale() < scale_before if scale_before is not None else bad)
+            meter.add(step_loss, batch.global_size)
+
+            last = state.step == total
+            if tel.should_log(state.step, last):
+                tel.metrics({"step": state.step, "epoch": state.epoch, **meter.take(dist, env.train_world),
+                             "lr": sched.get_last_lr()[0], "time": time.time(), **ema.stats()})
+                validation.poll()  # new validation results, skipped snapshots, a dead validator
+            end_of_epoch = state.batch_in_epoch == steps_per_epoch
+            if validation.should_validate(state.step, state.epoch, end_of_epoch, last):
+                validation.submit(state.step, state.epoch)
+            if end_of_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            # A stop signal or the validator's early stop: every training rank stops at this same step.
+            stop, stopped_early = guard.step_end(validation.stop_requested())
+            if stopped_early:
+                log.info("early stop at step %d", state.step)
+            if ckpt.should_save(state.step, last or stopped_early or bool(stop)):
+                ckpt.save(protect=validation.protected_steps())
+            faults.step_end(state.step, tel, dist)
+            if last or stopped_early or stop:
+                break
+
+    if stop and state.step < total:  # preempted: checkpointed, not finished; no summary, exit 128 + signal
+        validation.flush()  # snapshots already handed off reach the disk
+        guard.exit(stop, state.step)
+
+    # The end: deployable EMA weights, the summary.
+    summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": stopped_early,
+               "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
+               "wall_time_s": round(time.time() - t_start, 2)}
+    summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
+    if cfg.validation.weights == "both":  # best and final raw and EMA side by side
+        summary.update(best_by_weights(rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
+    if env.is_main:
+        if cfg.ema.enabled:
+            save_weights(rundir.ema_weights, ema.shadow, {"step": state.step, "updates": ema.updates})
+        summary.update(ema.stats(), **({"ema_tau": ema.tau} if cfg.ema.enabled else {}))
+        rundir.write_summary(summary)
+        tel.event("end", **summary)
+        best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \
+            if "best_step" in summary else ""
+        log.info(f"done: {state.step} steps in {summary['wall_time_s']:.1f}s{best}; run dir {rundir}")
+    tel.close()
+    return summary
+
+
+def forward_backward(x, y, batch, ddp, job, scaler, oom: Recovery, device, precision: str) -> torch.Tensor:
+    """The step batch's gradients, micro-batch by micro-batch; returns its (detached) mean loss."""
+    step_loss = torch.zeros((), device=device)
+    xs, ys = x.split(batch.micro), y.split(batch.micro)
+    for i, (xb, yb) in enumerate(zip(xs, ys)):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        with oom.forward(), oom.no_sync(ddp, last=i == len(xs) - 1), autocast(device, precision):
+            loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
+        with oom.backward():
+            scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    return step_loss

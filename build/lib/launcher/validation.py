@@ -1,0 +1,241 @@
+"""The trainer's side of validation: off, inline (the blocking baseline) or asynchronous.
+
+One object from `for_training()`, the same interface for all: `should_validate`,
+`submit`, `poll`, `stop_requested`, `protected_steps`, `finish`. Asynchronous
+validation hands snapshots to a validator elsewhere (a child process it spawns, the
+validator rank, or `launcher validate` started by hand) and reads its results from
+the run directory without blocking; it never imports the validator.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from launcher import checkpoint, handoff
+from launcher.dist import local_env_for_child
+from launcher.env import validation_mode
+from launcher.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
+from launcher.faults import handoff_fault
+from launcher.files import JsonlTail
+from launcher.rundir import RunDir, ValResult
+
+log = logging.getLogger(__name__)
+
+
+class NoValidation:
+    """validation.mode=off, and every training rank but 0: nothing to do."""
+
+    def should_validate(self, step: int, epoch: int, end_of_epoch: bool, last: bool) -> bool:
+        return False
+
+    def submit(self, step: int, epoch: int) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
+
+    def fence(self) -> None:
+        """Before the EMA update: wait (on the device) for the last hand-off's copy out of it."""
+
+    def protected_steps(self) -> List[int]:
+        """Checkpoints that retention must keep."""
+        return []
+
+    def finish(self, step: int, epoch: int) -> dict:
+        return {}
+
+
+class _Validation(NoValidation):
+    def __init__(self, cfg, rundir: RunDir, tel):
+        self.cfg, self.rundir, self.tel = cfg, rundir, tel
+
+    def should_validate(self, step: int, epoch: int, end_of_epoch: bool, last: bool) -> bool:
+        v = self.cfg.validation
+        due = step % v.every_steps == 0 if v.every_steps else end_of_epoch and (epoch + 1) % v.every_epochs == 0
+        return due or last
+
+
+class InlineValidation(_Validation):
+    """The classic, blocking way (kept as a baseline): evaluate inside the training loop."""
+
+    def __init__(self, cfg, rundir: RunDir, job, val_set, model, ema, micro: int, device, tel):
+        super().__init__(cfg, rundir, tel)
+        self.job, self.val_set, self.model, self.ema, self.device = job, val_set, model, ema, device
+        self.tracker = Tracker(rundir, cfg)
+        self.eval_model = copy.deepcopy(model)
+        self.bs = val_batch_size(cfg, self.eval_model, job, val_set, device, start=4 * micro)
+        self.stop, self.last = False, None
+
+    def submit(self, step: int, epoch: int) -> None:
+        rows = []
+        for kind in kinds(self.cfg):
+            state = self.ema.shadow if kind == "ema" else self.model.state_dict()
+            metrics, secs = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg, self.bs,
+                                           self.device)
+            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4)))
+            self.stop |= self.tracker.record(rows[-1], state)
+        self.tel.validation(rows)
+        self.last = step
+
+    def stop_requested(self) -> bool:
+        return self.stop
+
+    def protected_steps(self) -> List[int]:
+        return [self.tracker.best.step] if self.tracker.best else []
+
+    def finish(self, step: int, epoch: int) -> dict:
+        if self.last != step:
+            self.submit(step, epoch)
+        return best_summary(self.tracker.best)
+
+
+class AsyncValidation(_Validation):
+    """Hand snapshots to a validator elsewhere; read its results without blocking; drain at the end."""
+
+    def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, child: Optional[subprocess.Popen]):
+        super().__init__(cfg, rundir, tel)
+        self.model, self.ema, self.child = model, ema, child
+        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
+                                     fault=handoff_fault(cfg.debug))
+        self.results = JsonlTail(rundir.results, from_end=True)
+        self.skips = JsonlTail(rundir.skipped, from_end=True)
+        self.restarts = JsonlTail(rundir.validator_restarts, from_end=True)
+        self.validated, self.skipped = set(), {}
+        self.started, self.warned = time.time(), False
+        self._stop, self._checked = False, 0.0
+
+    def submit(self, step: int, epoch: int) -> None:
+        states = {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
+        blocked = self.writer.put(step, epoch, states)
+        if blocked is not None:
+            self.tel.event("handoff", step=step, blocked_ms=round(blocked * 1e3, 3))
+
+    def alive(self) -> bool:
+        """The validator is still at work (it may finish: see `down`)."""
+        if self.child is not None:
+            return self.child.poll() is None
+        status = handoff.read_status(self.rundir)
+        if status is None or status["time"] < self.started:
+            return True  # not started yet (or a previous session's): give it the benefit of the doubt
+        return status["state"] == "running" and time.time() - status["time"] < handoff.STALE_S
+
+    def down(self) -> bool:
+        """Gone before its work was done: exited with an error, failed, or silent. One that finished is not."""
+        if self.alive():
+            return False
+        if self.child is not None:
+            return self.child.poll() != 0
+        return (handoff.read_status(self.rundir) or {}).get("state") != "finished"
+
+    def poll(self) -> None:
+        """A cheap look at what the validator did since the last call (one read per file)."""
+        rows = [ValResult.from_dict(row) for row in self.results.read()]
+        self.validated.update(r.step for r in rows)
+        self.tel.validation(rows)
+        for row in self.skips.read():
+            self.skipped[row["step"]] = row["reason"]
+            self.tel.event("validation_skipped", step=row["step"], reason=row["reason"], detail=row.get("detail"))
+        for row in self.restarts.read():  # written by the validator rank; events.jsonl only by this rank
+            self.warned = False
+            log.warning("the validator rank restarted its validator (restart %d, it exited with %s)",
+                        row["restart"], row["returncode"])
+            self.tel.event("validator_restart", restart=row["restart"], returncode=row["returncode"],
+                           backoff_s=row["backoff_s"])
+        if not self.warned and self.down():
+            self.warned = True
+            log.warning("the validator is gone; training goes on, later snapshots stay unvalidated in %s "
+                        "(`python -m launcher validate run.dir=%s` picks them up)", self.rundir.handoff,
+                        self.rundir)
+            self.tel.event("validator_down", returncode=self.child.poll() if self.child else None)
+
+    def stop_requested(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked >= 0.2:  # at most a few stat() calls a second, whatever the step rate
+            self._checked, self._stop = now, handoff.stop_requested(self.rundir)
+        return self._stop
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def fence(self) -> None:
+        self.writer.fence()
+
+    def protected_steps(self) -> List[int]:
+        """The best so far, and every step not validated yet: it may still become the best."""
+        self.poll()
+        best = self.rundir.read_best()
+        waiting = [s for s in self.writer.submitted if s not in self.validated and s not in self.skipped]
+        return ([best.step] if best else []) + waiting
+
+    def finish(self, step: int, epoch: int) -> dict:
+        """Drain: the final weights are handed off and, within drain_timeout_s, validated."""
+        t0 = time.perf_counter()
+        if not self.writer.submitted or self.writer.submitted[-1] != step:
+            self.submit(step, epoch)
+        self.writer.flush()
+        handoff.mark_done(self.rundir, step)
+        deadline = time.monotonic() + self.cfg.validation.drain_timeout_s
+        while not handoff.settled(self.rundir.handoff, step) and self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        handoff.mark_done(self.rundir, step, closed=True)
+        if self.child is not None:
+            try:
+                self.child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.child.terminate()
+                self.child.wait()
+        # Retention again, now that the results are in: last K, the true best, what is still unvalidated.
+        checkpoint.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, self.protected_steps())
+        blocked = [b * 1e3 for b in self.writer.blocked_s] or [0.0]
+        return {**best_summary(self.rundir.read_best()),
+                "validated_steps": len(self.validated & set(self.writer.submitted)),
+                "unvalidated_steps": [s for s in self.writer.submitted
+                                      if s not in self.validated and self.skipped.get(s) != "stale"],
+                "stale_steps": [s for s in self.writer.submitted if self.skipped.get(s) == "stale"],
+                "handoff_blocked_ms": {"mean": round(sum(blocked) / len(blocked), 3), "max": round(max(blocked), 3)},
+                "drain_s": round(time.perf_counter() - t0, 2)}
+
+
+def spawn(rundir: RunDir, device: str) -> subprocess.Popen:
+    """Start `python -m launcher validate` for this run as a child process."""
+    env = local_env_for_child()
+    env["LAUNCHER_PARENT_PID"] = str(os.getpid())
+    rundir.logs.mkdir(parents=True, exist_ok=True)
+    with open(rundir.validator_stderr, "ab") as err:
+        # With a GPU of its own the validator needs little CPU: a lower priority keeps the data loaders
+        # first. Validating on the CPU it must share the cores with training, or it never runs
+        # (measured on 2 cores: at nice 10 it validated 1 of 20 snapshots, at nice 0 17 of 20).
+        nice = 0 if device == "cpu" else 10
+        return subprocess.Popen([sys.executable, "-m", "launcher", "validate", f"run.dir={rundir}",
+                                 f"validation.device={device}"], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: os.nice(nice))
+
+
+def child_device(env) -> str:
+    """mode=process: the validator's own GPU if the node has one no training rank uses, else the same device."""
+    if env.device.type == "cuda" and torch.cuda.device_count() > env.local_world_size:
+        return f"cuda:{env.local_world_size}"
+    return str(env.device)
+
+
+def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int, tel) -> NoValidation:
+    mode = validation_mode(cfg.validation.mode, env.world_size)
+    if not env.is_main or mode == "off":
+        return NoValidation()
+    if mode == "inline":
+        return InlineValidation(cfg, rundir, job, val_set, model, ema, micro, env.device, tel)
+    child = spawn(rundir, child_device(env)) if mode == "process" else None  # rank/external: started elsewhere
+    return AsyncValidation(cfg, rundir, model, ema, env.device, tel, child)
