@@ -1,5 +1,6 @@
 """A wheel works on its own: built from this checkout, installed into a fresh venv apart from it, run
 from another directory (the configs travel inside the package; the jobs are launcher.jobs)."""
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -12,8 +13,10 @@ from conftest import ROOT
 
 @pytest.mark.slow
 def test_the_wheel_trains_from_another_directory(tmp_path):
-    wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+    src, wheels, venv, work = (tmp_path / n for n in ("src", "wheels", "venv", "elsewhere"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(  # a copy: building leaves build/ behind
+        ".git", ".venv", ".cache", "runs", "wandb", "outputs", "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
                     "-w", str(wheels)], check=True, capture_output=True)
     wheel = next(wheels.glob("launcher-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
