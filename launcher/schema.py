@@ -38,6 +38,7 @@ Policy = _choice("Policy", "latest", "all")
 Goal = _choice("Goal", "max", "min")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 ProgressMode = _choice("ProgressMode", "auto", "rich", "plain", "off")
+OomPhase = _choice("OomPhase", "forward", "backward", "last_backward", "headroom")
 
 
 @dataclass
@@ -188,7 +189,9 @@ class LoggerConfig:
 class DebugConfig:
     """Real fault injection for tests and demos; all off by default."""
     simulate_oom_above: Any = None  # int, or a list with one limit per rank
-    simulate_oom_at_step: Optional[int] = None  # one OOM in backward of this step (from 1), last training rank
+    simulate_oom_at_step: Optional[int] = None  # one OOM in this step (from 1), on simulate_oom_rank, in simulate_oom_phase
+    simulate_oom_phase: OomPhase = OomPhase.backward  # forward / backward (the step's first) / last_backward / headroom
+    simulate_oom_rank: int = -1  # the training rank of debug.simulate_oom_at_step (-1: the last)
     nan_loss_at_step: Optional[int] = None  # the loss of this step (from 1) is NaN on training rank nan_loss_rank
     nan_loss_rank: int = -1  # the training rank that gets debug.nan_loss_at_step's NaN (-1: the last)
     handoff_oom_at_step: Optional[int] = None  # the hand-off of this step raises an OOM (skipped, recorded)
@@ -321,9 +324,6 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
-    if cfg.ddp.static_graph and cfg.autobatch.max_retries > 0:
-        raise ConfigError("ddp.static_graph=true needs autobatch.max_retries=0: OOM recovery averages gradients "
-                          "itself, outside DDP's recorded graph; or keep ddp.static_graph=false")
     try:
         parse_signals(cfg.run.stop_signals)
     except ValueError as e:

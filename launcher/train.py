@@ -23,7 +23,7 @@ from launcher.dist import Dist, seed_everything
 from launcher.ema import EMA, NoEMA, auto_tau
 from launcher.env import Env
 from launcher.faults import Faults
-from launcher.oom import Recovery, StepOOM
+from launcher.oom import Headroom, Recovery, StepOOM
 from launcher.optim import build_optimizer, build_scheduler, set_momentum, warmup_steps
 from launcher.precision import autocast, resolve_precision
 from launcher.rundir import RunDir
@@ -111,9 +111,10 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
                               "use run.resume=auto to start fresh")
         seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
-    oom = Recovery(cfg, env, dist, rundir, model, tel)
+    oom = Recovery(cfg, env, dist, rundir, ddp, tel, state,
+                   Headroom(device, autobatch_event.get("backward_headroom_bytes"), env.train_rank, faults.low_memory))
     if oom.enabled:
-        faults.arm_backward(model, state)
+        faults.arm_oom(model, state, lambda: oom.phase)
     faults.arm_nan(model, state)
     guard = Guard(cfg, dist, tel)  # stop signals and early stop, agreed at every step boundary
     guard.log_restart(env.restart_count, state.step)
@@ -136,8 +137,8 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             if cfg.train.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
 
-            # Forward and backward over the micro-batches. An OOM on any rank, in forward or backward,
-            # is agreed on by all; each then redoes this step batch with half the micro-batch.
+            # Forward and backward over the micro-batches. An OOM on any rank before the last backward
+            # is agreed on by all; each then redoes this step batch with half the micro-batch (oom.py).
             while True:
                 try:
                     step_loss = forward_backward(x, y, state.batch, ddp, job, scaler, oom, device, precision)
@@ -145,7 +146,6 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
                 except StepOOM as e:
                     opt.zero_grad(set_to_none=True)
                     state.batch = oom.recover(state.batch, e, state.step)
-            oom.all_reduce_grads()  # with recovery on, gradients are averaged here, after every backward
 
             # Optimizer step; the EMA follows unless the step was skipped (fp16 overflow, non-finite synced
             # gradients: a NaN loss on any rank reaches every rank's gradients, not every rank's loss).
@@ -216,14 +216,19 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
 
 
 def forward_backward(x, y, batch, ddp, job, scaler, oom: Recovery, device, precision: str) -> torch.Tensor:
-    """The step batch's gradients, micro-batch by micro-batch; returns its (detached) mean loss."""
+    """The step batch's gradients, micro-batch by micro-batch; returns its (detached) mean loss. DDP
+    all-reduces in the last backward only; the ranks agree once, just before it (see oom.py)."""
     step_loss = torch.zeros((), device=device)
     xs, ys = x.split(batch.micro), y.split(batch.micro)
-    for i, (xb, yb) in enumerate(zip(xs, ys)):
-        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        with oom.forward(), oom.no_sync(ddp, last=i == len(xs) - 1), autocast(device, precision):
-            loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
-        with oom.backward():
-            scaler.scale(loss).backward()
-        step_loss += loss.detach()
+    with oom.attempt() as attempt:  # an OOM before the agreement skips this rank's rest, straight to it
+        for i, (xb, yb) in enumerate(zip(xs, ys)):
+            last = i == len(xs) - 1
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with attempt.phase("forward"), oom.no_sync(ddp, last), autocast(device, precision):
+                loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
+            if last:
+                attempt.agree()  # any OOM so far on any rank, or too little memory for this backward: StepOOM
+            with attempt.phase("last backward" if last else "backward"):
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
     return step_loss

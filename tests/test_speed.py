@@ -71,9 +71,9 @@ def test_persistent_loader_resumes_mid_epoch_like_a_fresh_loader(tmp_path):
 @pytest.mark.slow
 def test_ddp_bucket_settings_two_ranks(tmp_path):
     """The ddp.* keys reach DDP and do not change the math: 2 ranks with other bucket settings
-    end bit-identical to the defaults on CPU. (DDP syncs gradients itself only with
-    autobatch.max_retries=0; OOM recovery otherwise all-reduces them after backward.)"""
-    base = [*FAST, "train.epochs=1", "validation.mode=off", "ema.enabled=false", "autobatch.max_retries=0"]
+    end bit-identical to the defaults on CPU, with OOM recovery on (the default: DDP syncs inside the
+    last backward either way) and ddp.static_graph, which recovery no longer rules out."""
+    base = [*FAST, "train.epochs=1", "validation.mode=off", "ema.enabled=false"]
     default, tuned = tmp_path / "default", tmp_path / "tuned"
     launch(["train", *base, f"run.dir={default}"], nproc=2)
     launch(["train", *base, f"run.dir={tuned}", "ddp.static_graph=true", "ddp.gradient_as_bucket_view=false",
@@ -84,7 +84,8 @@ def test_ddp_bucket_settings_two_ranks(tmp_path):
 
 
 def test_bad_ddp_settings_exit_2(tmp_path):
-    for bad, key in ((["ddp.bucket_cap_mb=0"], "ddp.bucket_cap_mb"), (["ddp.static_graph=true"], "max_retries=0")):
+    for bad, key in ((["ddp.bucket_cap_mb=0"], "ddp.bucket_cap_mb"), (["debug.simulate_oom_phase=sideways"],
+                                                                      "debug.simulate_oom_phase")):
         proc = launch(["train", *FAST, f"run.dir={tmp_path / 'r'}", *bad], check=False)
         assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
