@@ -114,9 +114,16 @@ class Recovery:
         return _Attempt(self) if self.enabled else _OFF
 
     @staticmethod
-    def no_sync(ddp: nn.Module, last: bool):
-        """DDP syncs in backward on the last micro-batch only, with or without recovery."""
-        return nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync()
+    def syncs(ddp: nn.Module, last: bool) -> bool:
+        """Whether DDP all-reduces in this micro-batch's backward: in the last one only, with or without
+        recovery; except before ddp.static_graph has recorded its graph, in a first backward that must sync
+        (DDP fails an unsynced one then). One process: the last, where the (local) agreement goes."""
+        recording = getattr(ddp, "static_graph", False) and not ddp._static_graph_delay_allreduce_enqueued
+        return last or recording
+
+    @staticmethod
+    def no_sync(ddp: nn.Module, sync: bool):
+        return nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()
 
     def agree(self, failed: str = "") -> None:
         """The step's one agreement: per rank 0 (fine) or 1 + the index of its phase in PHASES, summed over
@@ -195,7 +202,7 @@ class Recovery:
 
 class _Attempt:
     """Catches an OOM in its block. Before the agreement (a forward, a non-last backward) this rank goes
-    straight to the agreement and reports it; inside the last backward see Recovery.restart."""
+    straight to the agreement and reports it; after it (the last backward) see Recovery.restart."""
 
     def __init__(self, rec: Recovery):
         self.rec, self.agreed = rec, False
@@ -208,9 +215,10 @@ class _Attempt:
         return nullcontext()
 
     def agree(self) -> None:
-        """After the last forward, before the last backward: every rank calls it once per attempt."""
-        self.agreed = True
-        self.rec.agree()
+        """Before the first backward that all-reduces (the last): the attempt's one agreement."""
+        if not self.agreed:
+            self.agreed = True
+            self.rec.agree()
 
     def __exit__(self, typ, exc, tb) -> bool:
         phase, self.rec.phase = self.rec.phase, ""

@@ -99,7 +99,7 @@ class AutobatchConfig:
     #                       also the search's resolution (it stops when fit and failure are margin/2 apart)
     max: int = 4096  # largest micro-batch tried
     max_probes: int = 10  # trial steps per rank at most
-    max_retries: int = 3  # runtime OOM recoveries before giving up; 0 = off (then DDP syncs inside backward)
+    max_retries: int = 3  # runtime OOM recoveries (halvings) before giving up; 0 = off. See oom.py
 
 
 @dataclass
@@ -190,7 +190,7 @@ class DebugConfig:
     """Real fault injection for tests and demos; all off by default."""
     simulate_oom_above: Any = None  # int, or a list with one limit per rank
     simulate_oom_at_step: Optional[int] = None  # one OOM in this step (from 1), on simulate_oom_rank, in simulate_oom_phase
-    simulate_oom_phase: OomPhase = OomPhase.backward  # forward / backward (the step's first) / last_backward / headroom
+    simulate_oom_phase: OomPhase = OomPhase.backward  # where: backward = the step's first; headroom = too little memory reported
     simulate_oom_rank: int = -1  # the training rank of debug.simulate_oom_at_step (-1: the last)
     nan_loss_at_step: Optional[int] = None  # the loss of this step (from 1) is NaN on training rank nan_loss_rank
     nan_loss_rank: int = -1  # the training rank that gets debug.nan_loss_at_step's NaN (-1: the last)

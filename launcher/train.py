@@ -222,13 +222,13 @@ def forward_backward(x, y, batch, ddp, job, scaler, oom: Recovery, device, preci
     xs, ys = x.split(batch.micro), y.split(batch.micro)
     with oom.attempt() as attempt:  # an OOM before the agreement skips this rank's rest, straight to it
         for i, (xb, yb) in enumerate(zip(xs, ys)):
-            last = i == len(xs) - 1
+            sync = oom.syncs(ddp, last=i == len(xs) - 1)  # DDP all-reduces in this backward: the last only
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            with attempt.phase("forward"), oom.no_sync(ddp, last), autocast(device, precision):
+            with attempt.phase("forward"), oom.no_sync(ddp, sync), autocast(device, precision):
                 loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
-            if last:
+            if sync:
                 attempt.agree()  # any OOM so far on any rank, or too little memory for this backward: StepOOM
-            with attempt.phase("last backward" if last else "backward"):
+            with attempt.phase("last backward" if sync else "backward"):
                 scaler.scale(loss).backward()
             step_loss += loss.detach()
     return step_loss

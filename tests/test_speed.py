@@ -144,3 +144,20 @@ def test_run_all_quick_overhead_writes_json_and_results(tmp_path):
     assert vs_bare["ratio"] == pytest.approx(vs_bare["ours"] / vs_bare["baseline"], rel=1e-3)
     assert isinstance(vs_bare["met"], bool)
     assert "### overhead" in results.read_text() and vs_bare["case"] in results.read_text()
+
+
+def test_bare_ddp_baseline_needs_neither_the_launcher_nor_hydra(tmp_path):
+    """benchmarks/bare_ddp.py (the baseline) runs on a bare box: torch and the job's model only, batches
+    kept on the device; it writes the two timing marks."""
+    out = tmp_path / "marks.jsonl"
+    job = json.dumps({"model": "resnet", "width": 8, "depth": [1, 1, 1, 1], "image_size": 16, "num_classes": 10})
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['bare_ddp.py', '--job', {job!r}, '--batch', '4', '--steps', '3', '--warmup', '1',"
+            f" '--precision', 'fp32', '--out', {str(out)!r}]\n"
+            "runpy.run_path('benchmarks/bare_ddp.py', run_name='__main__')\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('launcher', 'hydra', 'omegaconf'))\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in map(json.loads, out.read_text().splitlines())] == [1, 3]
