@@ -73,7 +73,7 @@ def handoff_stall(quick: bool) -> dict:
     """Writer.put blocked time for a ResNet-50 state dict (the EMA the issue's target names)."""
     import torch
 
-    from jobs.synthetic import ResNet
+    from launcher.jobs.synthetic import ResNet
     from launcher.handoff import Writer
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_rows, row, time_fn, write  # noqa: E402
-from jobs.synthetic import ResNet, ViT  # noqa: E402
+from launcher.jobs.synthetic import ResNet, ViT  # noqa: E402
 from launcher.ema import EMA  # noqa: E402
 
 

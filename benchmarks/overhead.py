@@ -5,6 +5,8 @@ check costs with a host sync against the device-side gate.
 
     python benchmarks/overhead.py            # GPU sizes: ResNet-50 and ViT-B/16, bf16
     python benchmarks/overhead.py --quick    # CPU/CI sizes: tiny nets, fp32, seconds
+    python benchmarks/overhead.py --quick --nproc 2 --repeat 5   # 2 ranks (gloo on CPU): DDP, the OOM
+                                             # agreement, a validator rank; medians of interleaved rounds
 
 Writes benchmarks/out/overhead.json (format: benchmarks/common.py). Target: ratio >= 0.98.
 Checkpoints are written at the end only (outside the timed window); their cost is the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,29 +48,30 @@ def job_overrides(job: dict) -> list:
     return ["job=synthetic"] + [f"job.{k}={json.dumps(v).replace(' ', '')}" for k, v in job.items()]
 
 
-def rate(kind: str, job: dict, s: argparse.Namespace, tmp: Path, extra=()) -> float:
+def rate(kind: str, job: dict, s: argparse.Namespace, tmp: Path, extra=(), train_ranks: int = None) -> float:
     """Steady-state samples/s of `launcher train` or the bare loop, over the steps after warmup:
-    wall clock on a GPU, per CPU-second on a CPU (see common.launcher_window)."""
+    wall clock on a GPU, per CPU-second on a CPU (see common.launcher_window). Samples count the
+    training ranks only (`train_ranks`, default all; a validator rank trains nothing)."""
     metrics = tmp / f"{kind}-{time.monotonic_ns()}" / "metrics.jsonl"
     if kind == "bare":
         metrics.parent.mkdir(parents=True)
         cmd = common.python_cmd(s.nproc, str(common.ROOT / "benchmarks" / "bare_ddp.py"), "--job", json.dumps(job),
                                 "--batch", str(s.batch), "--steps", str(s.steps), "--warmup", str(s.warmup),
-                                "--precision", s.precision, "--workers", str(s.workers), "--out", str(metrics))
+                                "--precision", s.precision, "--out", str(metrics))
     else:
         cmd = common.python_cmd(s.nproc, "-m", "launcher", "train", *job_overrides(job), f"run.dir={metrics.parent}",
                                 f"batch.size={s.batch}", f"train.max_steps={s.steps}", f"train.precision={s.precision}",
                                 f"train.log_every={s.log_every}", f"data.workers={s.workers}",
                                 f"validation.every_steps={s.val_every}", f"validation.batch_size={s.batch}",
                                 "checkpoint.every_steps=0", "logger.progress=plain", *extra)
-    w = common.launcher_window(cmd, metrics, s.warmup, s.steps, s.batch * s.nproc)
+    w = common.launcher_window(cmd, metrics, s.warmup, s.steps, s.batch * (train_ranks or s.nproc))
     return w["wall_rate"] if s.gpu else w["cpu_rate"]
 
 
 def ema_gate(job: dict, s: argparse.Namespace, steps: int) -> tuple:
     """ms per training step with the EMA skipped on a host-read finiteness check (a sync
     per step) and with the device-side gate (launcher.speed.nonfinite on a GPU)."""
-    from jobs.synthetic import Synthetic, SyntheticJob
+    from launcher.jobs.synthetic import Synthetic, SyntheticJob
     from launcher.ema import EMA
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,13 +107,54 @@ def ema_gate(job: dict, s: argparse.Namespace, steps: int) -> tuple:
     return -sync_ms, -gate_ms
 
 
+def multi_rank(name: str, job: dict, s: argparse.Namespace, tmp: Path, unit: str) -> tuple:
+    """--nproc N >= 2: the bare DDP loop, the default configuration (OOM recovery on: one agreement per
+    step) and the same with autobatch.max_retries=0, validation off, then the default with a validator
+    rank (N-1 training ranks), in `repeat` interleaved rounds; rows carry medians, notes the spread."""
+    off, n = ["validation.mode=off"], s.nproc
+    cases = {"bare": lambda: rate("bare", job, s, tmp),
+             "default": lambda: rate("launcher", job, s, tmp, off),
+             "retries0": lambda: rate("launcher", job, s, tmp, off + ["autobatch.max_retries=0"]),
+             "validator": lambda: rate("launcher", job, s, tmp, (), train_ranks=n - 1)}
+    runs = {k: [] for k in cases}
+    for _ in range(s.repeat):
+        for k, measure in cases.items():
+            runs[k].append(measure())
+    med = {k: statistics.median(v) for k, v in runs.items()}
+
+    def ratios(a: str, b: str) -> list:  # per round: both sides ran next to each other
+        return [x / y for x, y in zip(runs[a], runs[b])]
+
+    rows, notes = [], []
+    for a, b, case, base_name, target in (
+            ("default", "bare", f"{name}: {n} ranks, launcher default (recovery on), validation off, vs bare DDP",
+             "bare DDP loop", 0.97),
+            ("default", "retries0", f"{name}: {n} ranks, launcher default vs autobatch.max_retries=0, validation off",
+             "max_retries=0", 0.97),
+            ("retries0", "bare", f"{name}: {n} ranks, launcher max_retries=0, validation off, vs bare DDP",
+             "bare DDP loop", None),
+            ("validator", "bare", f"{name}: {n} ranks = {n - 1} training + validator rank, vs bare DDP on {n}",
+             f"bare DDP loop ({n} ranks)", None)):
+        r = ratios(a, b)
+        ratio = statistics.median(r)
+        rows.append(common.row(case, round(med[a], 2), round(med[b], 2), base_name, unit,
+                               None if target is None else f">= {target}", None if target is None else ratio >= target,
+                               round(ratio, 4)))
+        notes.append(f"{case}: per-round ratios {', '.join(f'{x:.3f}' for x in r)} (median {ratio:.3f}, "
+                     f"spread {min(r):.3f}-{max(r):.3f})")
+    notes.append(f"{name}: {unit} per case over {s.repeat} rounds: " + "; ".join(
+        f"{k} {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in runs.items()))
+    return rows, notes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CPU/CI sizes")
     ap.add_argument("--models", default="resnet,vit")
     ap.add_argument("--nproc", type=int, default=1, help="training processes (torchrun when > 1)")
     ap.add_argument("--no-options", action="store_true", help="skip the speed-option cases")
-    ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats; the best of each is kept")
+    ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats; the best of each is kept "
+                    "(--nproc >= 2: the median, with the spread in the notes)")
     s = ap.parse_args()
     gpu = s.gpu = torch.cuda.is_available()
     sizes = QUICK if s.quick or not gpu else FULL
@@ -121,8 +166,16 @@ def main() -> None:
     rows, notes = [], [f"{'CPU/CI' if sizes is QUICK else 'full'} sizes, batch {s.batch} per rank, {s.nproc} "
                        f"process(es), {s.precision}, {s.steps} steps, timed after step {s.warmup}; validation "
                        f"(validation.mode=auto) every {s.val_every} steps inside the window, checkpoint at the end only"]
+    if s.nproc > 1:
+        notes = [f"{'CPU/CI' if sizes is QUICK else 'full'} sizes, batch {s.batch} per rank, {s.nproc} processes"
+                 f"{' (gloo)' if not gpu else ''}, {s.precision}, {s.steps} steps, timed after step {s.warmup}; "
+                 "the bare loop keeps synthetic batches on the device, the launcher reads the job's dataset; "
+                 "samples count training ranks only"]
     with tempfile.TemporaryDirectory() as tmp:
-        for name in s.models.split(","):
+        for name in s.models.split(",") if s.nproc > 1 else ():
+            more_rows, more_notes = multi_rank(name, sizes[name], s, Path(tmp), unit)
+            rows, notes = rows + more_rows, notes + more_notes
+        for name in s.models.split(",") if s.nproc == 1 else ():
             job = sizes[name]
             off = ["validation.mode=off"]
             bare, ours, no_val, no_ema = common.best_of(
@@ -146,12 +199,14 @@ def main() -> None:
                 on, off = (ours, other) if default else (other, ours)
                 rows.append(rate_row(f"{name}: {key}=true", on, off, f"{key}=false", unit))
         first = s.models.split(",")[0]
-        sync_ms, gate_ms = ema_gate(sizes[first], s, 10 if sizes is QUICK else 50)
-        rows.append(common.row(f"{first}: train step + EMA, device gate vs host sync", round(gate_ms, 3),
-                               round(sync_ms, 3), "bool(isfinite(loss)) per step", "ms/step" if gpu else "CPU-ms/step"))
-    notes.append("optim.fused defaults to true on CUDA and false on CPU; on CPU the fused case is the option.")
+        if s.nproc == 1:
+            sync_ms, gate_ms = ema_gate(sizes[first], s, 10 if sizes is QUICK else 50)
+            rows.append(common.row(f"{first}: train step + EMA, device gate vs host sync", round(gate_ms, 3),
+                                   round(sync_ms, 3), "bool(isfinite(loss)) per step", "ms/step" if gpu else "CPU-ms/step"))
+            notes.append("optim.fused defaults to true on CUDA and false on CPU; on CPU the fused case is the option.")
     common.print_rows(rows)
-    print("wrote", common.write("overhead", torch.device("cuda" if gpu else "cpu"), rows, quick=sizes is QUICK,
+    name = "overhead" if s.nproc == 1 else f"overhead_{s.nproc}ranks"
+    print("wrote", common.write(name, torch.device("cuda" if gpu else "cpu"), rows, quick=sizes is QUICK,
                                 notes=notes))
 
 

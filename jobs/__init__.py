@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from jobs.base import Job
+from launcher.jobs.base import Job
 
 __all__ = ["Job", "load", "resolve"]
 

@@ -12,7 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from omegaconf import MISSING
+
+MISSING = "???"  # omegaconf.MISSING (a required field), spelled out: jobs import nothing from Hydra
 
 
 class Choice(str, Enum):
@@ -47,6 +48,10 @@ class Job:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Reject this job's bad config before anything starts: raise ValueError naming the fix."""
 
     def model(self) -> nn.Module:
         raise NotImplementedError

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from jobs.base import Choice, Job, JobConfig
+from launcher.jobs.base import Choice, Job, JobConfig
 
 
 class Mnist1dModel(Choice):
@@ -26,7 +26,7 @@ class Mnist1dModel(Choice):
 @dataclass
 class Mnist1dJob(JobConfig):
     name: str = "mnist1d"
-    target: str = "jobs.mnist1d:Mnist1D"
+    target: str = "launcher.jobs.mnist1d:Mnist1D"
     batch_size: int = 64
     model: Mnist1dModel = Mnist1dModel.cnn
     hidden: int = 100

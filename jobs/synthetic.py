@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from jobs.base import Choice, Job, JobConfig
+from launcher.jobs.base import Choice, Job, JobConfig
 
 
 class SyntheticModel(Choice):
@@ -24,7 +24,7 @@ class SyntheticModel(Choice):
 @dataclass
 class SyntheticJob(JobConfig):
     name: str = "synthetic"
-    target: str = "jobs.synthetic:Synthetic"
+    target: str = "launcher.jobs.synthetic:Synthetic"
     batch_size: int = 32
     model: SyntheticModel = SyntheticModel.resnet
     width: int = 64  # resnet: stem channels (64 = ResNet-50 widths); vit: ignored

@@ -49,6 +49,7 @@ class Probe:
     peak_bytes: int  # reserved peak + outside the allocator + extra (0 where not measurable)
     seconds: float
     error: str = ""
+    headroom_bytes: int = 0  # the backward's peak beyond what forward left allocated (CUDA; 0 elsewhere)
 
 
 @dataclass
@@ -95,21 +96,31 @@ def _run(trial: Callable[[int], None], n: int, memory: DeviceMemory) -> Probe:
     memory.start()
     t0 = time.perf_counter()
     try:
-        trial(n)
+        headroom = trial(n)
         ok, error = True, ""
     except Exception as e:  # noqa: BLE001 - only OOMs are expected; everything else is re-raised
         if not is_oom(e):
             raise
         traceback.clear_frames(e.__traceback__)
-        ok, error = False, str(e).splitlines()[0][:160]
+        ok, error, headroom = False, str(e).splitlines()[0][:160], 0
     peak = memory.peak()
     if not ok:  # a success frees everything by reference counting; a failure may leave cycles
         cleanup(memory.device)
     fits = ok and (memory.limit is None or peak <= memory.limit)
-    p = Probe(n, ok, fits, int(peak), round(time.perf_counter() - t0, 4), error)
+    p = Probe(n, ok, fits, int(peak), round(time.perf_counter() - t0, 4), error, int(headroom or 0))
     log.info("autobatch probe: micro-batch %d %s, peak %.2f GiB%s, %.2fs", n, "ok" if ok else "OOM",
              peak / 2**30, "" if memory.limit is None else f" (limit {memory.limit / 2**30:.2f})", p.seconds)
     return p
+
+
+def backward_headroom(probes: List[dict], micro: int) -> Optional[int]:
+    """The backward headroom at `micro`, from one rank's probes: measured at the nearest probed size at
+    or above it (an upper bound), else scaled from the largest; None where nothing was measured."""
+    sized = sorted((p["size"], p.get("headroom_bytes", 0)) for p in probes if p["ok"] and p.get("headroom_bytes"))
+    above = [h for size, h in sized if size >= micro]
+    if not sized:
+        return None
+    return above[0] if above else sized[-1][1] * micro // sized[-1][0]
 
 
 def _fit(probes: List[Probe], limit: Optional[int]) -> Optional[int]:
@@ -143,10 +154,14 @@ def probe_batch(job, dataset, n: int, device: torch.device):
 
 def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Callable[[], Any],
                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], fp16: bool,
-                make_ema: Optional[Callable[[nn.Module], Any]]) -> Callable[[int], None]:
+                make_ema: Optional[Callable[[nn.Module], Any]]) -> Callable[[int], int]:
     """One full training step at size n, with a throwaway optimizer, scaler and EMA so their
-    memory is counted; the caller restores the weights and RNG afterwards."""
-    def trial(n: int) -> None:
+    memory is counted; the caller restores the weights and RNG afterwards. Returns the backward
+    headroom on CUDA (allocated peak so far minus allocated after the second forward: an upper
+    bound of what backward adds, which oom.Headroom checks before every last backward), else 0."""
+    cuda = device.type == "cuda"
+
+    def trial(n: int) -> int:
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         ema = make_ema(model) if make_ema else None
@@ -156,7 +171,9 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
             for _ in range(2):  # the second step runs with the optimizer state already allocated
                 with amp():
                     loss = job.loss(model(x), y)
+                after_forward = torch.cuda.memory_allocated(device) if cuda else 0
                 scaler.scale(loss).backward()
+                headroom = torch.cuda.max_memory_allocated(device) - after_forward if cuda else 0
                 del loss
                 scaler.step(opt)
                 scaler.update()
@@ -166,6 +183,7 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
         finally:
             for p in model.parameters():
                 p.grad = None
+        return headroom
     return trial
 
 
@@ -239,7 +257,7 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
     if cached:  # a resume: the same devices and settings, and any runtime reduction, kept
         batch = Batch(cached.micro_batch, cached.step_batch, world)
         return batch, {"cached": True, "micro_batch": batch.micro, "accum": batch.accum,
-                       "global_batch": batch.global_size}
+                       "global_batch": batch.global_size, "backward_headroom_bytes": cached.backward_headroom_bytes}
     record = AutobatchRecord(signature=sig, requested=cfg.batch.size, global_size=cfg.batch.global_size,
                              train_world=world)
     if cfg.batch.size != "auto":
@@ -279,6 +297,7 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
         batch = geometry(found, cfg.batch.global_size, world)
         record.reason, record.found, record.per_rank = "probed", found, per_rank
         record.probes = max(len(r["probes"]) for r in per_rank)
+        record.backward_headroom_bytes = [backward_headroom(r["probes"], batch.micro) for r in per_rank]
         record.seconds = max(r["seconds"] for r in per_rank)
         log.info("autobatch: micro-batch %d on this rank (%d probes, %.1fs); all ranks agree on %d",
                  mine.found, len(mine.probes), mine.seconds, found)
@@ -288,7 +307,7 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
         rundir.write_autobatch(record)
     data = record.to_dict()
     event = {k: data[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes",
-                                  "seconds") if k in data}
+                                  "seconds", "backward_headroom_bytes") if k in data}
     if record.per_rank:  # the curve: [size, peak bytes, ok, seconds] per probe, per rank
         event["curve"] = [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in r["probes"]]
                           for r in record.per_rank]

@@ -90,21 +90,22 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
 
 def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     """Everything that can be rejected without a process group."""
-    import jobs
+    from launcher import jobs
     import torch
-    from jobs.base import declared_metrics
+    from launcher.jobs.base import declared_metrics
     from launcher.batch import geometry
 
     schema.check(cfg, world_size)
     try:
         target = jobs.resolve(cfg.job.target)
+        getattr(target, "check", lambda _: None)(cfg.job)  # the job's own checks (data dir, extras)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     missing = [m for m in ("model", "datasets") if getattr(target, m, None) in (None, getattr(jobs.Job, m))]
     if missing:
         lacks = " and ".join(f"{m}()" for m in missing)
         raise ConfigError(f"job.target={cfg.job.target}: the job does not define {lacks}; "
-                          "a job subclasses jobs.base.Job and defines model() and datasets()")
+                          "a job subclasses launcher.jobs.base.Job and defines model() and datasets()")
     names = declared_metrics(target)
     if names is not None and cfg.validation.metric not in names:
         raise ConfigError(f"validation.metric={cfg.validation.metric!r} is not a metric of job.target={cfg.job.target}; "

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launcher.schema import Config, ConfigError, get
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Installed from a wheel the configs are package data (launcher/conf); in a checkout, the top-level conf/.
+CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
+                if (d / "config.yaml").exists())
 HYDRA_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
                "--shell-completion", "-sc"}
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")

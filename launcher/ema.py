@@ -25,6 +25,16 @@ def decay_at(n: int, decay: float, ramp: str, tau: float) -> float:
     raise ValueError(f"ramp={ramp!r}; choose exp, tf or none")
 
 
+def auto_tau(total_steps: int, window: float = 0.05) -> float:
+    """`ema.tau` when unset: the exp ramp's time constant that makes the average at the end of a
+    run of `total_steps` span about `window` of it (5%: the last 300 of 6000 steps).
+
+    At the last step the decay is d*(1-exp(-T/tau)), so the average spans 1/(1-decay) steps;
+    exp(-T/tau) = 1/(window*T) gives tau = T/ln(window*T). On long runs `ema.decay` caps the
+    span first (0.9999: 10k steps), as with a fixed tau. Pure: the same T gives the same tau."""
+    return max(1.0, total_steps / max(1.0, math.log(max(1.0, window * total_steps))))
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: str = "exp", tau: float = 2000.0):
         self.decay, self.ramp, self.tau = decay, str(ramp), tau  # plain values: checkpoints load weights_only
@@ -139,7 +149,7 @@ class EMA:
 
     def describe(self) -> str:
         mb = sum(v.numel() * v.element_size() for v in self.shadow.values()) / 2**20
-        return f"EMA kept on this rank: {len(self.shadow)} tensors, {mb:.2f} MB fp32"
+        return f"EMA kept on this rank: {len(self.shadow)} tensors, {mb:.2f} MB fp32, tau {self.tau:.0f}"
 
     def stats(self) -> dict:
         """For metrics rows and the summary."""

@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, job, dataset: Dataset, batch_size: int, device: torch.device,
-             precision: str = "fp32") -> Dict[str, float]:
+             precision: str = "fp32", workers: int = 0) -> Dict[str, float]:
     """Job metrics averaged over every sample of `dataset` (metrics are per-batch sums)."""
     model.eval()
     sums: Dict[str, torch.Tensor] = {}
     n = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
+                        num_workers=workers)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -47,7 +48,8 @@ def validate_state(model: nn.Module, state: Dict[str, torch.Tensor], job, datase
     t0 = time.perf_counter()
     model.load_state_dict(state, strict=True)
     validation_delay(cfg.debug)
-    metrics = evaluate(model, job, dataset, batch_size, device, resolve_precision(cfg.validation.precision, device))
+    metrics = evaluate(model, job, dataset, batch_size, device, resolve_precision(cfg.validation.precision, device),
+                       cfg.data.workers)
     return metrics, time.perf_counter() - t0
 
 
@@ -79,6 +81,19 @@ def fmt(metrics: Dict[str, float]) -> str:
 
 def best_summary(best: Optional[Best]) -> dict:
     return {"best_metric": best.metric, "best_value": best.value, "best_step": best.step} if best else {}
+
+
+def best_by_weights(rows: List[ValResult], metric: str, goal: str) -> dict:
+    """best_raw / best_ema ({value, step}) and final_raw / final_ema (the last step's value), side by side."""
+    out = {}
+    for kind in ("raw", "ema"):
+        mine = sorted((r.step, r.metrics[metric]) for r in rows
+                      if r.weights == kind and metric in r.metrics and r.source is None)
+        if mine:
+            step, value = (max if goal == "max" else min)(mine, key=lambda sv: (sv[1], -sv[0]))
+            out[f"best_{kind}"] = {"value": value, "step": step}
+            out[f"final_{kind}"] = mine[-1][1]
+    return out
 
 
 class Tracker:

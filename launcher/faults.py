@@ -80,20 +80,49 @@ class Faults:
 
     def __init__(self, debug, env, rundir):
         self.debug, self.env, self.state = debug, env, None
-        failed_before = any(e.get("event") == "debug_fail" for e in rundir.read_events())
-        self.fail_at = None if failed_before else debug.fail_at_step  # once per run, not per restart
-        self.oom_at = debug.simulate_oom_at_step
+        events = {e.get("event") for e in rundir.read_events()}
+        self.fail_at = None if "debug_fail" in events else debug.fail_at_step  # once per run, not per restart
+        self.oom_at = None if "oom_restart" in events else debug.simulate_oom_at_step  # the same
 
     def arm_forward(self, model: nn.Module) -> None:
         """debug.simulate_oom_above, for the probe and for training alike."""
         oom_above(model, simulated_limit(self.debug.simulate_oom_above, self.env.train_rank))
 
-    def arm_backward(self, model: nn.Module, state) -> None:
-        """debug.simulate_oom_at_step: one OOM in backward of that step (state.step + 1), on the last
-        training rank."""
+    def arm_oom(self, model: nn.Module, state, phase) -> None:
+        """debug.simulate_oom_at_step: one real OOM in step state.step + 1 on training rank
+        debug.simulate_oom_rank (-1: the last), where debug.simulate_oom_phase says: `forward` (inside the
+        model, after DDP's pre-forward, of the step's first micro-batch), `backward` (at the start of the
+        step's first backward: a non-last one when accumulating), `last_backward` (late inside the last
+        backward, once DDP has launched its all-reduces: `phase()` is oom.Recovery's phase) or `headroom`
+        (the rank reports too little memory for the last backward; see low_memory)."""
         self.state = state
-        if self.oom_at is not None:
-            model.register_full_backward_pre_hook(self._backward_oom)
+        if self.oom_at is None or self.debug.simulate_oom_phase == "headroom" or not self._oom_rank():
+            return
+        kind = self.debug.simulate_oom_phase
+        if kind == "forward":
+            model.register_forward_pre_hook(lambda m, _a: self._fire("forward") if m.training else None)
+        elif kind == "backward":
+            model.register_full_backward_pre_hook(lambda _m, _g: self._fire("backward"))
+        else:  # the first parameter's gradient comes last in backward, after DDP launched its buckets
+            first = next(p for p in model.parameters() if p.requires_grad)
+            first.register_hook(lambda g: self._fire("last backward") if phase() == "last backward" else None)
+
+    def low_memory(self, step: int) -> bool:
+        """debug.simulate_oom_phase=headroom: at step debug.simulate_oom_at_step (step + 1), once, this rank
+        reports that its free memory is below the backward headroom."""
+        if self.debug.simulate_oom_phase == "headroom" and step + 1 == self.oom_at and self._oom_rank():
+            self.oom_at = None
+            log.warning("debug.simulate_oom_phase=headroom: reporting too little memory for the last backward")
+            return True
+        return False
+
+    def _oom_rank(self) -> bool:
+        return self.env.train_rank == self.debug.simulate_oom_rank % self.env.train_world
+
+    def _fire(self, where: str):
+        if self.state.step + 1 == self.oom_at:
+            at, self.oom_at = self.oom_at, None  # once
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated in {where}: debug.simulate_oom_at_step={at})")
 
     def arm_nan(self, model: nn.Module, state) -> None:
         """debug.nan_loss_at_step: the model's output, hence the loss, of that step (state.step + 1) is NaN

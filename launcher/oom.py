@@ -1,12 +1,20 @@
-"""Out-of-memory errors at run time: recognise them, agree on them, redo the step with less.
+"""Out-of-memory errors at run time: recognise them, agree once per step, redo the step with less.
 
-Every forward and backward of a micro-batch ends with a tiny CPU all-reduce of "did
-anyone OOM" (gloo, no device sync). If anyone did, every rank drops the step's
-gradients and redoes the same step batch with half the micro-batch. Gradients are
-all-reduced by us after that last agreement, never inside backward: an OOM in one
-rank's backward would otherwise leave the other ranks waiting in DDP's all-reduce
-forever (Composer's known hole). With `autobatch.max_retries=0` all of this steps
-aside and DDP syncs inside backward as usual.
+With 2+ training ranks DDP keeps its overlapped, bucketed all-reduce: every micro-batch but
+the last runs under `no_sync`, so its forward and backward run no collective, and an OOM
+there is caught on that rank alone (it skips its remaining micro-batches). After the last
+forward and before the last backward, the only backward that runs DDP's collectives, the
+ranks agree once: a tiny CPU all-reduce (gloo, no device sync) of "I ran out of memory in
+<phase>" or "I would: my free memory (host-side allocator counters) is below the backward
+headroom the probe measured". If any rank says so, every rank drops the step's gradients
+and redoes the same samples with half the micro-batch.
+
+An OOM *inside* the last backward cannot be agreed on: the other ranks are in DDP's
+all-reduce. That rank records the halved micro-batch in autobatch.json and exits with status
+75 (EXIT_RESTART, EX_TEMPFAIL); torchrun tears the group down (the others' all-reduce fails
+or they are stopped) and `--max-restarts` (or a Slurm requeue) resumes from the last checkpoint
+with the halved micro-batch. With one training rank every phase is local, the last backward
+included, so everything is redone in place. `autobatch.max_retries=0` turns all of this off.
 """
 from __future__ import annotations
 
@@ -14,16 +22,17 @@ import gc
 import logging
 import traceback
 from contextlib import nullcontext
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as tdist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from launcher.batch import Batch
 
 log = logging.getLogger(__name__)
+
+EXIT_RESTART = 75  # EX_TEMPFAIL: out of memory inside the last backward on 2+ ranks; resume with the halved batch
 
 # The message forms a failed *allocation* takes when it is not a torch.OutOfMemoryError: the CUDA/HIP
 # caching allocator, a raw cudaMalloc inside a kernel launch, cuBLAS/cuDNN workspace allocations, the CPU
@@ -32,6 +41,8 @@ log = logging.getLogger(__name__)
 OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
                 "CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory", "HIP out of memory",
                 "hipErrorOutOfMemory")
+# What a rank reports in the agreement (index + 1; 0 = fine). "headroom": it would run out in the last backward.
+PHASES = ("forward", "backward", "last backward", "headroom")
 
 
 def is_oom(e: BaseException) -> bool:
@@ -46,7 +57,7 @@ class OutOfMemory(RuntimeError):
 
 
 class StepOOM(Exception):
-    """Some training rank ran out of memory in this step; every rank raises it at the same point."""
+    """Some training rank ran out of memory in this step (or would); every rank raises it at the same point."""
 
     def __init__(self, phase: str, ranks: List[int]):
         super().__init__(f"out of memory in {phase} on training rank(s) {ranks}")
@@ -60,118 +71,183 @@ def cleanup(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class Headroom:
+    """Whether this rank has the memory its last backward needs, from host-side figures only: the device's
+    total and what lies outside PyTorch's allocator (read once), what the allocator has handed out now
+    (torch.cuda.memory_allocated: a host counter, no device sync), and the backward headroom the probe
+    measured (peak minus allocated after forward, in autobatch.json). `simulate(step)`: debug injection."""
+
+    def __init__(self, device: torch.device, per_rank: Optional[List[Optional[int]]], rank: int,
+                 simulate: Callable[[int], bool]):
+        need_bytes = per_rank[rank] if per_rank and 0 <= rank < len(per_rank) else None
+        self.device, self.need, self.simulate = device, need_bytes, simulate
+        self.room = None
+        if device.type == "cuda" and need_bytes:
+            free, total = torch.cuda.mem_get_info(device)
+            self.room = total - max(0, total - free - torch.cuda.memory_reserved(device))
+
+    def short(self, step: int) -> bool:
+        if self.simulate(step):
+            return True
+        return self.room is not None and self.room - torch.cuda.memory_allocated(self.device) < self.need
+
+
 class Recovery:
-    """Agreement after every forward and backward, gradient sync after the last one, and the policy:
-    halve the micro-batch, redo the step, at most `autobatch.max_retries` times.
+    """The policy: agree once per step, halve the micro-batch and redo the step, at most
+    `autobatch.max_retries` times in place; an OOM inside the last backward on 2+ ranks ends this
+    attempt with EXIT_RESTART.
 
     The GradScaler needs no reset: an OOM in forward or backward comes before unscale_/step, so the
-    scaler has recorded nothing for this step. Not covered: an OOM in the optimizer step or in our
-    gradient all-reduce (the probe ran both); a non-OOM error ends that rank and torchrun the others."""
+    scaler has recorded nothing for this step. Not covered: an OOM in the optimizer step (the probe ran
+    it); a non-OOM error ends that rank and torchrun the others."""
 
-    def __init__(self, cfg, env, dist, rundir, model: nn.Module, tel):
+    def __init__(self, cfg, env, dist, rundir, ddp: nn.Module, tel, state, headroom: Headroom):
         self.enabled = cfg.autobatch.max_retries > 0
         self.max_retries, self.retries = cfg.autobatch.max_retries, 0
-        self.env, self.dist, self.rundir, self.model, self.tel = env, dist, rundir, model, tel
-        self.manual_sync = self.enabled and dist.distributed_training
+        self.env, self.dist, self.rundir, self.ddp, self.tel, self.state = env, dist, rundir, ddp, tel, state
+        self.distributed = dist.distributed_training
+        self.headroom = headroom
+        self.phase = ""  # what this rank is doing in the current attempt (faults.py reads it)
 
-    def forward(self):
-        return _Agree(self, "forward") if self.enabled else nullcontext()
+    def attempt(self) -> "_Attempt":
+        """One try at the step's forwards and backwards (a context manager); see the module's docstring."""
+        return _Attempt(self) if self.enabled else _OFF
 
-    def backward(self):
-        return _Agree(self, "backward") if self.enabled else nullcontext()
+    @staticmethod
+    def syncs(ddp: nn.Module, last: bool) -> bool:
+        """Whether DDP all-reduces in this micro-batch's backward: in the last one only, with or without
+        recovery; except before ddp.static_graph has recorded its graph, in a first backward that must sync
+        (DDP fails an unsynced one then). One process: the last, where the (local) agreement goes."""
+        recording = getattr(ddp, "static_graph", False) and not ddp._static_graph_delay_allreduce_enqueued
+        return last or recording
 
-    def no_sync(self, ddp: nn.Module, last: bool):
-        """DDP syncs in backward only on the last micro-batch, and never when we sync ourselves."""
-        if ddp is self.model or (last and not self.manual_sync):
-            return nullcontext()
-        return ddp.no_sync()
+    @staticmethod
+    def no_sync(ddp: nn.Module, sync: bool):
+        return nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()
 
-    def all_reduce_grads(self) -> None:
-        """Average gradients across training ranks, then take rank 0's buffers (as DDP's
-        broadcast_buffers would before the next forward). Only when every rank's backward is done."""
-        if not self.manual_sync:
-            return
-        group, world = self.dist.group, self.env.train_world
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        for grads in _buckets([p.grad for p in params]):
-            flat = _flatten_dense_tensors(grads)
-            tdist.all_reduce(flat, group=group)
-            flat.div_(world)
-            torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
-        for buffers in _buckets(list(self.model.buffers())):
-            flat = _flatten_dense_tensors(buffers)
-            tdist.broadcast(flat, src=self.env.train_ranks[0], group=group)
-            torch._foreach_copy_(buffers, _unflatten_dense_tensors(flat, buffers))
+    def agree(self, failed: str = "") -> None:
+        """The step's one agreement: per rank 0 (fine) or 1 + the index of its phase in PHASES, summed over
+        the training group (a CPU tensor: gloo, no device sync). Raises StepOOM on every rank if any."""
+        mine = PHASES.index(failed) + 1 if failed else len(PHASES) * self.headroom.short(self.state.step)
+        flags = torch.zeros(self.env.train_world, dtype=torch.int32)
+        flags[max(self.env.train_rank, 0)] = mine
+        if self.distributed:
+            tdist.all_reduce(flags, group=self.dist.group)
+        bad = {r: PHASES[v - 1] for r, v in enumerate(flags.tolist()) if v}
+        if bad:
+            raise StepOOM(", ".join(sorted(set(bad.values()), key=PHASES.index)), sorted(bad))
 
     def recover(self, batch: Batch, e: StepOOM, step: int) -> Batch:
         """After every rank dropped the step's graph and gradients: the halved batch, or give up clearly."""
         cleanup(self.env.device)
-        if batch.micro == 1 or self.retries >= self.max_retries:
-            why = "at micro-batch 1" if batch.micro == 1 else f"after autobatch.max_retries={self.max_retries}"
-            msg = (f"{e} at step {step + 1} with micro-batch {batch.micro}: giving up {why}; "
-                   "lower batch.size, use a smaller model or free device memory")
-            log.error(msg)
-            self.tel.event("oom_giveup", step=step, phase=e.phase, ranks=e.ranks, micro_batch=batch.micro)
-            raise OutOfMemory(msg) from None
+        self._reset_ddp()
+        self._check_can_halve(batch, e.phase, e.ranks, step, str(e))
         self.retries += 1
         smaller = batch.halved()
         log.warning("%s at step %d: redoing it with micro-batch %d -> %d, accumulation %d (same %d samples)",
                     e, step + 1, batch.micro, smaller.micro, smaller.accum, smaller.step)
         self.tel.event("oom_retry", step=step, phase=e.phase, ranks=e.ranks, micro_from=batch.micro,
                        micro_to=smaller.micro, accum=smaller.accum, step_batch=smaller.step, retry=self.retries)
-        record = self.rundir.read_autobatch() if self.env.is_main else None
-        if record is not None:  # a resume continues with the reduced micro-batch
-            record.oom_retries.append({"step": step, "phase": e.phase, "ranks": e.ranks,
-                                       "micro_from": batch.micro, "micro_to": smaller.micro})
-            record.micro_batch, record.accum = smaller.micro, smaller.accum
-            self.rundir.write_autobatch(record)
+        if self.env.is_main:  # a resume continues with the reduced micro-batch
+            self._record(step, e.phase, e.ranks, batch, smaller)
         return smaller
 
-    def agree(self, phase: str, failed: bool) -> None:
-        """All-reduce a one-hot "I ran out of memory" over the training group (a CPU tensor: gloo)."""
-        flags = torch.zeros(self.env.train_world)
-        flags[max(self.env.train_rank, 0)] = float(failed)
-        if self.dist.distributed_training:
-            tdist.all_reduce(flags, group=self.dist.group)
-        ranks = [int(r) for r in torch.nonzero(flags).flatten()]
-        if ranks:
-            raise StepOOM(phase, ranks)
+    def restart(self, batch: Batch) -> None:
+        """An OOM inside the last backward on 2+ ranks: the others wait in DDP's all-reduce, so nothing
+        can be agreed. Record the halved micro-batch (this rank writes autobatch.json and the event: rank
+        0 may be the one waiting) and exit with EXIT_RESTART; torchrun ends the others."""
+        step, rank = self.state.step, self.env.train_rank
+        what = f"out of memory in the last backward on training rank {rank}"
+        self._check_can_halve(batch, "last backward", [rank], step, what, everywhere=False)
+        smaller = batch.halved()
+        self._record(step, "last backward", [rank], batch, smaller, restart=True)
+        self.rundir.event("oom_restart", step=step, rank=rank, micro_from=batch.micro, micro_to=smaller.micro,
+                          exit_code=EXIT_RESTART)
+        log.error("%s at step %d: exiting with status %d; torchrun --max-restarts (or a requeue) resumes from "
+                  "the last checkpoint with micro-batch %d -> %d, accumulation %d", what, step + 1, EXIT_RESTART,
+                  batch.micro, smaller.micro, smaller.accum)
+        logging.shutdown()
+        raise SystemExit(EXIT_RESTART)
+
+    def _check_can_halve(self, batch: Batch, phase: str, ranks: List[int], step: int, what: str,
+                         everywhere: bool = True) -> None:
+        if batch.micro > 1 and self.retries < self.max_retries:
+            return
+        why = "at micro-batch 1" if batch.micro == 1 else f"after autobatch.max_retries={self.max_retries}"
+        msg = (f"{what} at step {step + 1} with micro-batch {batch.micro}: giving up {why}; "
+               "lower batch.size, use a smaller model or free device memory")
+        log.error(msg)
+        fields = dict(step=step, phase=phase, ranks=ranks, micro_batch=batch.micro)
+        self.tel.event("oom_giveup", **fields) if everywhere else self.rundir.event("oom_giveup", **fields)
+        raise OutOfMemory(msg) from None
+
+    def _record(self, step: int, phase: str, ranks: List[int], batch: Batch, smaller: Batch,
+                restart: bool = False) -> None:
+        record = self.rundir.read_autobatch()
+        if record is not None:
+            record.oom_retries.append({"step": step, "phase": phase, "ranks": ranks, "micro_from": batch.micro,
+                                       "micro_to": smaller.micro, **({"restart": True} if restart else {})})
+            record.micro_batch, record.accum = smaller.micro, smaller.accum
+            self.rundir.write_autobatch(record)
+
+    def _reset_ddp(self) -> None:
+        """A redo after the agreement: ranks that ran the last (synced) forward expect its backward; clear
+        DDP's reducer so the redo's no_sync backwards stay local, and have the redo's first forward
+        broadcast rank 0's buffers on every rank (a rank that failed early would skip it otherwise)."""
+        reducer = getattr(self.ddp, "reducer", None)
+        if reducer is not None:
+            reducer._reset_state()  # as DDP does itself when its process group changes
+            self.ddp.require_forward_param_sync = True
 
 
-class _Agree:
-    """Catches an OOM in its block, then agrees with every other rank; raises StepOOM on all if any."""
+class _Attempt:
+    """Catches an OOM in its block. Before the agreement (a forward, a non-last backward) this rank goes
+    straight to the agreement and reports it; after it (the last backward) see Recovery.restart."""
 
-    def __init__(self, rec: Recovery, phase: str):
-        self.rec, self.phase = rec, phase
+    def __init__(self, rec: Recovery):
+        self.rec, self.agreed = rec, False
 
-    def __enter__(self) -> None:
-        return None
+    def __enter__(self) -> "_Attempt":
+        return self
+
+    def phase(self, name: str):
+        self.rec.phase = name
+        return nullcontext()
+
+    def agree(self) -> None:
+        """Before the first backward that all-reduces (the last): the attempt's one agreement."""
+        if not self.agreed:
+            self.agreed = True
+            self.rec.agree()
 
     def __exit__(self, typ, exc, tb) -> bool:
-        if exc is not None and not is_oom(exc):
+        phase, self.rec.phase = self.rec.phase, ""
+        if exc is None or not is_oom(exc):
             return False
-        if exc is not None:
-            log.warning("out of memory in %s on this rank: %s", self.phase, str(exc).splitlines()[0][:200])
-            traceback.clear_frames(tb)  # the failed frames hold activations
-        self.rec.agree(self.phase, exc is not None)
+        log.warning("out of memory in %s on this rank: %s", phase, str(exc).splitlines()[0][:200])
+        traceback.clear_frames(tb)  # the failed frames hold activations
+        if self.agreed and self.rec.distributed:
+            self.rec.restart(self.rec.state.batch)
+        if self.agreed:  # one rank: nothing runs a collective, the agreement is local
+            raise StepOOM(phase, [0]) from None
+        self.rec.agree(failed=phase)
+        return False  # not reached: agree raises StepOOM on every rank
+
+
+class _Off:
+    """Recovery off (autobatch.max_retries=0): no agreement, an OOM ends the process."""
+
+    def __enter__(self) -> "_Off":
+        return self
+
+    def __exit__(self, *exc) -> bool:
         return False
 
+    def phase(self, name: str):
+        return nullcontext()
 
-def _buckets(tensors: List[torch.Tensor], bucket_bytes: int = 25 << 20):
-    """Lists of tensors of one dtype and device, about `bucket_bytes` each."""
-    groups: dict = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    for group in groups.values():
-        bucket, size = [], 0
-        for t in group:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-        if bucket:
-            yield bucket
+    def agree(self) -> None:
+        pass
+
+
+_OFF = _Off()

@@ -74,6 +74,7 @@ class AutobatchRecord:
     seconds: Optional[float] = None
     per_rank: List[dict] = field(default_factory=list)  # {"rank", "found", "probes": [Probe as dict], ...}
     oom_retries: List[dict] = field(default_factory=list)
+    backward_headroom_bytes: Optional[List[Optional[int]]] = None  # per rank, at the chosen micro-batch (CUDA)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -16,9 +16,10 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from jobs.base import Choice, CustomJob
-from jobs.mnist1d import Mnist1dJob
-from jobs.synthetic import SyntheticJob
+from launcher.jobs.base import Choice, CustomJob
+from launcher.jobs.images import ImagesJob
+from launcher.jobs.mnist1d import Mnist1dJob
+from launcher.jobs.synthetic import SyntheticJob
 from launcher.signals import parse as parse_signals
 
 
@@ -37,6 +38,7 @@ Policy = _choice("Policy", "latest", "all")
 Goal = _choice("Goal", "max", "min")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 ProgressMode = _choice("ProgressMode", "auto", "rich", "plain", "off")
+OomPhase = _choice("OomPhase", "forward", "backward", "last_backward", "headroom")
 
 
 @dataclass
@@ -99,7 +101,7 @@ class AutobatchConfig:
     #                       also the search's resolution (it stops when fit and failure are margin/2 apart)
     max: int = 4096  # largest micro-batch tried
     max_probes: int = 10  # trial steps per rank at most
-    max_retries: int = 3  # runtime OOM recoveries before giving up; 0 = off (then DDP syncs inside backward)
+    max_retries: int = 3  # runtime OOM recoveries (halvings) before giving up; 0 = off. See oom.py
 
 
 @dataclass
@@ -128,7 +130,7 @@ class EmaConfig:
     enabled: bool = True
     decay: float = 0.9999
     ramp: Ramp = Ramp.exp
-    tau: float = 2000.0
+    tau: Optional[float] = None  # exp ramp time constant in updates; null = auto: spans ~5% of the run at its end
     every: int = 1  # update every k optimizer steps
 
 
@@ -189,7 +191,9 @@ class LoggerConfig:
 class DebugConfig:
     """Real fault injection for tests and demos; all off by default."""
     simulate_oom_above: Any = None  # int, or a list with one limit per rank
-    simulate_oom_at_step: Optional[int] = None  # one OOM in backward of this step (from 1), last training rank
+    simulate_oom_at_step: Optional[int] = None  # one OOM in this step (from 1), on simulate_oom_rank, in simulate_oom_phase
+    simulate_oom_phase: OomPhase = OomPhase.backward  # where: backward = the step's first; headroom = too little memory reported
+    simulate_oom_rank: int = -1  # the training rank of debug.simulate_oom_at_step (-1: the last)
     nan_loss_at_step: Optional[int] = None  # the loss of this step (from 1) is NaN on training rank nan_loss_rank
     nan_loss_rank: int = -1  # the training rank that gets debug.nan_loss_at_step's NaN (-1: the last)
     handoff_oom_at_step: Optional[int] = None  # the hand-off of this step raises an OOM (skipped, recorded)
@@ -225,6 +229,7 @@ def register() -> None:
     cs.store(group="job", name="mnist1d_schema", node=Mnist1dJob)
     cs.store(group="job", name="synthetic_schema", node=SyntheticJob)
     cs.store(group="job", name="custom_schema", node=CustomJob)
+    cs.store(group="job", name="images_schema", node=ImagesJob)
 
 
 class ConfigError(ValueError):
@@ -234,8 +239,7 @@ class ConfigError(ValueError):
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
             "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
 NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip", "train.threads",
-                "sched.warmup_steps",
-                "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
+                "sched.warmup_steps", "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",
                 "autobatch.max_retries", "data.workers")
 
@@ -299,7 +303,7 @@ def check(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("train.epochs=0 and train.max_steps=0: set at least one of them > 0")
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay={cfg.ema.decay} is not valid; it must be in (0, 1)")
-    if cfg.ema.tau <= 0:
+    if cfg.ema.tau is not None and cfg.ema.tau <= 0:
         raise ConfigError(f"ema.tau={cfg.ema.tau} is not valid; it must be > 0")
     if not 0.0 < cfg.autobatch.fraction <= 1.0 or not 0.0 <= cfg.autobatch.margin < 1.0:
         raise ConfigError("autobatch.fraction must be in (0, 1] and autobatch.margin in [0, 1)")
@@ -321,9 +325,6 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
-    if cfg.ddp.static_graph and cfg.autobatch.max_retries > 0:
-        raise ConfigError("ddp.static_graph=true needs autobatch.max_retries=0: OOM recovery averages gradients "
-                          "itself, outside DDP's recorded graph; or keep ddp.static_graph=false")
     try:
         parse_signals(cfg.run.stop_signals)
     except ValueError as e:

@@ -16,21 +16,26 @@ import time
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-import jobs
+from launcher import jobs
 from launcher import autobatch, speed
 from launcher.checkpoint import Checkpointer, TrainState, save_weights
 from launcher.dist import Dist, seed_everything
-from launcher.ema import EMA, NoEMA
+from launcher.ema import EMA, NoEMA, auto_tau
 from launcher.env import Env
 from launcher.faults import Faults
-from launcher.oom import Recovery, StepOOM
+from launcher.oom import Headroom, Recovery, StepOOM
 from launcher.optim import build_optimizer, build_scheduler, set_momentum, warmup_steps
 from launcher.precision import autocast, resolve_precision
 from launcher.rundir import RunDir
 from launcher.schema import Config, ConfigError
 from launcher.signals import Guard, Stop
 from launcher.telemetry import Telemetry
+<<<<<<< HEAD
 from launcher.validation import due, for_training
+=======
+from launcher.evaluation import best_by_weights
+from launcher.validation import for_training
+>>>>>>> integrate
 
 log = logging.getLogger("launcher.train")
 
@@ -75,8 +80,9 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     faults.arm_forward(model)
 
     # The micro-batch (probed and agreed by all ranks with batch.size=auto) and the fixed per-rank step batch.
-    def make_ema(m):
-        return EMA(m, cfg.ema.decay, cfg.ema.ramp, cfg.ema.tau) if cfg.ema.enabled else NoEMA()
+    def make_ema(m, total_steps=0):  # ema.tau unset: scaled to the run's length (the probe's EMA is thrown away)
+        tau = cfg.ema.tau if cfg.ema.tau is not None else auto_tau(total_steps)
+        return EMA(m, cfg.ema.decay, cfg.ema.ramp, tau) if cfg.ema.enabled else NoEMA()
 
     batch, autobatch_event = autobatch.choose(
         cfg, env, dist, rundir, model, job, train_set, precision, lambda: autocast(device, precision),
@@ -95,7 +101,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     opt = build_optimizer(model, cfg.optim, device)
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = make_ema(model) if env.is_main else NoEMA()  # rank 0 alone keeps the EMA
+    ema = make_ema(model, total // cfg.ema.every) if env.is_main else NoEMA()  # rank 0 alone keeps the EMA
     log.info(ema.describe())
     ddp = speed.wrap(model, cfg, dist.group if dist.distributed_training else None, device)  # DDP, compile
     tel = Telemetry(rundir, cfg, env, total, enabled=env.is_main)
@@ -109,9 +115,10 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
                               "use run.resume=auto to start fresh")
         seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
-    oom = Recovery(cfg, env, dist, rundir, model, tel)
+    oom = Recovery(cfg, env, dist, rundir, ddp, tel, state,
+                   Headroom(device, autobatch_event.get("backward_headroom_bytes"), env.train_rank, faults.low_memory))
     if oom.enabled:
-        faults.arm_backward(model, state)
+        faults.arm_oom(model, state, lambda: oom.phase)
     faults.arm_nan(model, state)
     guard = Guard(cfg, dist, tel)  # stop signals and early stop, agreed at every step boundary
     guard.log_restart(env.restart_count, state.step)
@@ -134,8 +141,8 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             if cfg.train.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
 
-            # Forward and backward over the micro-batches. An OOM on any rank, in forward or backward,
-            # is agreed on by all; each then redoes this step batch with half the micro-batch.
+            # Forward and backward over the micro-batches. An OOM on any rank before the last backward
+            # is agreed on by all; each then redoes this step batch with half the micro-batch (oom.py).
             while True:
                 try:
                     step_loss = forward_backward(x, y, state.batch, ddp, job, scaler, oom, device, precision)
@@ -143,7 +150,6 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
                 except StepOOM as e:
                     opt.zero_grad(set_to_none=True)
                     state.batch = oom.recover(state.batch, e, state.step)
-            oom.all_reduce_grads()  # with recovery on, gradients are averaged here, after every backward
 
             # Optimizer step; the EMA follows unless the step was skipped (fp16 overflow, non-finite synced
             # gradients: a NaN loss on any rank reaches every rank's gradients, not every rank's loss).
@@ -199,10 +205,12 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
                "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
                "wall_time_s": round(time.time() - t_start, 2)}
     summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
+    if cfg.validation.weights == "both":  # best and final raw and EMA side by side
+        summary.update(best_by_weights(rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
     if env.is_main:
         if cfg.ema.enabled:
             save_weights(rundir.ema_weights, ema.shadow, {"step": state.step, "updates": ema.updates})
-        summary.update(ema.stats())
+        summary.update(ema.stats(), **({"ema_tau": ema.tau} if cfg.ema.enabled else {}))
         rundir.write_summary(summary)
         tel.event("end", **summary)
         best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \
@@ -213,14 +221,19 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
 
 
 def forward_backward(x, y, batch, ddp, job, scaler, oom: Recovery, device, precision: str) -> torch.Tensor:
-    """The step batch's gradients, micro-batch by micro-batch; returns its (detached) mean loss."""
+    """The step batch's gradients, micro-batch by micro-batch; returns its (detached) mean loss. DDP
+    all-reduces in the last backward only; the ranks agree once, just before it (see oom.py)."""
     step_loss = torch.zeros((), device=device)
     xs, ys = x.split(batch.micro), y.split(batch.micro)
-    for i, (xb, yb) in enumerate(zip(xs, ys)):
-        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        with oom.forward(), oom.no_sync(ddp, last=i == len(xs) - 1), autocast(device, precision):
-            loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
-        with oom.backward():
-            scaler.scale(loss).backward()
-        step_loss += loss.detach()
+    with oom.attempt() as attempt:  # an OOM before the agreement skips this rank's rest, straight to it
+        for i, (xb, yb) in enumerate(zip(xs, ys)):
+            sync = oom.syncs(ddp, last=i == len(xs) - 1)  # DDP all-reduces in this backward: the last only
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with attempt.phase("forward"), oom.no_sync(ddp, sync), autocast(device, precision):
+                loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
+            if sync:
+                attempt.agree()  # any OOM so far on any rank, or too little memory for this backward: StepOOM
+            with attempt.phase("last backward" if sync else "backward"):
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
     return step_loss

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-import jobs
+from launcher import jobs
 from launcher import checkpoint, handoff
 from launcher.evaluation import Tracker, fmt, kinds, val_batch_size, validate_state
 from launcher.rundir import RunDir, ValResult

@@ -21,9 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.base import CustomJob  # noqa: E402
-from jobs.mnist1d import Mnist1dJob  # noqa: E402
-from jobs.synthetic import SyntheticJob  # noqa: E402
+from launcher.jobs.base import CustomJob  # noqa: E402
+from launcher.jobs.images import ImagesJob  # noqa: E402
+from launcher.jobs.mnist1d import Mnist1dJob  # noqa: E402
+from launcher.jobs.synthetic import SyntheticJob  # noqa: E402
 from launcher import schema  # noqa: E402
 
 OUT = ROOT / "docs" / "config.md"
@@ -119,7 +120,7 @@ def rows(cls, prefix: str = "") -> list:
 
 def render() -> str:
     head = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    jobs = [("mnist1d", Mnist1dJob), ("synthetic", SyntheticJob), ("custom", CustomJob)]
+    jobs = [("mnist1d", Mnist1dJob), ("synthetic", SyntheticJob), ("custom", CustomJob), ("images", ImagesJob)]
     text = [
         "# Config reference",
         "",

@@ -7,16 +7,16 @@ from typing import Dict, List, Set
 
 from conftest import ROOT
 
-PACKAGES = ("launcher", "jobs")
+PACKAGES = {"launcher": "launcher", "jobs": "launcher.jobs"}  # folder -> the package it installs as
 MAX_LINES = 350
 
 
 def modules() -> Dict[str, Path]:
     """Dotted module name -> source file, for every module of our packages."""
     out = {}
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = [package, *path.relative_to(ROOT / folder).with_suffix("").parts]
             if parts[-1] == "__init__":
                 parts.pop()
             out[".".join(parts)] = path

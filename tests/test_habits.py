@@ -74,7 +74,7 @@ def test_help_hides_and_train_refuses_internal_schemas(tmp_path):
 
 
 # --------------------------------------------------------------------- 7: tracebacks become one line
-NO_MODEL = "import torch\nfrom jobs.base import Job\n\nclass NoModel(Job):\n" \
+NO_MODEL = "import torch\nfrom launcher.jobs.base import Job\n\nclass NoModel(Job):\n" \
            "    def datasets(self):\n        return [], []\n"
 
 
@@ -110,7 +110,7 @@ def test_bad_input_that_used_to_be_a_traceback(case, tmp_path):
 
 SLOW_DATA = """import os, time, torch
 from torch.utils.data import TensorDataset
-from jobs.base import Job
+from launcher.jobs.base import Job
 
 class SlowData(Job):
     def model(self):

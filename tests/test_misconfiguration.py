@@ -7,7 +7,7 @@ TINY_JOB = '''
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from jobs import Job
+from launcher.jobs import Job
 
 
 class Tiny(Job):

@@ -78,7 +78,7 @@ def test_wandb_offline_has_train_and_val_series_on_their_axes(two_rank_run):
     assert wb["run"].run_id == (run_dir / "wandb_id").read_text().strip()
     assert list(wb["run"].tags) == ["a", "b"]
     config = {u.key: json.loads(u.value_json) for u in wb["run"].config.update}
-    assert config["optim"]["lr"] == 3e-3 and config["validation"]["weights"] == "both"
+    assert config["optim"]["lr"] == 1e-2 and config["validation"]["weights"] == "both"
 
     # Train series: one wandb row per metrics.jsonl row, at the optimizer step.
     metrics = read_jsonl(run_dir / "metrics.jsonl")

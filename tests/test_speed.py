@@ -71,9 +71,9 @@ def test_persistent_loader_resumes_mid_epoch_like_a_fresh_loader(tmp_path):
 @pytest.mark.slow
 def test_ddp_bucket_settings_two_ranks(tmp_path):
     """The ddp.* keys reach DDP and do not change the math: 2 ranks with other bucket settings
-    end bit-identical to the defaults on CPU. (DDP syncs gradients itself only with
-    autobatch.max_retries=0; OOM recovery otherwise all-reduces them after backward.)"""
-    base = [*FAST, "train.epochs=1", "validation.mode=off", "ema.enabled=false", "autobatch.max_retries=0"]
+    end bit-identical to the defaults on CPU, with OOM recovery on (the default: DDP syncs inside the
+    last backward either way) and ddp.static_graph, which recovery no longer rules out."""
+    base = [*FAST, "train.epochs=1", "validation.mode=off", "ema.enabled=false"]
     default, tuned = tmp_path / "default", tmp_path / "tuned"
     launch(["train", *base, f"run.dir={default}"], nproc=2)
     launch(["train", *base, f"run.dir={tuned}", "ddp.static_graph=true", "ddp.gradient_as_bucket_view=false",
@@ -84,7 +84,8 @@ def test_ddp_bucket_settings_two_ranks(tmp_path):
 
 
 def test_bad_ddp_settings_exit_2(tmp_path):
-    for bad, key in ((["ddp.bucket_cap_mb=0"], "ddp.bucket_cap_mb"), (["ddp.static_graph=true"], "max_retries=0")):
+    for bad, key in ((["ddp.bucket_cap_mb=0"], "ddp.bucket_cap_mb"), (["debug.simulate_oom_phase=sideways"],
+                                                                      "debug.simulate_oom_phase")):
         proc = launch(["train", *FAST, f"run.dir={tmp_path / 'r'}", *bad], check=False)
         assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -143,3 +144,22 @@ def test_run_all_quick_overhead_writes_json_and_results(tmp_path):
     assert vs_bare["ratio"] == pytest.approx(vs_bare["ours"] / vs_bare["baseline"], rel=1e-3)
     assert isinstance(vs_bare["met"], bool)
     assert "### overhead" in results.read_text() and vs_bare["case"] in results.read_text()
+
+
+def test_bare_ddp_baseline_needs_neither_the_launcher_nor_hydra(tmp_path):
+    """benchmarks/bare_ddp.py (the baseline) runs on a bare box: torch and the job's model only (the
+    `launcher` package root, which imports os, and launcher.jobs; no launcher module, Hydra or OmegaConf),
+    batches kept on the device; it writes the two timing marks."""
+    out = tmp_path / "marks.jsonl"
+    job = json.dumps({"model": "resnet", "width": 8, "depth": [1, 1, 1, 1], "image_size": 16, "num_classes": 10})
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['bare_ddp.py', '--job', {job!r}, '--batch', '4', '--steps', '3', '--warmup', '1',"
+            f" '--precision', 'fp32', '--out', {str(out)!r}]\n"
+            "runpy.run_path('benchmarks/bare_ddp.py', run_name='__main__')\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')\n"
+            "             or m.startswith('launcher.') and not m.startswith('launcher.jobs'))\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in map(json.loads, out.read_text().splitlines())] == [1, 3]
