@@ -30,12 +30,8 @@ from launcher.rundir import RunDir
 from launcher.schema import Config, ConfigError
 from launcher.signals import Guard, Stop
 from launcher.telemetry import Telemetry
-<<<<<<< HEAD
-from launcher.validation import due, for_training
-=======
 from launcher.evaluation import best_by_weights
-from launcher.validation import for_training
->>>>>>> integrate
+from launcher.validation import due, for_training
 
 log = logging.getLogger("launcher.train")
 
