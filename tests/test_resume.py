@@ -72,27 +72,28 @@ def test_resume_with_changed_options_keeps_the_config_records_and_refuses_breaki
     short = [*FAST, "validation.mode=off", f"run.dir={run}"]
     launch(["train", *short, "train.max_steps=6"])
     original = (run / "config.yaml").read_text()
+    lr = yaml.safe_load(original)["optim"]["lr"]
     # A change that keeps exactness: recorded, shown, config.yaml untouched.
-    proc = launch(["train", *short, "train.max_steps=10", "optim.lr=0.01"])
-    assert "train.max_steps: 6 -> 10" in proc.stderr and "optim.lr: 0.003 -> 0.01" in proc.stderr
+    proc = launch(["train", *short, "train.max_steps=10", "optim.lr=0.02"])
+    assert "train.max_steps: 6 -> 10" in proc.stderr and f"optim.lr: {lr} -> 0.02" in proc.stderr
     assert (run / "config.yaml").read_text() == original
     [entry] = list(yaml.safe_load_all((run / "config-history.yaml").read_text()))
-    assert entry["changes"] == {"optim.lr": {"old": 0.003, "new": 0.01}, "train.max_steps": {"old": 6, "new": 10}}
+    assert entry["changes"] == {"optim.lr": {"old": lr, "new": 0.02}, "train.max_steps": {"old": 6, "new": 10}}
     [event] = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "config_changed"]
     assert event["changes"] == entry["changes"]
     # The same options again: nothing changed since the last resume, nothing recorded.
-    launch(["train", *short, "train.max_steps=10", "optim.lr=0.01"])
+    launch(["train", *short, "train.max_steps=10", "optim.lr=0.02"])
     assert len(list(yaml.safe_load_all((run / "config-history.yaml").read_text()))) == 1
     # Changes that break exact resume: one line, exit 2, nothing touched.
     events = (run / "events.jsonl").read_text()
     for bad in (["batch.size=32"], ["job.model=cnn"], ["run.seed=1"]):
-        proc = launch(["train", *short, "train.max_steps=10", "optim.lr=0.01", *bad], check=False)
+        proc = launch(["train", *short, "train.max_steps=10", "optim.lr=0.02", *bad], check=False)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert bad[0].split("=")[0] in lines[0] and "run.allow_changes=true" in lines[0]
         assert (run / "events.jsonl").read_text() == events
     # Unless the user says so.
-    proc = launch(["train", *short, "train.max_steps=12", "optim.lr=0.01", "batch.size=32", "run.allow_changes=true"])
+    proc = launch(["train", *short, "train.max_steps=12", "optim.lr=0.02", "batch.size=32", "run.allow_changes=true"])
     last = list(yaml.safe_load_all((run / "config-history.yaml").read_text()))[-1]
     assert last["allowed_breaking"] == ["batch.size"] and "not exact" in proc.stderr
     assert (run / "config.yaml").read_text() == original
