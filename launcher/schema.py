@@ -61,7 +61,9 @@ class TrainConfig:
     log_every: int = 10
     device: TrainDevice = TrainDevice.auto
     compile: bool = False  # torch.compile the forward (DDP-aware: compiles the DDP wrapper in place)
-    channels_last: bool = False  # NHWC weights and inputs for conv nets (faster convolutions on tensor cores)
+    channels_last: bool = False  # NHWC weights and inputs for conv nets (converted in the copy to the device)
+    cudnn_benchmark: bool = True  # cuDNN times its conv algorithms once per input shape, keeps the fastest
+    tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (Ampere+; fp32 storage, ~10-bit mantissa)
 
 
 @dataclass
@@ -148,6 +150,8 @@ class ValidationConfig:
     drain_timeout_s: float = 300.0
     device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
     share_gpu: bool = False  # mode=rank, one process more than GPUs on a node: the validator shares the last GPU
+    workers: int = 2  # the validator's DataLoader worker processes (0: load in the validating process)
+    pin_memory: bool = True  # pinned evaluation batches, copied to a GPU without blocking
 
 
 @dataclass
@@ -237,10 +241,9 @@ class ConfigError(ValueError):
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
             "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
 NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
-                "sched.warmup_steps",
-                "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
+                "sched.warmup_steps", "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",
-                "autobatch.max_retries", "data.workers")
+                "autobatch.max_retries", "data.workers", "validation.workers")
 
 
 def get(cfg: Config, key: str) -> Any:

@@ -110,6 +110,7 @@ class AsyncValidation(_Validation):
         self.model, self.ema, self.child = model, ema, child
         self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
                                      fault=handoff_fault(cfg.debug))
+        self.writer.prepare(self._states())  # pinned buffers now, at setup, not on the training thread
         self.results = JsonlTail(rundir.results, from_end=True)
         self.skips = JsonlTail(rundir.skipped, from_end=True)
         self.restarts = JsonlTail(rundir.validator_restarts, from_end=True)
@@ -117,9 +118,11 @@ class AsyncValidation(_Validation):
         self.started, self.warned = time.time(), False
         self._stop, self._checked = False, 0.0
 
+    def _states(self) -> dict:
+        return {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
+
     def submit(self, step: int, epoch: int) -> None:
-        states = {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
-        blocked = self.writer.put(step, epoch, states)
+        blocked = self.writer.put(step, epoch, self._states())
         if blocked is not None:
             self.tel.event("handoff", step=step, blocked_ms=round(blocked * 1e3, 3))
 
