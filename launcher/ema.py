@@ -129,12 +129,13 @@ class EMA:
                 g.flat.lerp_(stage, weight)
 
     def _update_gated(self, model: nn.Module, skip: torch.Tensor) -> None:
-        """The gate decided on the device (a GPU's flag). One `_foreach_copy_` gathers every source
-        tensor into the groups' flat staging buffers; then per group one lerp into the staging buffer and one `where` that keeps the average
-        where the step is skipped. A skipped step rewrites the average with its own bits (NaN or
-        inf weights never enter, -0.0 stays -0.0); a kept one is bit-identical to the host path.
-        The counters are settled from the device when read; until then the ramp assumes the
-        step was not skipped."""
+        """The gate decided on the device (a GPU's flag). One `_foreach_copy_` gathers every
+        source tensor into the groups' flat staging buffers; then per group one lerp into the
+        staging buffer and one `where` that keeps the average where the step is skipped. A
+        skipped step rewrites the average with its own bits (NaN or inf weights never enter,
+        -0.0 stays -0.0); a kept one is bit-identical to the host path. The counters are
+        settled from the device when read; until then the ramp assumes the step was not
+        skipped."""
         if model is not self._model_ref:
             self._bind(model)
         if self._gather is None:

@@ -83,9 +83,9 @@ class InlineValidation(_Validation):
         rows = []
         for kind in kinds(self.cfg):
             state = self.ema.shadow if kind == "ema" else self.model.state_dict()
-            metrics, secs = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg, self.bs,
-                                           self.device)
-            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4)))
+            metrics, secs, rate = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg, self.bs,
+                                                 self.device)
+            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4), samples_per_s=round(rate, 1)))
             self.stop |= self.tracker.record(rows[-1], state)
         self.tel.validation(rows)
         self.last = step

@@ -77,9 +77,10 @@ def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -
         rows = [(kind, state, *validate_state(model, state, job, val_set, cfg, bs, device))
                 for kind, state in sorted(states.items(), key=lambda kv: kv[0] == tracker.primary)
                 if source or (step, kind) not in tracker.done]  # done: validated before a restart lost the ack
-        for kind, state, metrics, secs in rows:
-            stop |= tracker.record(ValResult(step, epoch, kind, metrics, round(secs, 4), source=source), state)
-            log.info("val step %d (%s): %s [%.2fs]", step, kind, fmt(metrics), secs)
+        for kind, state, metrics, secs, rate in rows:
+            stop |= tracker.record(ValResult(step, epoch, kind, metrics, round(secs, 4), source=source,
+                                             samples_per_s=round(rate, 1)), state)
+            log.info("val step %d (%s): %s [%.2fs, %.0f samples/s]", step, kind, fmt(metrics), secs, rate)
             count += 1
         return stop
 
