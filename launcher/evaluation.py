@@ -29,13 +29,13 @@ def channels_last(cfg, model: nn.Module) -> bool:
 
 
 def loader_options(cfg, device: torch.device) -> dict:
-    """The evaluation DataLoader: `validation.workers` worker processes (kept alive between validations)
-    and pinned batches when evaluating on a GPU. On the CPU it loads in-process: there is no copy to
-    overlap, and the cores belong to training."""
-    if device.type != "cuda" or cfg.validation.workers == 0:
-        return {"num_workers": 0, "pin_memory": device.type == "cuda" and cfg.validation.pin_memory}
-    return {"num_workers": cfg.validation.workers, "pin_memory": cfg.validation.pin_memory,
-            "persistent_workers": True}
+    """The evaluation DataLoader: `validation.workers` worker processes, kept alive between validations
+    (-1: `data.workers`, and at least 2 when evaluating on a GPU, so loading keeps up with it), and pinned
+    batches on a GPU (`data.pin_memory`)."""
+    gpu = device.type == "cuda"
+    workers = cfg.validation.workers if cfg.validation.workers >= 0 else max(cfg.data.workers, 2 if gpu else 0)
+    opts = {"num_workers": workers, "pin_memory": gpu and cfg.data.pin_memory}
+    return {**opts, "persistent_workers": True} if workers else opts
 
 
 _LOADERS: Dict[tuple, DataLoader] = {}  # one per (dataset, batch size): its workers persist

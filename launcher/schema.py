@@ -150,8 +150,7 @@ class ValidationConfig:
     drain_timeout_s: float = 300.0
     device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
     share_gpu: bool = False  # mode=rank, one process more than GPUs on a node: the validator shares the last GPU
-    workers: int = 2  # the validator's DataLoader worker processes (0: load in the validating process)
-    pin_memory: bool = True  # pinned evaluation batches, copied to a GPU without blocking
+    workers: int = -1  # evaluation DataLoader processes, persistent; -1: data.workers, at least 2 on a GPU
 
 
 @dataclass
@@ -238,12 +237,12 @@ class ConfigError(ValueError):
     """Bad input: the CLI prints it as one line and exits with status 2."""
 
 
-POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last",
+POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last", "optim.lr",
             "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
 NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip",
                 "sched.warmup_steps", "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",
-                "autobatch.max_retries", "data.workers", "validation.workers")
+                "autobatch.max_retries", "data.workers")
 
 
 def get(cfg: Config, key: str) -> Any:
@@ -309,8 +308,6 @@ def check(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"ema.tau={cfg.ema.tau} is not valid; it must be > 0")
     if not 0.0 < cfg.autobatch.fraction <= 1.0 or not 0.0 <= cfg.autobatch.margin < 1.0:
         raise ConfigError("autobatch.fraction must be in (0, 1] and autobatch.margin in [0, 1)")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} is not valid; it must be > 0")
     if cfg.batch.global_size is not None and cfg.batch.global_size <= 0:
         raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not valid; it must be > 0")
     check_global_size(cfg, world_size)

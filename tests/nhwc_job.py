@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from jobs.base import Job
+from launcher.jobs.base import Job
 
 
 class HostBatch(torch.Tensor):

@@ -200,13 +200,15 @@ def test_backend_flags_are_config_keys(on):
 
 
 def test_validator_loader_uses_workers_and_pinned_memory_on_a_gpu():
-    """Issue 14 item 4: validation.workers / validation.pin_memory reach the evaluation DataLoader
-    (persistent workers) on a GPU; on the CPU it loads in-process."""
+    """Issue 14 item 4: the evaluation DataLoader has worker processes (persistent) and pinned batches on
+    a GPU by default; validation.workers sets the count (default -1: data.workers, at least 2 on a GPU)."""
     from launcher.evaluation import loader_options
     from launcher.schema import Config
     cfg = Config()
-    assert loader_options(cfg, torch.device("cuda", 0)) == {"num_workers": 2, "pin_memory": True,
-                                                            "persistent_workers": True}
-    assert loader_options(cfg, torch.device("cpu")) == {"num_workers": 0, "pin_memory": False}
-    cfg.validation.workers, cfg.validation.pin_memory = 0, False
-    assert loader_options(cfg, torch.device("cuda", 0)) == {"num_workers": 0, "pin_memory": False}
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert loader_options(cfg, gpu) == {"num_workers": 2, "pin_memory": True, "persistent_workers": True}
+    assert loader_options(cfg, cpu) == {"num_workers": 0, "pin_memory": False}
+    cfg.data.workers = 8
+    assert loader_options(cfg, gpu)["num_workers"] == loader_options(cfg, cpu)["num_workers"] == 8
+    cfg.validation.workers, cfg.data.pin_memory = 0, False
+    assert loader_options(cfg, gpu) == {"num_workers": 0, "pin_memory": False}
