@@ -108,8 +108,10 @@ class EMA:
     def update(self, model: nn.Module, skip: "bool | torch.Tensor" = False) -> None:
         """Move the average towards `model`. `skip` (a step the GradScaler skipped, a
         non-finite loss) leaves it untouched and does not advance the ramp. A 0-d bool
-        *tensor* `skip` is decided on the device, so the step needs no host-device sync."""
+        *tensor* `skip` on a GPU is decided there, so the step needs no host-device sync."""
         if isinstance(skip, torch.Tensor):
+            if skip.device.type == "cpu":  # already on the host: reading it waits for no device
+                return self.update(model, skip=bool(skip))
             return self._update_gated(model, skip)
         if skip:
             self.skipped += 1
