@@ -6,6 +6,11 @@
    hand-off's blocked time from events.jsonl).
 2. The hand-off alone for a ResNet-50-sized EMA (25.6M parameters, 102 MB): the
    time `Writer.put` blocks the caller, on CUDA when there is one, else on CPU.
+3. What the writer thread costs the training thread while it serializes a snapshot
+   (issue 14): a launch-bound "step loop" (many small tensor ops, as a GPU training
+   thread issues kernels) is timed with the writer idle and while it writes, interleaved,
+   for the writer as it is (straight from the pinned buffers) and as it was (safetensors
+   `save()` to bytes, then hash and write: extra host copies under the GIL).
 
     python benchmarks/async_validation.py [--quick] [--out benchmarks/out/async_validation.json]
 
@@ -83,7 +88,8 @@ def handoff_stall(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "val").mkdir()
         w = Writer(Path(tmp), "all", keep=2, device=device)
-        for i in range(2 + (3 if quick else 10)):  # the first two fill (allocate, fault in) both slots
+        w.prepare({"ema": state})  # as training does at setup: no put() allocates pinned memory
+        for i in range(2 + (3 if quick else 10)):  # the first two touch both slots' fresh pages
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(w.put(i, 0, {"ema": state}) * 1e3)
@@ -98,6 +104,63 @@ def handoff_stall(quick: bool) -> dict:
             "put_ms_max": round(max(steady), 2)}
 
 
+def _step_loop(until, min_steps: int = 20) -> list:
+    """Seconds per "step" of 200 tiny in-place ops (Python + dispatcher bound, like launching kernels)."""
+    x, times = torch.zeros(16), []
+    while len(times) < min_steps or not until():
+        t0 = time.perf_counter()
+        for _ in range(200):
+            x.add_(1.0)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def writer_stall(quick: bool) -> dict:
+    """The training thread's step time while a ResNet-50-sized snapshot is serialized, against an idle writer."""
+    import hashlib
+    import threading
+
+    from safetensors.torch import save as st_save
+
+    from jobs.synthetic import ResNet
+    from launcher.files import atomic_write
+    from launcher.handoff import Writer
+
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ResNet().state_dict().items()}
+    out = {"idle": [], "writer": [], "bytes_copy": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "val").mkdir()
+        w = Writer(Path(tmp), "all", keep=2, device=torch.device("cpu"))
+        w.prepare({"ema": state})
+        host = {f"ema/{k}": v.clone() for k, v in state.items()}
+
+        def old_write(step: int) -> None:  # the writer before issue 14
+            data = st_save(host, metadata={"step": str(step)})
+            hashlib.sha256(data).hexdigest()
+            atomic_write(Path(tmp) / f"old-{step}.safetensors", lambda f: f.write(data))
+
+        for i in range(2 if quick else 4):  # interleaved: idle, new writer, old writer
+            out["idle"] += _step_loop(lambda: True, 200)
+            w.put(i, 0, {"ema": state})  # on the CPU the copy happens here; the timing starts after it
+            out["writer"] += _step_loop(lambda: w.idle)
+            t = threading.Thread(target=old_write, args=(i,))
+            t.start()
+            out["bytes_copy"] += _step_loop(lambda: not t.is_alive())
+            t.join()
+            for p in Path(tmp).glob("*.safetensors"):
+                p.unlink()
+            for p in Path(tmp, "handoff").glob("*"):
+                p.unlink()
+        w.flush()
+    n = 2 if quick else 4
+    mean = {k: statistics.mean(v) * 1e3 for k, v in out.items()}
+    return {"step_ms_mean": {k: round(v, 4) for k, v in mean.items()},
+            "step_ms_max": {k: round(max(v) * 1e3, 3) for k, v in out.items()},
+            "write_s": {k: round(sum(out[k]) / n, 3) for k in ("writer", "bytes_copy")},
+            "writer_over_idle": round(mean["writer"] / mean["idle"], 3),
+            "bytes_copy_over_idle": round(mean["bytes_copy"] / mean["idle"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a short run (CI smoke)")
@@ -108,7 +171,12 @@ def main() -> None:
     print("hand-off of a ResNet-50-sized EMA:", flush=True)
     stall = handoff_stall(a.quick)
     print(f"  {stall['device']}: {stall['ema_mb']} MB, put blocks {stall['put_ms_median']} ms median "
-          f"(max {stall['put_ms_max']}, first {stall['first_put_ms']} with buffer allocation)", flush=True)
+          f"(max {stall['put_ms_max']}, first {stall['first_put_ms']}: buffers prepared, pages fresh)", flush=True)
+    print("training-thread step time while the writer serializes a ResNet-50-sized snapshot:", flush=True)
+    ws = writer_stall(a.quick)
+    print(f"  step time / idle: writer {ws['writer_over_idle']:.3f}x, the old bytes-copying writer "
+          f"{ws['bytes_copy_over_idle']:.3f}x (mean step ms {ws['step_ms_mean']}, longest {ws['step_ms_max']}, "
+          f"seconds per snapshot written {ws['write_s']})", flush=True)
     print("end to end (MNIST-1D MLP, validation slower than an interval):", flush=True)
     e2e = end_to_end(a.quick, a.nproc, a.repeat or (1 if a.quick else 2))
     print(f"  async / off wall time: {e2e['async_over_off']:.3f}   inline / off: {e2e['inline_over_off']:.3f}")
@@ -125,10 +193,16 @@ def main() -> None:
         row("training stall per validation: async hand-off vs inline", s["async"], s["inline"], "inline", "ms"),
         row(f"hand-off stall, ResNet-50-sized EMA ({stall['ema_mb']} MB)", stall["put_ms_median"], 10.0,
             "target on an H100", "ms", "< 10 ms on an H100", (stall["put_ms_median"] < 10) if gpu else None),
+        row("training-thread mean step time while the writer serializes vs writer idle", ws["step_ms_mean"]["writer"],
+            ws["step_ms_mean"]["idle"], "writer idle", "ms", ratio=ws["writer_over_idle"]),
+        row("  the same with the old writer (safetensors bytes, then write)", ws["step_ms_mean"]["bytes_copy"],
+            ws["step_ms_mean"]["idle"], "writer idle", "ms", ratio=ws["bytes_copy_over_idle"]),
+        row("longest training-thread step while a snapshot is written: writer vs old writer",
+            ws["step_ms_max"]["writer"], ws["step_ms_max"]["bytes_copy"], "old writer (bytes copies)", "ms"),
     ]
     print_rows(rows)
     out = write("async_validation", torch.device(stall["device"]), rows, quick=a.quick, handoff_resnet50=stall,
-                end_to_end=e2e)
+                writer_stall=ws, end_to_end=e2e)
     if Path(a.out) != out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(out.read_text())

@@ -165,7 +165,7 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
         opt = make_optimizer(model)
         scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         ema = make_ema(model) if make_ema else None
-        gate = torch.zeros((), dtype=torch.bool, device=device) if device.type == "cuda" and not fp16 else False
+        gate = torch.zeros((), dtype=torch.bool, device=device) if device.type == "cuda" else False
         x, y = probe_batch(job, dataset, n, device)
         try:
             for _ in range(2):  # the second step runs with the optimizer state already allocated

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf, open_dict
 
-from launcher import schema
+from launcher import checks, schema
 from launcher.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_context, hydra_keys, hydra_main, \
     one_line, split_config_dir
 from launcher.rundir import RunDir
@@ -95,7 +95,7 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     from launcher.jobs.base import declared_metrics
     from launcher.batch import geometry
 
-    schema.check(cfg, world_size)
+    checks.check(cfg, world_size)
     try:
         target = jobs.resolve(cfg.job.target)
         getattr(target, "check", lambda _: None)(cfg.job)  # the job's own checks (data dir, extras)
@@ -206,7 +206,7 @@ def _check_point(overrides: List[str], here: bool) -> Config:
 
     cfg, _ = load_config(overrides)
     if not here:
-        schema.check(cfg)
+        checks.check(cfg)
         return cfg
     env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device,
                  cfg.validation.share_gpu)

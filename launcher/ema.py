@@ -2,12 +2,16 @@
 
 Averages every floating tensor of the state dict (parameters and BatchNorm
 statistics) in fp32 and copies integer buffers (num_batches_tracked) instead of
-averaging them. One fused `_foreach_lerp_` per (device, dtype) group and no
-host-device synchronization: the decay is computed on the host from `updates`.
+averaging them. The average of each (device, dtype) group of source tensors lives
+in ONE flat buffer; `shadow` holds per-tensor views into it (same shapes and
+strides as the sources, so foreach calls take their fast route). An update is a
+few fused calls per group, never a Python loop over tensors, and no host-device
+synchronization: the decay is computed on the host from `updates`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -35,31 +39,66 @@ def auto_tau(total_steps: int, window: float = 0.05) -> float:
     return max(1.0, total_steps / max(1.0, math.log(max(1.0, window * total_steps))))
 
 
+def _views(flat: torch.Tensor, like: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Per-tensor views of `flat`, back to back, each with the shape and strides of its model tensor."""
+    out, offset = [], 0
+    for t in like:
+        dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or \
+            (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+        stride = t.stride() if dense else torch.empty(t.shape, device="meta").stride()
+        out.append(flat.as_strided(t.shape, stride, offset))
+        offset += t.numel()
+    return out
+
+
+@dataclass
+class _Group:
+    """The state tensors of one (device, dtype): the flat average, its views, the model's tensors, and
+    (for low-precision weights and the gated update) a flat staging buffer the sources are gathered into."""
+    flat: torch.Tensor
+    views: List[torch.Tensor]
+    src: List[torch.Tensor]
+    averaged: bool  # floating: lerp; integer: copy
+    stage: Optional[torch.Tensor] = None
+    stage_views: Optional[List[torch.Tensor]] = None
+
+    def staging(self) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        if self.stage is None:
+            self.stage = torch.empty_like(self.flat)
+            self.stage_views = _views(self.stage, self.src)
+        return self.stage, self.stage_views
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: str = "exp", tau: float = 2000.0):
         self.decay, self.ramp, self.tau = decay, str(ramp), tau  # plain values: checkpoints load weights_only
         self._pending: Optional[torch.Tensor] = None  # skips decided on the device, not yet counted
         self.updates = 0
         self.skipped = 0
-        sd = model.state_dict()
-        self.shadow: Dict[str, torch.Tensor] = {
-            k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in sd.items()}
-        self._bind(model)
+        self.shadow: Dict[str, torch.Tensor] = {}
+        self._bind(model, model.state_dict())
 
-    def _bind(self, model: nn.Module) -> None:
-        """Cache the (ema, source) tensor lists per group so update() does no dict walking."""
+    @torch.no_grad()
+    def _bind(self, model: nn.Module, values: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Lay the average out in one flat buffer per (device, dtype) group of `model`'s state, starting
+        from `values` (default: the current average), and cache the tensor lists update() works on."""
+        values = self.shadow if values is None else values
         sd = model.state_dict(keep_vars=False)
-        groups: Dict[Tuple[torch.device, torch.dtype], Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
-        self._ints: Tuple[List[torch.Tensor], List[torch.Tensor]] = ([], [])
+        names: Dict[Tuple[torch.device, torch.dtype], List[str]] = {}
         for k, src in sd.items():
-            if src.is_floating_point():
-                ema, srcs = groups.setdefault((src.device, src.dtype), ([], []))
-                ema.append(self.shadow[k])
-                srcs.append(src)
-            else:
-                self._ints[0].append(self.shadow[k])
-                self._ints[1].append(src)
-        self._groups = list(groups.items())
+            names.setdefault((src.device, src.dtype), []).append(k)
+        self._groups: List[_Group] = []
+        shadow: Dict[str, torch.Tensor] = {}
+        for (device, dtype), keys in names.items():
+            src = [sd[k] for k in keys]
+            flat = torch.empty(sum(s.numel() for s in src), device=device,
+                               dtype=torch.float32 if dtype.is_floating_point else dtype)
+            views = _views(flat, src)
+            torch._foreach_copy_(views, [values[k].detach() for k in keys])
+            shadow.update(zip(keys, views))
+            self._groups.append(_Group(flat, views, src, dtype.is_floating_point))
+        self.shadow = {k: shadow[k] for k in sd}  # the model's key order
+        self._gather: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
         self._model_ref = model
 
     def decay_at(self, n: int) -> float:
@@ -69,8 +108,10 @@ class EMA:
     def update(self, model: nn.Module, skip: "bool | torch.Tensor" = False) -> None:
         """Move the average towards `model`. `skip` (a step the GradScaler skipped, a
         non-finite loss) leaves it untouched and does not advance the ramp. A 0-d bool
-        *tensor* `skip` is decided on the device, so the step needs no host-device sync."""
+        *tensor* `skip` on a GPU is decided there, so the step needs no host-device sync."""
         if isinstance(skip, torch.Tensor):
+            if skip.device.type == "cpu":  # already on the host: reading it waits for no device
+                return self.update(model, skip=bool(skip))
             return self._update_gated(model, skip)
         if skip:
             self.skipped += 1
@@ -79,28 +120,39 @@ class EMA:
             self._bind(model)
         self.updates += 1
         weight = 1.0 - self.decay_at(self.updates)
-        for (_, dtype), (ema, src) in self._groups:
-            if dtype != torch.float32:  # bf16/fp16 weights: average in fp32
-                src = [s.float() for s in src]
-            torch._foreach_lerp_(ema, src, weight)
-        if self._ints[0]:
-            torch._foreach_copy_(self._ints[0], self._ints[1])
+        for g in self._groups:
+            if not g.averaged:
+                torch._foreach_copy_(g.views, g.src)
+            elif g.src[0].dtype == torch.float32:
+                torch._foreach_lerp_(g.views, g.src, weight)
+            else:  # bf16/fp16 weights: gathered into fp32 staging by one call, averaged by one lerp
+                stage, stage_views = g.staging()
+                torch._foreach_copy_(stage_views, g.src)
+                g.flat.lerp_(stage, weight)
 
     def _update_gated(self, model: nn.Module, skip: torch.Tensor) -> None:
-        """Where the step is skipped every source is swapped for the average itself, so
-        lerp(v, v) leaves v bit-exact (a NaN weight never enters); where it is not, the
-        result is bit-identical to the host path. Costs one `where` pass over the weights
-        (it replaces the fp32 cast for bf16/fp16 weights). The counters are settled from the
-        device when read; until then the ramp assumes the step was not skipped."""
+        """The gate decided on the device (a GPU's flag). One `_foreach_copy_` gathers every
+        source tensor into the groups' flat staging buffers; then per group one lerp into the
+        staging buffer and one `where` that keeps the average where the step is skipped. A
+        skipped step rewrites the average with its own bits (NaN or inf weights never enter,
+        -0.0 stays -0.0); a kept one is bit-identical to the host path. The counters are
+        settled from the device when read; until then the ramp assumes the step was not
+        skipped."""
         if model is not self._model_ref:
             self._bind(model)
+        if self._gather is None:
+            dst, src = [], []
+            for g in self._groups:
+                dst += g.staging()[1]
+                src += g.src
+            self._gather = (dst, src)
         self._updates += 1
         weight = 1.0 - self.decay_at(self._updates)
-        keep = ~skip
-        for _, (ema, src) in self._groups:
-            torch._foreach_lerp_(ema, [torch.where(keep, s, e) for s, e in zip(src, ema)], weight)
-        if self._ints[0]:
-            torch._foreach_copy_(self._ints[0], [torch.where(keep, s, e) for s, e in zip(self._ints[1], self._ints[0])])
+        torch._foreach_copy_(*self._gather)
+        for g in self._groups:
+            if g.averaged:
+                torch.lerp(g.flat, g.stage, weight, out=g.stage)
+            torch.where(skip, g.flat, g.stage, out=g.flat)
         self._pending = skip.long() if self._pending is None else self._pending + skip
 
     def _settle(self) -> None:
@@ -138,7 +190,7 @@ class EMA:
                 "decay": self.decay, "ramp": self.ramp, "tau": self.tau}
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state["shadow"].items():
+        for k, v in state["shadow"].items():  # once, at resume: a checkpoint's tensors may live on the CPU
             self.shadow[k].copy_(v)
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))

@@ -23,17 +23,41 @@ from launcher.schema import ConfigError
 log = logging.getLogger(__name__)
 
 
+def channels_last(cfg, model: nn.Module) -> bool:
+    """Conv nets evaluate NHWC: with `train.channels_last`, or when the model has a 2-d convolution."""
+    return bool(cfg.train.channels_last) or any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def loader_options(cfg, device: torch.device) -> dict:
+    """The evaluation DataLoader: `validation.workers` worker processes, kept alive between validations
+    (-1: `data.workers`, and at least 2 when evaluating on a GPU, so loading keeps up with it), and pinned
+    batches on a GPU (`data.pin_memory`)."""
+    gpu = device.type == "cuda"
+    workers = cfg.validation.workers if cfg.validation.workers >= 0 else max(cfg.data.workers, 2 if gpu else 0)
+    opts = {"num_workers": workers, "pin_memory": gpu and cfg.data.pin_memory}
+    return {**opts, "persistent_workers": True} if workers else opts
+
+
+_LOADERS: Dict[tuple, DataLoader] = {}  # one per (dataset, batch size): its workers persist
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, job, dataset: Dataset, batch_size: int, device: torch.device,
-             precision: str = "fp32", workers: int = 0) -> Dict[str, float]:
-    """Job metrics averaged over every sample of `dataset` (metrics are per-batch sums)."""
+             precision: str = "fp32", loader: Optional[dict] = None, nhwc: bool = False) -> Dict[str, float]:
+    """Job metrics averaged over every sample of `dataset` (metrics are per-batch sums). `loader`:
+    DataLoader options (loader_options); `nhwc`: 4-d inputs become channels_last in their copy to
+    the device."""
     model.eval()
     sums: Dict[str, torch.Tensor] = {}
     n = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda",
-                        num_workers=workers)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    opts = loader or {"pin_memory": device.type == "cuda"}
+    key = (id(dataset), batch_size, tuple(sorted(opts.items())))
+    if key not in _LOADERS:
+        _LOADERS[key] = DataLoader(dataset, batch_size=batch_size, shuffle=False, **opts)
+    fmt = torch.channels_last if nhwc else torch.preserve_format
+    for x, y in _LOADERS[key]:
+        x = x.to(device, non_blocking=True, memory_format=fmt if x.ndim == 4 else torch.preserve_format)
+        y = y.to(device, non_blocking=True)
         with autocast(device, precision):
             out = model(x)
         for k, v in job.metrics(out, y).items():
@@ -43,14 +67,19 @@ def evaluate(model: nn.Module, job, dataset: Dataset, batch_size: int, device: t
 
 
 def validate_state(model: nn.Module, state: Dict[str, torch.Tensor], job, dataset: Dataset, cfg,
-                   batch_size: int, device: torch.device) -> tuple[Dict[str, float], float]:
-    """Load `state` into `model` and evaluate it: (metrics, seconds)."""
+                   batch_size: int, device: torch.device) -> tuple[Dict[str, float], float, float]:
+    """Load `state` into `model` and evaluate it: (metrics, seconds, evaluation samples per second)."""
     t0 = time.perf_counter()
+    nhwc = channels_last(cfg, model)
+    if nhwc:
+        model.to(memory_format=torch.channels_last)  # in place; a no-op once done
     model.load_state_dict(state, strict=True)
     validation_delay(cfg.debug)
+    t1 = time.perf_counter()
     metrics = evaluate(model, job, dataset, batch_size, device, resolve_precision(cfg.validation.precision, device),
-                       cfg.data.workers)
-    return metrics, time.perf_counter() - t0
+                       loader_options(cfg, device), nhwc)
+    t2 = time.perf_counter()
+    return metrics, t2 - t0, len(dataset) / max(t2 - t1, 1e-9)
 
 
 def val_batch_size(cfg, model: nn.Module, job, dataset: Dataset, device: torch.device, start: int) -> int:
@@ -59,6 +88,8 @@ def val_batch_size(cfg, model: nn.Module, job, dataset: Dataset, device: torch.d
     limit, there is nothing to probe and `start` is used)."""
     if cfg.validation.batch_size != "auto":
         return int(cfg.validation.batch_size)
+    if channels_last(cfg, model):  # probe the layout it will evaluate in
+        model.to(memory_format=torch.channels_last)
     precision = resolve_precision(cfg.validation.precision, device)
     search = autobatch.probe_eval_batch(model, job, dataset, device, cfg.autobatch, start=start,
                                         amp=lambda: autocast(device, precision),

@@ -1,12 +1,14 @@
 """The hand-off queue between trainer and validator: plain files in <run>/handoff/.
 
-Trainer side, `Writer` (training rank 0): `put()` copies weights straight into pinned
+Trainer side, `Writer` (training rank 0): `prepare()`, at setup, allocates the pinned
+buffers of both slots; `put()` copies weights straight into pinned
 host buffers on a side stream (no device staging copy: nothing on the GPU beyond what
 the probe measured) without synchronizing the training stream and returns; `fence()`
 makes the training stream wait for that copy before the EMA moves on (a GPU-side wait).
 An out-of-memory error inside `put()` skips that snapshot (val/skipped.jsonl, reason
 `oom`) and training goes on; a background
-thread writes `<step>.safetensors`, then `<step>.json` (the manifest: step, epoch,
+thread writes `<step>.safetensors` straight from the pinned buffers (no bytes copies,
+the GIL released while it writes and hashes), then `<step>.json` (the manifest: step, epoch,
 weights, sha256, bytes). A manifest exists only once its data is complete.
 
 Validator side, `claim()`: every change of a snapshot's state is an atomic rename
@@ -34,9 +36,8 @@ from typing import Dict, List, Optional
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from launcher.files import atomic_write, read_json, write_json
+from launcher.files import atomic_write, read_json, write_json, write_safetensors
 from launcher.oom import is_oom
 from launcher.rundir import Manifest, RunDir
 
@@ -109,13 +110,28 @@ class Writer:
         self.pending = None  # CUDA event: the last copy out of the live weights finished (see fence())
         self.fault = fault  # debug.handoff_oom_at_step (faults.py)
         self.free: "queue.Queue[_Slot]" = queue.Queue()
-        for _ in range(2):
-            self.free.put(_Slot())
+        self.slots = [_Slot(), _Slot()]
+        for slot in self.slots:
+            self.free.put(slot)
         self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
         self.submitted: List[int] = []
         self.blocked_s: List[float] = []
         self.thread = threading.Thread(target=self._write_loop, name="handoff-writer", daemon=True)
         self.thread.start()
+
+    @staticmethod
+    def _flat(states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        return {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
+
+    def _allocate(self, slot: _Slot, flat: Dict[str, torch.Tensor]) -> None:
+        slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
+
+    def prepare(self, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """At setup: allocate both slots' (pinned) host buffers for `states`, so no put() allocates
+        pinned memory on the training thread (cudaHostAlloc is slow and synchronizes the device)."""
+        flat = self._flat(states)
+        for slot in self.slots:
+            self._allocate(slot, flat)
 
     @torch.no_grad()
     def put(self, step: int, epoch: int, states: Dict[str, Dict[str, torch.Tensor]]) -> Optional[float]:
@@ -148,10 +164,10 @@ class Writer:
         return blocked
 
     def _copy(self, step: int, states: Dict[str, Dict[str, torch.Tensor]], slot: _Slot) -> None:
-        flat = {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
+        flat = self._flat(states)
         if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
                                                   for k, v in flat.items()):
-            slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
+            self._allocate(slot, flat)  # not prepared for these states (or an OOM emptied the slot)
         if self.fault is not None:
             self.fault(step)
         src, dst = list(flat.values()), list(slot.host.values())
@@ -182,11 +198,11 @@ class Writer:
             try:
                 if slot.ready is not None:
                     slot.ready.synchronize()
-                data = st_save(slot.host, metadata={"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)})
-                atomic_write(data_path(self.dir, step), lambda f: f.write(data))
+                meta, out = {"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)}, []
+                atomic_write(data_path(self.dir, step), lambda f: out.append(write_safetensors(f, slot.host, meta)))
+                (sha256, size), = out
                 write_json(manifest_path(self.dir, step), vars(Manifest(
-                    step, epoch, kinds, data_path(self.dir, step).name, hashlib.sha256(data).hexdigest(), len(data),
-                    time.time())))
+                    step, epoch, kinds, data_path(self.dir, step).name, sha256, size, time.time())))
                 if self.policy == "latest":
                     for old in pending(self.dir)[:-self.keep]:
                         drop(self.dir, old, "stale")

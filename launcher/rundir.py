@@ -26,6 +26,7 @@ class ValResult:
     seconds: float
     time: float = field(default_factory=time.time)
     source: Optional[str] = None  # "checkpoint" when re-validated from a finished run's checkpoints
+    samples_per_s: Optional[float] = None  # evaluation throughput (loading the weights not counted)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -1,4 +1,5 @@
-"""Speed options, kept out of the training loop: the DDP wrapper, torch.compile, the loader.
+"""Speed options, kept out of the training loop: backend flags, the DDP wrapper, torch.compile,
+the loader, and the sync-free flags the EMA gates on.
 
 Each is a plain function of the config so the loop reads the same with or without
 them. What each one buys is measured by `benchmarks/overhead.py` (see
@@ -13,7 +14,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Sampler
 
-from launcher.schema import Config, DataConfig
+from launcher.schema import Config, DataConfig, TrainConfig
+
+
+def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Once, at start, before the batch probe (its memory depends on them): the cuDNN autotuner
+    (`train.cudnn_benchmark`), TF32 matmuls and convolutions (`train.tf32`), and NHWC weights with
+    `train.channels_last` (inputs are converted in their copy to the device, in the loop)."""
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
 def wrap(model: nn.Module, cfg: Config, group, device: torch.device) -> nn.Module:
@@ -63,6 +73,18 @@ def grad_norm(model: nn.Module) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def scale_of(scaler: torch.amp.GradScaler) -> "torch.Tensor | None":
+    """fp16: a device copy of the GradScaler's scale (no host sync, unlike `get_scale()`); else None."""
+    return scaler._scale.clone() if scaler.is_enabled() and scaler._scale is not None else None
+
+
+def scaler_skipped(scaler: torch.amp.GradScaler, before: torch.Tensor) -> "torch.Tensor | bool":
+    """After `scaler.update()`: whether it skipped the step (found inf or NaN, so it lowered the scale).
+    A device bool on a GPU, compared there (no sync); a bool on the CPU, where reading it is free."""
+    flag = scaler._scale < before
+    return flag if flag.is_cuda else bool(flag)
 
 
 def nonfinite(value: torch.Tensor) -> "torch.Tensor | bool":

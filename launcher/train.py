@@ -68,9 +68,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     job = jobs.load(cfg.job)
-    model = job.model().to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = speed.setup(job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last weights
     train_set, val_set = job.datasets()
     faults = Faults(cfg.debug, env, rundir)
     faults.arm_forward(model)
@@ -134,8 +132,8 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
         sampler.set_epoch(state.epoch)
         indices.set(list(sampler)[state.batch_in_epoch * batch.step: steps_per_epoch * batch.step])
         for x, y in loader:
-            if cfg.train.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if cfg.train.channels_last and x.ndim == 4:  # NHWC in the copy to the device, from pinned memory
+                x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
 
             # Forward and backward over the micro-batches. An OOM on any rank before the last backward
             # is agreed on by all; each then redoes this step batch with half the micro-batch (oom.py).
@@ -154,7 +152,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
                 scaler.unscale_(opt)
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             set_momentum(opt, cfg.sched, cfg.optim.momentum, state.step, warmup)
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            scale_before = speed.scale_of(scaler)  # fp16: the scale on the device (no host sync); else None
             ema_due = env.is_main and cfg.ema.enabled and (state.step + 1) % cfg.ema.every == 0
             bad = speed.nonfinite(speed.grad_norm(model) if norm is None else norm) \
                 if ema_due and scale_before is None else False
@@ -165,10 +163,10 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             state.step += 1
             state.batch_in_epoch += 1
             if state.step % cfg.ema.every == 0:
-                # fp16: the scaler already synchronized, so reading its scale is free; otherwise
-                # a device flag on a GPU (no sync in the step).
+                # fp16: the scaler lowered its scale (compared on the device); otherwise non-finite synced
+                # gradients. A device flag on a GPU: no sync in the step.
                 validation.fence()  # the last hand-off's copy out of the EMA finished (a GPU-side wait)
-                ema.update(model, skip=scaler.get_scale() < scale_before if scale_before is not None else bad)
+                ema.update(model, skip=speed.scaler_skipped(scaler, scale_before) if scale_before is not None else bad)
             meter.add(step_loss, batch.global_size)
 
             last = state.step == total

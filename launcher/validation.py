@@ -90,9 +90,9 @@ class InlineValidation(_Validation):
         rows = []
         for kind in kinds(self.cfg):
             state = self.ema.shadow if kind == "ema" else self.model.state_dict()
-            metrics, secs = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg, self.bs,
-                                           self.device)
-            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4)))
+            metrics, secs, rate = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg, self.bs,
+                                                 self.device)
+            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4), samples_per_s=round(rate, 1)))
             self.stop |= self.tracker.record(rows[-1], state)
         self.tel.validation(rows)
         self.last = step
@@ -117,6 +117,7 @@ class AsyncValidation(_Validation):
         self.model, self.ema, self.child = model, ema, child
         self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
                                      fault=handoff_fault(cfg.debug))
+        self.writer.prepare(self._states())  # pinned buffers now, at setup, not on the training thread
         self.results = JsonlTail(rundir.results, from_end=True)
         self.skips = JsonlTail(rundir.skipped, from_end=True)
         self.restarts = JsonlTail(rundir.validator_restarts, from_end=True)
@@ -124,9 +125,11 @@ class AsyncValidation(_Validation):
         self.started, self.warned = time.time(), False
         self._stop, self._checked = False, 0.0
 
+    def _states(self) -> dict:
+        return {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
+
     def submit(self, step: int, epoch: int) -> None:
-        states = {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
-        blocked = self.writer.put(step, epoch, states)
+        blocked = self.writer.put(step, epoch, self._states())
         if blocked is not None:
             self.tel.event("handoff", step=step, blocked_ms=round(blocked * 1e3, 3))
 

@@ -18,7 +18,8 @@ from launcher import jobs
 from launcher import checkpoint, handoff
 from launcher.evaluation import Tracker, fmt, kinds, val_batch_size, validate_state
 from launcher.rundir import RunDir, ValResult
-from launcher.schema import ConfigError, check_device
+from launcher.checks import check_device
+from launcher.schema import ConfigError
 from launcher.validation import spawn
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -
         rows = [(kind, state, *validate_state(model, state, job, val_set, cfg, bs, device))
                 for kind, state in sorted(states.items(), key=lambda kv: kv[0] == tracker.primary)
                 if source or (step, kind) not in tracker.done]  # done: validated before a restart lost the ack
-        for kind, state, metrics, secs in rows:
-            stop |= tracker.record(ValResult(step, epoch, kind, metrics, round(secs, 4), source=source), state)
-            log.info("val step %d (%s): %s [%.2fs]", step, kind, fmt(metrics), secs)
+        for kind, state, metrics, secs, rate in rows:
+            stop |= tracker.record(ValResult(step, epoch, kind, metrics, round(secs, 4), source=source,
+                                             samples_per_s=round(rate, 1)), state)
+            log.info("val step %d (%s): %s [%.2fs, %.0f samples/s]", step, kind, fmt(metrics), secs, rate)
             count += 1
         return stop
 

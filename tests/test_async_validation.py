@@ -211,3 +211,38 @@ def test_bad_validation_input_is_one_line_and_status_2(tmp_path):
     assert p.returncode == 2 and "run.dir" in p.stderr
     p = launch(["validate", f"run.dir={tmp_path}/nowhere"], check=False)
     assert p.returncode == 2 and "config.yaml" in p.stderr
+
+
+# ---------------------------------------------------------------- no host stalls; a validator that keeps up (issue 14)
+
+def test_writer_buffers_are_allocated_before_the_first_put(tmp_path):
+    """prepare() at setup allocates both slots' host buffers; put() reuses them (no allocation on
+    the training thread), and the snapshot it writes straight from them is a valid safetensors file."""
+    (tmp_path / "val").mkdir()
+    w = handoff.Writer(tmp_path, "all", keep=2, device=torch.device("cpu"))
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16), "n": torch.tensor(3)}
+    w.prepare({"ema": state})
+    buffers = [{k: t.data_ptr() for k, t in slot.host.items()} for slot in w.slots]
+    assert all(b.keys() == {"ema/w", "ema/b", "ema/n"} for b in buffers) and buffers[0] != buffers[1]
+    for step in (1, 2, 3):
+        w.put(step, 0, {"ema": state})
+    w.flush()
+    assert [{k: t.data_ptr() for k, t in slot.host.items()} for slot in w.slots] == buffers
+    manifest, states = handoff.claim(tmp_path / "handoff", "all").load()
+    assert manifest.step == 1 and all(torch.equal(states["ema"][k], v) for k, v in state.items())
+
+
+NHWC = [a for a in ARGS if not a.startswith("job.model")] + [
+    "job=custom", "job.target=tests.nhwc_job:NhwcJob", "batch.size=32", "train.epochs=0", "train.max_steps=6",
+    "validation.every_steps=3", "validation.batch_size=64", "validation.policy=all"]
+
+
+@pytest.mark.parametrize("mode,train_nhwc", [("process", "true"), ("inline", "false")])
+def test_channels_last_in_the_device_copy_and_validation_throughput(tmp_path, mode, train_nhwc):
+    """train.channels_last converts each batch in its copy to the device, never on the host (the job's
+    images refuse a host-side conversion, its model an input that is not NHWC); a conv net evaluates
+    NHWC either way; every results row carries the evaluation's samples_per_s."""
+    run = tmp_path / "r"
+    launch([*NHWC, f"validation.mode={mode}", f"train.channels_last={train_nhwc}", f"run.dir={run}"])
+    rows = results(run)
+    assert [r["step"] for r in rows] == [3, 6] and all(r["samples_per_s"] > 0 for r in rows)

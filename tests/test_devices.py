@@ -14,7 +14,8 @@ import torch
 
 from conftest import FAST, launch
 from launcher.env import assign_device
-from launcher.schema import Config, ConfigError, check_global_size
+from launcher.checks import check_global_size
+from launcher.schema import Config, ConfigError
 
 dev = torch.device
 
@@ -86,7 +87,7 @@ def test_global_size_that_the_training_ranks_cannot_split_names_the_validator_an
 
 
 def test_share_gpu_is_only_for_the_validator_rank():
-    from launcher.schema import check
+    from launcher.checks import check
 
     cfg = Config()
     cfg.validation.share_gpu = True

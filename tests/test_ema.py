@@ -129,3 +129,61 @@ def test_only_rank_zero_holds_the_ema(tmp_path):
     ema = load_file(tmp_path / "r" / "ema.safetensors")
     best = load_file(tmp_path / "r" / "best" / "model.safetensors")
     assert ema.keys() == best.keys() and "net.0.weight" in ema
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_update_is_a_few_flat_ops_and_a_skip_is_bitwise_exact(dtype):
+    """Issue 14 item 2: each dtype group's average is one flat buffer (shadow entries are views
+    into it, with the model's own strides, channels_last included), the gated update keeps the
+    host path's numbers, and a skipped step leaves every bit in place: -0.0 stays -0.0 (lerp(v, v)
+    would turn it into +0.0), inf stays inf, and NaN weights never enter."""
+    model = net().to(dtype).to(memory_format=torch.channels_last)
+    host_model = net().to(dtype).to(memory_format=torch.channels_last)
+    host, gated = EMA(host_model, 0.9, "exp", 3.0), EMA(model, 0.9, "exp", 3.0)
+    floats = [v for v in gated.shadow.values() if v.is_floating_point()]
+    assert len({v.untyped_storage().data_ptr() for v in floats}) == 1  # one flat fp32 buffer
+    assert gated.shadow["0.weight"].is_contiguous(memory_format=torch.channels_last)
+    for step in range(3):
+        for m in (model, host_model):
+            torch.manual_seed(step)
+            with torch.no_grad():
+                m(torch.randn(4, 3, 8, 8, dtype=dtype))  # BatchNorm statistics and num_batches_tracked move
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+        host.update(host_model)
+        gated._update_gated(model, torch.tensor(False))  # the GPU's device-side gate, run on the CPU
+    assert all(torch.equal(_bits(host.shadow[k]), _bits(gated.shadow[k])) for k in host.shadow)
+
+    gated.shadow["0.bias"][0], gated.shadow["1.running_mean"][0] = -0.0, float("inf")
+    before = {k: v.clone() for k, v in gated.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    gated._update_gated(model, torch.tensor(True))
+    for k, v in before.items():
+        assert torch.equal(_bits(gated.shadow[k]), _bits(v)), k
+    assert (gated.updates, gated.skipped) == (3, 1)
+    state = gated.state_dict()
+    assert state["shadow"].keys() == model.state_dict().keys() and state["updates"] == 3
+
+
+def test_state_dict_of_flat_views_saves_and_loads():
+    """Views of the flat buffers go through torch.save (weights_only load) and safetensors unchanged."""
+    import io
+
+    from safetensors.torch import load, save
+    model = net()
+    ema = EMA(model, decay=0.9)
+    for _ in train_steps(model, 2):
+        ema.update(model)
+    buf = io.BytesIO()
+    torch.save(ema.state_dict(), buf)
+    buf.seek(0)
+    other = EMA(net(), decay=0.9)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    again = load(save({k: v.contiguous() for k, v in other.shadow.items()}))
+    assert all(torch.equal(again[k], ema.shadow[k]) for k in ema.shadow) and other.updates == 2

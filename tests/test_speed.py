@@ -34,7 +34,7 @@ def test_ema_device_gate_is_the_host_path_without_a_sync():
                 for p in m.parameters():
                     p.add_(torch.randn_like(p) * 0.1)
         host.update(host_model, skip=False)
-        gated.update(model, skip=torch.tensor(False))
+        gated._update_gated(model, torch.tensor(False))  # what update() does with a GPU's flag
     for k in host.shadow:
         assert torch.equal(host.shadow[k], gated.shadow[k]), k
     assert gated.updates == host.updates == 5 and gated.skipped == 0
@@ -44,8 +44,8 @@ def test_ema_device_gate_is_the_host_path_without_a_sync():
         for p in model.parameters():
             p.fill_(float("nan"))
         model[1].num_batches_tracked.fill_(999)
-    gated.update(model, skip=torch.tensor(True))
-    gated.update(model, skip=torch.tensor(True))
+    gated._update_gated(model, torch.tensor(True))
+    gated.update(model, skip=torch.tensor(True))  # a flag already on the host is simply read
     for k, v in before.items():
         assert torch.equal(gated.shadow[k], v), k
     assert gated.updates == 5 and gated.skipped == 2
@@ -163,3 +163,52 @@ def test_bare_ddp_baseline_needs_neither_the_launcher_nor_hydra(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in map(json.loads, out.read_text().splitlines())] == [1, 3]
+
+
+def test_fp16_skip_is_read_from_the_scale_on_the_device(monkeypatch):
+    """Issue 14 item 3: the EMA's fp16 skip compares the GradScaler's scale tensor before and after
+    the step (on a GPU a device bool, no sync), never `get_scale()` (a host read every step)."""
+    from launcher import speed
+    monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: pytest.fail("get_scale() syncs"))
+    model = _model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1)
+    assert speed.scale_of(torch.amp.GradScaler("cpu", enabled=False)) is None
+    skipped = []
+    for bad in (False, True, False):
+        scaler.scale(model(torch.randn(6, 4)).sum()).backward()
+        if bad:
+            model[0].weight.grad.fill_(float("inf"))
+        before = speed.scale_of(scaler)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        skipped.append(speed.scaler_skipped(scaler, before))
+    assert skipped == [False, True, False]  # growth (every step here) is not a skip
+
+
+@pytest.mark.parametrize("on", [False, True])  # the defaults last: the flags are global
+def test_backend_flags_are_config_keys(on):
+    """train.cudnn_benchmark and train.tf32, applied once by speed.setup (with channels_last weights)."""
+    from launcher import speed
+    from launcher.schema import TrainConfig
+    model = speed.setup(nn.Conv2d(3, 4, 3), TrainConfig(cudnn_benchmark=on, tf32=on, channels_last=on))
+    assert torch.backends.cudnn.benchmark is on and torch.backends.cuda.matmul.allow_tf32 is on
+    assert torch.backends.cudnn.allow_tf32 is on
+    assert model.weight.is_contiguous(memory_format=torch.channels_last) is on
+    assert TrainConfig().cudnn_benchmark and TrainConfig().tf32
+
+
+def test_validator_loader_uses_workers_and_pinned_memory_on_a_gpu():
+    """Issue 14 item 4: the evaluation DataLoader has worker processes (persistent) and pinned batches on
+    a GPU by default; validation.workers sets the count (default -1: data.workers, at least 2 on a GPU)."""
+    from launcher.evaluation import loader_options
+    from launcher.schema import Config
+    cfg = Config()
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert loader_options(cfg, gpu) == {"num_workers": 2, "pin_memory": True, "persistent_workers": True}
+    assert loader_options(cfg, cpu) == {"num_workers": 0, "pin_memory": False}
+    cfg.data.workers = 8
+    assert loader_options(cfg, gpu)["num_workers"] == loader_options(cfg, cpu)["num_workers"] == 8
+    cfg.validation.workers, cfg.data.pin_memory = 0, False
+    assert loader_options(cfg, gpu) == {"num_workers": 0, "pin_memory": False}
