@@ -145,28 +145,15 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
                     opt.zero_grad(set_to_none=True)
                     state.batch = oom.recover(state.batch, e, state.step)
 
-            # Optimizer step; the EMA follows unless the step was skipped (fp16 overflow, non-finite synced
-            # gradients: a NaN loss on any rank reaches every rank's gradients, not every rank's loss).
-            norm = None
-            if cfg.train.grad_clip:
-                scaler.unscale_(opt)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            set_momentum(opt, cfg.sched, cfg.optim.momentum, state.step, warmup)
-            scale_before = speed.scale_of(scaler)  # fp16: the scale on the device (no host sync); else None
-            ema_due = env.is_main and cfg.ema.enabled and (state.step + 1) % cfg.ema.every == 0
-            bad = speed.nonfinite(speed.grad_norm(model) if norm is None else norm) \
-                if ema_due and scale_before is None else False
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
+            # Optimizer step; the EMA follows unless the step must not count (see optimizer_step).
+            ema_due = (state.step + 1) % cfg.ema.every == 0
+            skip = optimizer_step(model, opt, sched, scaler, cfg, state.step, warmup,
+                                  gate=ema_due and env.is_main and cfg.ema.enabled)
             state.step += 1
             state.batch_in_epoch += 1
-            if state.step % cfg.ema.every == 0:
-                # fp16: the scaler lowered its scale (compared on the device); otherwise non-finite synced
-                # gradients. A device flag on a GPU: no sync in the step.
+            if ema_due:
                 validation.fence()  # the last hand-off's copy out of the EMA finished (a GPU-side wait)
-                ema.update(model, skip=speed.scaler_skipped(scaler, scale_before) if scale_before is not None else bad)
+                ema.update(model, skip=skip)
             meter.add(step_loss, batch.global_size)
 
             last = state.step == total
@@ -231,3 +218,22 @@ def forward_backward(x, y, batch, ddp, job, scaler, oom: Recovery, device, preci
                 scaler.scale(loss).backward()
             step_loss += loss.detach()
     return step_loss
+
+
+def optimizer_step(model, opt, sched, scaler, cfg, step: int, warmup: int, gate: bool):
+    """Clip, step, schedule. With `gate`, also whether the EMA must skip this step: with fp16 the scaler
+    lowered its scale (an overflow), else the synced gradients are not finite (a NaN loss on any rank
+    reaches every rank's gradients, not every rank's loss). A device flag on a GPU: no sync in the step."""
+    norm = None
+    if cfg.train.grad_clip:
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    set_momentum(opt, cfg.sched, cfg.optim.momentum, step, warmup)
+    scale_before = speed.scale_of(scaler) if gate else None  # fp16: the scale on the device (no host sync)
+    bad = speed.nonfinite(speed.grad_norm(model) if norm is None else norm) \
+        if gate and scale_before is None else False
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return speed.scaler_skipped(scaler, scale_before) if gate and scale_before is not None else bad
