@@ -57,7 +57,7 @@ def test_shell_completion_offers_keys_and_groups(args):
     words = proc.stdout.split()
     assert {"job=", "optim=", "train.", "validation."} <= set(words), proc.stdout
     proc = launch(args, env={"COMP_LINE": "launcher train job="}, timeout=120)
-    assert set(proc.stdout.split()) == {"job=custom", "job=mnist1d", "job=synthetic"}, proc.stdout
+    assert set(proc.stdout.split()) == {"job=custom", "job=images", "job=mnist1d", "job=synthetic"}, proc.stdout
 
 
 def test_shell_completion_install_script():
