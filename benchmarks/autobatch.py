@@ -238,8 +238,9 @@ def accelerate(rig: Rig, start: int) -> Dict:
 
 
 def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, accum: int, out) -> None:
-    """One DDP rank: step time with OOM recovery (one agreement before the last backward) and without (retries=0);
-    DDP all-reduces inside the last backward either way."""
+    """One DDP rank: step time with OOM recovery (one agreement before the last backward, carrying the stop
+    flags) and without (retries=0: the step-end stop agreement alone); DDP all-reduces inside the last backward
+    either way, and either way a step makes one host-side agreement."""
     import os
     import tempfile
 
@@ -250,6 +251,7 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     from launcher.checkpoint import TrainState
     from launcher.oom import Headroom, Recovery
     from launcher.rundir import RunDir
+    from launcher.signals import Guard
     from launcher.telemetry import OFF
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -268,8 +270,9 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     for retries in (0, 3, 0, 3):  # interleaved, best of two
         cfg = Config()
         cfg.autobatch.max_retries = retries
+        guard = Guard(cfg, dist, tel)
         oom = Recovery(cfg, env, dist, RunDir(tempfile.mkdtemp()), ddp, tel, TrainState(Batch(micro, micro * accum, world)),
-                       Headroom(env.device, None, rank, lambda step: False))
+                       Headroom(env.device, None, rank, lambda step: False), guard)
         times = []
         for i in range(steps):
             dist.barrier()
@@ -286,6 +289,7 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
                         loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            guard.step_end()
             times.append(time.perf_counter() - t0)
         med = sorted(times[2:])[len(times[2:]) // 2]
         res[retries] = min(res.get(retries, med), med)

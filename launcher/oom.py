@@ -101,7 +101,8 @@ class Recovery:
     scaler has recorded nothing for this step. Not covered: an OOM in the optimizer step (the probe ran
     it); a non-OOM error ends that rank and torchrun the others."""
 
-    def __init__(self, cfg, env, dist, rundir, ddp: nn.Module, tel, state, headroom: Headroom):
+    def __init__(self, cfg, env, dist, rundir, ddp: nn.Module, tel, state, headroom: Headroom, guard):
+        self.guard = guard  # its stop flags ride in the agreement: one collective per step, not two
         self.enabled = cfg.autobatch.max_retries > 0
         self.max_retries, self.retries = cfg.autobatch.max_retries, 0
         self.env, self.dist, self.rundir, self.ddp, self.tel, self.state = env, dist, rundir, ddp, tel, state
@@ -126,14 +127,19 @@ class Recovery:
         return nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()
 
     def agree(self, failed: str = "") -> None:
-        """The step's one agreement: per rank 0 (fine) or 1 + the index of its phase in PHASES, summed over
-        the training group (a CPU tensor: gloo, no device sync). Raises StepOOM on every rank if any."""
+        """The step's one agreement: per rank 0 (fine) or 1 + the index of its phase in PHASES, then the
+        Guard's stop flags; MAX over the training group (a CPU tensor: gloo, no device sync). Raises
+        StepOOM on every rank if any rank ran out of memory or would."""
+        world = self.env.train_world
         mine = PHASES.index(failed) + 1 if failed else len(PHASES) * self.headroom.short(self.state.step)
-        flags = torch.zeros(self.env.train_world, dtype=torch.int32)
+        flags = torch.zeros(world + 2, dtype=torch.int32)
         flags[max(self.env.train_rank, 0)] = mine
+        flags[world:] = torch.tensor(self.guard.local(), dtype=torch.int32)
         if self.distributed:
-            tdist.all_reduce(flags, group=self.dist.group)
-        bad = {r: PHASES[v - 1] for r, v in enumerate(flags.tolist()) if v}
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self.dist.group)
+        flags = flags.tolist()
+        self.guard.carried(flags[world:])
+        bad = {r: PHASES[v - 1] for r, v in enumerate(flags[:world]) if v}
         if bad:
             raise StepOOM(", ".join(sorted(set(bad.values()), key=PHASES.index)), sorted(bad))
 

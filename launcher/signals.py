@@ -1,10 +1,12 @@
 """Stopping cleanly: a signal sets a flag; all training ranks stop at the same step.
 
 A handler only records the signal: no I/O, no collective, since it can run in the
-middle of a CUDA call or a collective. At the end of every optimizer step the
-training ranks all-reduce the flag (MAX of a CPU tensor: gloo even on CUDA, no device
-sync), so either every rank stops at this step or none does; a rank that stopped
-alone would leave the others waiting in DDP's next all-reduce until the timeout.
+middle of a CUDA call or a collective. Every optimizer step the training ranks
+all-reduce the flag (MAX of a CPU tensor: gloo even on CUDA, no device sync), so
+either every rank stops at this step or none does; a rank that stopped alone would
+leave the others waiting in DDP's next all-reduce until the timeout. With OOM
+recovery on, the flag rides in the step's OOM agreement (oom.py), so a step makes one
+host-side collective, not two; a signal that comes after it is seen one step later.
 The loop then writes one checkpoint, flushes, and the process exits with
 `128 + signal number` (SIGTERM 143, SIGINT 130, SIGUSR1 138): the status a shell
 reports for death by that signal, so schedulers and scripts keep treating the run as
@@ -19,7 +21,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -76,11 +78,22 @@ class Stop:
 
 
 class Guard:
-    """The step-boundary agreement of the training loop: a stop signal and the validator's early stop."""
+    """The step-boundary agreement of the training loop: a stop signal and the validator's early stop.
 
-    def __init__(self, cfg, dist, tel):
-        self.dist, self.tel = dist, tel
+    `local()` is this rank's [signal, early stop]; a step's OOM agreement carries it (`carried()`),
+    else `step_end()` all-reduces it itself."""
+
+    def __init__(self, cfg, dist, tel, early_stop: Callable[[], bool] = lambda: False):
+        self.dist, self.tel, self.early_stop = dist, tel, early_stop
         self.flag = StopFlag(cfg.run.stop_signals)
+        self._carried: Optional[List[int]] = None
+
+    def local(self) -> List[int]:
+        return [self.flag.signum, int(self.early_stop())]
+
+    def carried(self, agreed: List[int]) -> None:
+        """The MAX over the training ranks of `local()`, agreed in this step's OOM agreement."""
+        self._carried = agreed
 
     def log_restart(self, restart_count: int, step: int) -> None:
         """A `restart` event when torchrun restarted the group. The count is the max over the training
@@ -89,11 +102,15 @@ class Guard:
         if count:
             self.tel.event("restart", restart_count=count, step=step)
 
-    def step_end(self, early_stop: bool = False) -> Tuple[Stop, bool]:
+    def step_end(self, again: bool = False) -> Tuple[Stop, bool]:
         """Call on every training rank after every optimizer step; all get the same answer, for a stop
-        signal and for the validator's early-stop request, in one all-reduce."""
-        flags = torch.tensor([self.flag.signum, int(early_stop)], dtype=torch.int32)
-        signum, early = self.dist.all_reduce(flags, "max").tolist()
+        signal and for the validator's early-stop request: carried by the step's OOM agreement, or one
+        all-reduce here. `again` (the same on every rank): the answer may have changed since the
+        agreement (an inline validation ran), so agree afresh."""
+        agreed, self._carried = self._carried, None
+        if agreed is None or again:
+            agreed = self.dist.all_reduce(torch.tensor(self.local(), dtype=torch.int32), "max").tolist()
+        signum, early = agreed
         return Stop(int(signum)), bool(early)
 
     def exit(self, stop: Stop, step: int) -> None:

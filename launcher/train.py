@@ -109,12 +109,13 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
                               "use run.resume=auto to start fresh")
         seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
+    guard = Guard(cfg, dist, tel, early_stop=lambda: validation.stop_requested())  # stop signals, early stop
     oom = Recovery(cfg, env, dist, rundir, ddp, tel, state,
-                   Headroom(device, autobatch_event.get("backward_headroom_bytes"), env.train_rank, faults.low_memory))
+                   Headroom(device, autobatch_event.get("backward_headroom_bytes"), env.train_rank, faults.low_memory),
+                   guard)
     if oom.enabled:
         faults.arm_oom(model, state, lambda: oom.phase)
     faults.arm_nan(model, state)
-    guard = Guard(cfg, dist, tel)  # stop signals and early stop, agreed at every step boundary
     guard.log_restart(env.restart_count, state.step)
     tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
               accum=batch.accum, global_batch=batch.global_size, steps=total, steps_per_epoch=steps_per_epoch,
@@ -168,7 +169,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             if end_of_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             # A stop signal or the validator's early stop: every training rank stops at this same step.
-            stop, stopped_early = guard.step_end(validation.stop_requested())
+            stop, stopped_early = guard.step_end(again=validating)  # agreed by all (in the OOM agreement if on)
             if stopped_early:
                 log.info("early stop at step %d", state.step)
             if ckpt.should_save(state.step, last or stopped_early or bool(stop) or validating):

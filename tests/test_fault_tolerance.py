@@ -7,17 +7,19 @@ while keeping a short run alive long enough to be signalled or killed mid-run.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import FAST, assert_same_final_weights, child_env, command, free_port, launch, read_jsonl
+from tests.conftest import ROOT, FAST, assert_same_final_weights, child_env, command, free_port, launch, read_jsonl
 
 SLOW = ["debug.step_delay_s=0.04"]
 
@@ -196,3 +198,18 @@ def test_unwritable_checkpoint_dir_is_a_clear_error(run_dir):
         assert "Traceback" not in out.stderr
     finally:
         subprocess.run(["chattr", "-i", str(ckpts)], check=False)
+
+
+def test_a_stop_signal_on_one_rank_rides_in_the_oom_agreement_one_collective_per_step(tmp_path):
+    """Issue 14 (b): with OOM recovery on, a step makes ONE host-side agreement: the stop flags ride in
+    the OOM agreement, and both ranks still stop together when only rank 1 got the signal. With
+    recovery off, the step-end agreement alone (also one)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(ROOT / "tests" / "agreement_worker.py"), str(tmp_path)],
+                          env=child_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    for r in rows:
+        for mode in ("retries=2", "retries=0"):
+            assert r[mode] == {"stop": "SIGUSR1", "early": False, "collectives": 1}, (r["rank"], mode, r)

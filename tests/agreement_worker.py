@@ -1,0 +1,60 @@
+"""Run under torchrun (2 ranks): one optimizer step's agreements, counted.
+
+Rank 1 receives SIGUSR1 before the step's OOM agreement. Prints, per rank, the stop both ranks
+agreed on and how many host-side collectives the step made, with OOM recovery on (the stop rides
+in the OOM agreement) and off (the step-end agreement alone)."""
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as tdist
+
+from launcher.batch import Batch
+from launcher.checkpoint import TrainState
+from launcher.dist import Dist
+from launcher.env import Env
+from launcher.oom import Headroom, Recovery
+from launcher.rundir import RunDir
+from launcher.schema import Config
+from launcher.signals import Guard
+from launcher.telemetry import OFF
+
+
+CALLS = [0]
+
+
+def count_collectives():
+    """Count every all-reduce (the real gloo one still runs): Dist's and oom.py's alike."""
+    real = tdist.all_reduce
+
+    def counted(*a, **k):
+        CALLS[0] += 1
+        return real(*a, **k)
+    tdist.all_reduce = counted
+
+
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+env = Env(rank, world, rank, world, 0, None, torch.device("cpu"))
+dist = Dist(env)
+count_collectives()
+out = {}
+for retries in (2, 0):
+    cfg = Config()
+    cfg.autobatch.max_retries = retries
+    cfg.run.stop_signals = ["SIGUSR1"]
+    guard = Guard(cfg, dist, OFF)
+    oom = Recovery(cfg, env, dist, RunDir(sys.argv[1]), torch.nn.Linear(1, 1), OFF, TrainState(Batch(1, 1, world)),
+                   Headroom(env.device, None, rank, lambda step: False), guard)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    CALLS[0] = 0
+    with oom.attempt() as attempt:
+        attempt.agree()  # before the last backward
+    stop, early = guard.step_end()
+    out[f"retries={retries}"] = {"stop": stop.name, "early": early, "collectives": CALLS[0]}
+    guard.flag.signum = 0
+    dist.barrier()
+print("RESULT " + json.dumps({"rank": rank, **out}), flush=True)
+dist.close()
