@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from launcher.files import atomic_write, fsync_dir, read_json, write_json
-from launcher.shards import is_sharded
+from launcher.shards import is_sharded, local_slice
 
 PATTERN = re.compile(r"^step-(\d+)\.dcp$")
 MANIFEST = "manifest.json"
@@ -64,27 +64,49 @@ def state_of(parts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def apply(parts: Dict[str, Any], state: Dict[str, Any], full: bool = False) -> None:
-    """Load `state` (from state_of's template, or a full .pt state with `full`) into `parts`. With
-    `full`, every tensor is the whole one and the optimizer is keyed by index (torch's own format):
-    each rank takes its slices."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Load `state` (state_of's template, filled) into `parts`; with `full`, a ddp .pt state instead:
+    whole tensors, the optimizer keyed by index, of which each rank keeps its rows. The optimizer
+    is loaded by torch's own load_state_dict, keyed by index (set_optimizer_state_dict mismatches
+    the hyperparameters of the groups after an empty one: build_optimizer's groups may be empty)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     model, opt = parts["model"], parts["optimizer"]
-    optim = by_name(model, opt, state["optimizer"]) if full else state["optimizer"]
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=optim,
-                   options=StateDictOptions(full_state_dict=full))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=full))
+    opt.load_state_dict(_slices(model, opt, state["optimizer"]) if full else by_index(model, opt, state["optimizer"]))
     for name, part in parts.items():
         if name not in _JOINT:
             part.load_state_dict(state.get(name))
 
 
-def by_name(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> dict:
-    """An optimizer state keyed by parameter index (torch's format: the order of opt.param_groups)
-    keyed by parameter name instead, as get_state_dict gives it."""
+def _order(model: nn.Module, opt: torch.optim.Optimizer) -> List[str]:
+    """Parameter names in the optimizer's index order (torch numbers them group after group)."""
     name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
-    return {"state": {names[int(i)]: s for i, s in state["state"].items()},
-            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+    return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def by_index(model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state keyed by parameter name (get_state_dict's) keyed by index (torch's)."""
+    index = {n: i for i, n in enumerate(_order(model, opt))}
+    return {"state": {index[n]: s for n, s in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+@torch.no_grad()
+def _slices(model: nn.Module, opt: torch.optim.Optimizer, full: dict) -> dict:
+    """A full optimizer state (index keys) cut to this rank's rows of the sharded parameters."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    get_optimizer_state_dict(model, opt)  # creates the state (a zero step at lr 0) whose shards we fill
+    own = opt.state_dict()
+    for i, saved in full["state"].items():
+        mine = own["state"][int(i)]
+        for k, v in saved.items():
+            like = mine.get(k)
+            if isinstance(v, torch.Tensor) and isinstance(like, torch.Tensor):
+                (like.to_local() if is_sharded(like) else like).copy_(local_slice(v, like))
+            else:
+                mine[k] = v
+    return {"state": own["state"], "param_groups": full["param_groups"]}
 
 
 # ------------------------------------------------------------------------------------------- save
@@ -114,7 +136,7 @@ def save(directory: Path, step: int, state: Dict[str, Any], own: dict, info: dic
     except OSError as e:
         error = e
     try:  # collective: DCP raises on every rank when any rank's write failed
-        dcp.save(state, checkpoint_id=str(tmp), process_group=dist.group)
+        dcp.save(state, checkpoint_id=str(tmp), process_group=dist.group, no_dist=dist.group is None)
     except Exception as e:  # noqa: BLE001 - DCP wraps OSErrors in CheckpointException
         error = error or e
     failed = _failed(dist, error)
@@ -178,7 +200,7 @@ def load_into(path: Path, state: Dict[str, Any], dist) -> None:
     rank's rows whatever the saved number of ranks, plain tensors the whole tensor. Collective."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, checkpoint_id=str(path), process_group=dist.group)
+    dcp.load(state, checkpoint_id=str(path), process_group=dist.group, no_dist=dist.group is None)
 
 
 def own_parts(path: Path, rank: int) -> Optional[dict]:
