@@ -120,7 +120,7 @@ def test_killed_then_resumed_under_max_restarts_is_bit_identical(tmp_path):
     torchrun(2, ref, "--steps", "8", "--every", "3", "--out", str(tmp_path / "ref.pt"))
     # Rank 0 SIGKILLs itself right after the step-6 checkpoint; torchrun restarts the group, which resumes.
     torchrun(2, run, "--steps", "8", "--every", "3", "--die-at", "6", "--out", str(tmp_path / "run.pt"), restarts=1)
-    a, b = torch.load(tmp_path / "ref.pt", weights_only=True), torch.load(tmp_path / "run.pt", weights_only=True)
+    a, b = load(tmp_path / "ref.pt"), load(tmp_path / "run.pt")
     assert b["resumed"] and not a["resumed"] and b["step"] == 8
     assert [e["step"] for e in events(run, "resume")] == [6] and not events(run, "resume_world_changed")
     same(a, b)
@@ -131,16 +131,21 @@ def test_killed_then_resumed_under_max_restarts_is_bit_identical(tmp_path):
     assert checkpoint.steps(run / "checkpoints") == [8, 6, 3]
 
 
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
 @pytest.mark.slow
 def test_resharding_2_to_3_and_3_to_2_ranks_loads_the_same_full_state(tmp_path):
     run = tmp_path / "run"
     torchrun(2, run, "--steps", "4", "--every", "4", "--out", str(tmp_path / "two.pt"))
-    torchrun(3, run, "--steps", "4", "--out", str(tmp_path / "three.pt"))  # load only: no step left
-    same(torch.load(tmp_path / "two.pt", weights_only=True), torch.load(tmp_path / "three.pt", weights_only=True))
-    torchrun(3, run, "--steps", "6", "--out", str(tmp_path / "three6.pt"))  # trains on 3 ranks, saves step 6
-    torchrun(2, run, "--steps", "6", "--out", str(tmp_path / "two6.pt"))
-    same(torch.load(tmp_path / "three6.pt", weights_only=True), torch.load(tmp_path / "two6.pt", weights_only=True))
+    # 3 ranks load the 2-rank checkpoint (same full state), train on to step 6 and save there.
+    torchrun(3, run, "--steps", "6", "--loaded", str(tmp_path / "three.pt"), "--out", str(tmp_path / "three6.pt"))
+    same(load(tmp_path / "two.pt"), load(tmp_path / "three.pt"))
+    torchrun(2, run, "--steps", "6", "--loaded", str(tmp_path / "two6.pt"))  # load only: no step left
+    same(load(tmp_path / "three6.pt"), load(tmp_path / "two6.pt"))
     assert [(e["saved"], e["now"]) for e in events(run, "resume_world_changed")] == [(2, 3), (3, 2)]
+    assert [e["step"] for e in events(run, "resume")] == [4, 6]
 
 
 @pytest.mark.slow
@@ -148,14 +153,13 @@ def test_ddp_checkpoint_into_fsdp_and_fsdp_checkpoint_into_ddp(tmp_path):
     run = tmp_path / "run"
     torchrun(2, run, "--strategy", "ddp", "--steps", "4", "--every", "4", "--out", str(tmp_path / "ddp.pt"))
     assert (run / "checkpoints" / "step-00000004.pt").exists()
-    torchrun(3, run, "--strategy", "fsdp", "--steps", "4", "--out", str(tmp_path / "fsdp.pt"))
-    same(torch.load(tmp_path / "ddp.pt", weights_only=True), torch.load(tmp_path / "fsdp.pt", weights_only=True))
-    torchrun(3, run, "--strategy", "fsdp", "--steps", "6", "--out", str(tmp_path / "fsdp6.pt"))
+    torchrun(3, run, "--strategy", "fsdp", "--steps", "6", "--loaded", str(tmp_path / "fsdp.pt"),
+             "--out", str(tmp_path / "fsdp6.pt"))
+    same(load(tmp_path / "ddp.pt"), load(tmp_path / "fsdp.pt"))
     assert (run / "checkpoints" / "step-00000006.dcp").is_dir()
-    torchrun(2, run, "--strategy", "ddp", "--steps", "6", "--out", str(tmp_path / "ddp6.pt"))
-    same(torch.load(tmp_path / "fsdp6.pt", weights_only=True), torch.load(tmp_path / "ddp6.pt", weights_only=True))
-    assert [e["checkpoint"] for e in events(run, "resume")] == ["step-00000004.pt", "step-00000004.pt",
-                                                                 "step-00000006.dcp"]
+    torchrun(2, run, "--strategy", "ddp", "--steps", "6", "--loaded", str(tmp_path / "ddp6.pt"))
+    same(load(tmp_path / "fsdp6.pt"), load(tmp_path / "ddp6.pt"))
+    assert [e["checkpoint"] for e in events(run, "resume")] == ["step-00000004.pt", "step-00000006.dcp"]
 
 
 @pytest.mark.slow
@@ -173,5 +177,5 @@ def test_corrupt_shard_is_reported_and_the_previous_checkpoint_resumes_exactly(t
     [skip] = events(run, "checkpoint_skipped")
     assert "step-00000006.dcp" in skip["reason"] and "__1_0.distcp" in skip["reason"]
     assert [e["step"] for e in events(run, "resume")] == [3]
-    same(torch.load(tmp_path / "ref.pt", weights_only=True), torch.load(tmp_path / "run.pt", weights_only=True))
+    same(load(tmp_path / "ref.pt"), load(tmp_path / "run.pt"))
     checkpoint_dcp.verify(run / "checkpoints" / "step-00000006.dcp")  # saved again, intact

@@ -2,12 +2,12 @@
 then the root) or ddp, checkpointed and restored through the real Checkpointer.
 
     ckpt_train.py RUN_DIR --strategy fsdp|ddp --steps N [--every K] [--keep-last M] [--die-at K]
-                  [--out FILE]
+                  [--out FILE] [--loaded FILE]
 
 --die-at K: on the first attempt only (TORCHELASTIC_RESTART_COUNT=0), training rank 0 SIGKILLs itself
 right after the step-K checkpoint (torchrun --max-restarts then restarts the group, which resumes).
 --out: training rank 0 writes the full final state {"model", "optimizer" (by name), "ema", "step",
-"resumed"} there. Under fsdp the EMA is exported with checkpoint.export_weights to RUN_DIR/ema.safetensors.
+"resumed"} there; --loaded: the same, right after the restore. Under fsdp the EMA is exported with checkpoint.export_weights to RUN_DIR/ema.safetensors.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -126,6 +125,7 @@ def main() -> None:
     ap.add_argument("--keep-last", type=int, default=3)
     ap.add_argument("--die-at", type=int, default=0)
     ap.add_argument("--out")
+    ap.add_argument("--loaded")
     args = ap.parse_args()
 
     env = detect(device="cpu")
@@ -159,6 +159,10 @@ def main() -> None:
     resumed = ckpt.restore()
     if not resumed:
         seed_everything(env.rank)
+    if args.loaded:
+        loaded = full_state(model, opt, ema)
+        if env.is_main:
+            torch.save({**loaded, "step": state.step, "resumed": resumed}, args.loaded)
     while state.step < args.steps:
         x, y = batch_for(state.step, env.train_rank, env.train_world)
         loss = nn.functional.mse_loss(wrapped(x + 0.01 * torch.randn_like(x)), y)  # per-rank RNG
