@@ -179,3 +179,13 @@ def test_corrupt_shard_is_reported_and_the_previous_checkpoint_resumes_exactly(t
     assert [e["step"] for e in events(run, "resume")] == [3]
     same(load(tmp_path / "ref.pt"), load(tmp_path / "run.pt"))
     checkpoint_dcp.verify(run / "checkpoints" / "step-00000006.dcp")  # saved again, intact
+
+
+@pytest.mark.slow
+def test_rank_0_unable_to_write_makes_every_rank_raise_save_error_together(tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(2, run, "--steps", "3", "--every", "2", "--blocked", check=False)
+    assert proc.returncode != 0
+    for rank in (0, 1):  # none left waiting in a collective: each got its SaveError
+        assert "could not save checkpoint" in (run / f"save-error-{rank}.txt").read_text()
+    assert "step-00000002.dcp" in (run / "save-error-1.txt").read_text()

@@ -2,12 +2,14 @@
 then the root) or ddp, checkpointed and restored through the real Checkpointer.
 
     ckpt_train.py RUN_DIR --strategy fsdp|ddp --steps N [--every K] [--keep-last M] [--die-at K]
-                  [--out FILE] [--loaded FILE]
+                  [--out FILE] [--loaded FILE] [--blocked]
 
 --die-at K: on the first attempt only (TORCHELASTIC_RESTART_COUNT=0), training rank 0 SIGKILLs itself
 right after the step-K checkpoint (torchrun --max-restarts then restarts the group, which resumes).
 --out: training rank 0 writes the full final state {"model", "optimizer" (by name), "ema", "step",
-"resumed"} there; --loaded: the same, right after the restore. Under fsdp the EMA is exported with checkpoint.export_weights to RUN_DIR/ema.safetensors.
+"resumed"} there; --loaded: the same, right after the restore.
+--blocked: a file stands where checkpoints/ should be, so rank 0 cannot save: every rank writes the
+SaveError it got to RUN_DIR/save-error-<rank>.txt and exits 3. Under fsdp the EMA is exported with checkpoint.export_weights to RUN_DIR/ema.safetensors.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from launcher.batch import Batch
-from launcher.checkpoint import Checkpointer, TrainState, export_weights
+from launcher.checkpoint import Checkpointer, SaveError, TrainState, export_weights
 from launcher.dist import Dist, seed_everything
 from launcher.ema import EMA, NoEMA
 from launcher.env import detect
@@ -116,7 +118,7 @@ def full_state(model, opt, ema) -> dict:
     return {"model": msd, "optimizer": osd, "ema": shadow}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
     ap.add_argument("--strategy", choices=["fsdp", "ddp"], default="fsdp")
@@ -126,11 +128,15 @@ def main() -> None:
     ap.add_argument("--die-at", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("--loaded")
+    ap.add_argument("--blocked", action="store_true")
     args = ap.parse_args()
 
     env = detect(device="cpu")
     dist = Dist(env, timeout_s=120)
     rundir = RunDir(args.run).make() if env.is_main else RunDir(args.run)
+    if args.blocked and env.is_main:
+        rundir.checkpoints.rmdir()
+        rundir.checkpoints.write_text("not a directory")
     dist.barrier()
     cfg = SimpleNamespace(checkpoint=SimpleNamespace(every_steps=args.every, keep_last=args.keep_last),
                           run=SimpleNamespace(resume="auto", seed=0))
@@ -174,7 +180,12 @@ def main() -> None:
         meter.sum += loss.detach()
         state.step += 1
         if ckpt.should_save(state.step, state.step == args.steps):
-            ckpt.save()
+            try:
+                ckpt.save()
+            except SaveError as e:
+                (rundir.root / f"save-error-{env.train_rank}.txt").write_text(str(e))
+                dist.close()
+                return 3
         if args.die_at == state.step and env.restart_count == 0 and env.is_main:
             os.kill(os.getpid(), signal.SIGKILL)
     final = full_state(model, opt, ema)
@@ -183,6 +194,7 @@ def main() -> None:
     if env.is_main and args.out:
         torch.save({**final, "step": state.step, "resumed": resumed, "meter": meter.sum}, args.out)
     dist.close(finished=True)
+    return 0
 
 
 if __name__ == "__main__":
