@@ -252,26 +252,7 @@ class Checkpointer:
                 self.tel.event("restart_from_scratch", skipped=len(skipped))
             return False
         found = Path(found)
-        sharded = checkpoint_dcp.sharded(self.parts["model"])
-        if found.is_dir():  # a sharded checkpoint: each rank reads what its template needs
-            manifest = read_json(found / checkpoint_dcp.MANIFEST)
-            template = checkpoint_dcp.state_of(self.parts)
-            checkpoint_dcp.load_into(found, template, self.dist)
-            checkpoint_dcp.apply(self.parts, template)
-            data = {**manifest["train"], "wandb_id": manifest.get("wandb_id")}
-            own = checkpoint_dcp.own_parts(found, self.env.train_rank) \
-                if manifest["train_world"] == self.env.train_world else None
-            saved_world = manifest["train_world"]
-        else:
-            if not self.env.is_main:
-                data = load(found)
-            if sharded:  # a ddp checkpoint into shards: each rank keeps its rows of the full tensors
-                checkpoint_dcp.apply(self.parts, data, full=True)
-            else:
-                for name, part in self.parts.items():
-                    part.load_state_dict(data[name])
-            saved_world = len(data["ranks"])
-            own = data["ranks"][self.env.train_rank] if saved_world == self.env.train_world else None
+        data, own, saved_world = self._load_dir(found) if found.is_dir() else self._load_pt(found, data)
         self.state.load_state_dict(data)
         step = self.state.step
         if own is not None:
@@ -284,3 +265,27 @@ class Checkpointer:
         self.tel.event("resume", step=step, epoch=self.state.epoch, checkpoint=found.name,
                        restart_count=self.env.restart_count)
         return True
+
+    def _load_dir(self, found: Path) -> Tuple[dict, Optional[dict], int]:
+        """A sharded checkpoint, into either strategy: each rank reads what its template needs (its rows of
+        a DTensor, the whole of a plain tensor). (loop position, this rank's own parts, saved ranks)."""
+        manifest = read_json(found / checkpoint_dcp.MANIFEST)
+        template = checkpoint_dcp.state_of(self.parts)
+        checkpoint_dcp.load_into(found, template, self.dist)
+        checkpoint_dcp.apply(self.parts, template)
+        saved_world = manifest["train_world"]
+        own = checkpoint_dcp.own_parts(found, self.env.train_rank) if saved_world == self.env.train_world else None
+        return {**manifest["train"], "wandb_id": manifest.get("wandb_id")}, own, saved_world
+
+    def _load_pt(self, found: Path, data: Optional[dict]) -> Tuple[dict, Optional[dict], int]:
+        """A .pt checkpoint (rank 0 read it already), into either strategy: under fsdp each rank keeps
+        its rows of the full tensors."""
+        if not self.env.is_main:
+            data = load(found)
+        if checkpoint_dcp.sharded(self.parts["model"]):
+            checkpoint_dcp.apply(self.parts, data, full=True)
+        else:
+            for name, part in self.parts.items():
+                part.load_state_dict(data[name])
+        saved_world = len(data["ranks"])
+        return data, data["ranks"][self.env.train_rank] if saved_world == self.env.train_world else None, saved_world
