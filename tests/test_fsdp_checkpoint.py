@@ -16,6 +16,7 @@ from conftest import ROOT, child_env, free_port, read_jsonl
 from launcher import checkpoint, checkpoint_dcp
 
 SCRIPT = ROOT / "tests" / "fsdp_scripts" / "ckpt_train.py"
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP says so
 NO_DIST = SimpleNamespace(group=None, all_reduce=lambda t, op="sum": t)  # one process: collectives are identities
 
 
