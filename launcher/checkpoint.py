@@ -2,8 +2,10 @@
 
 `step-00000123.pt` holds the full training state; `step-00000123.json` beside it
 holds its sha256 and is written after it, so a checkpoint whose manifest exists
-was completely written. Retention runs only after a save succeeded: a failed save
-(disk full, read-only directory) never costs the previous checkpoint.
+was completely written. A sharded (fsdp) run writes `step-00000123.dcp/` instead
+(checkpoint_dcp.py); retention and resume count both kinds alike, and either kind
+loads into either strategy. Retention runs only after a save succeeded: a failed
+save (disk full, read-only directory) never costs the previous checkpoint.
 
 `Checkpointer` owns what a checkpoint holds: one table of parts, read by save and
 by restore alike, so the two cannot drift apart. Deployable weights (safetensors)
@@ -15,22 +17,31 @@ import hashlib
 import io
 import logging
 import re
+import shutil
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from launcher import checkpoint_dcp
 from launcher.batch import Batch
 from launcher.dist import rng_state, seed_everything, set_rng_state
 from launcher.files import atomic_write, read_json, write_json
+from launcher.shards import is_sharded
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^step-(\d+)\.pt$")
 
 
-def path_for(directory: Path, step: int) -> Path:
+def _pt(directory: Path, step: int) -> Path:
     return Path(directory) / f"step-{step:08d}.pt"
+
+
+def path_for(directory: Path, step: int) -> Path:
+    """The checkpoint of `step`: its .dcp directory when a sharded run wrote one, else the .pt file."""
+    sharded = checkpoint_dcp.dir_for(directory, step)
+    return sharded if sharded.is_dir() else _pt(directory, step)
 
 
 class SaveError(RuntimeError):
@@ -42,7 +53,7 @@ def save(directory: Path, step: int, state: dict, keep_last: int, protect: Itera
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getbuffer()
-    path = path_for(directory, step)
+    path = _pt(directory, step)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: f.write(data))
@@ -54,32 +65,55 @@ def save(directory: Path, step: int, state: dict, keep_last: int, protect: Itera
                 path.unlink()
             except OSError:
                 pass
-        older = [s for s in steps(directory) if s != step]
-        intact = f"the previous checkpoint {path_for(directory, older[0]).name} is intact" if older \
-            else "no earlier checkpoint exists"
         raise SaveError(f"could not save checkpoint {path} ({len(data) / 2**20:.1f} MiB): "
-                        f"{e.strerror or e}; {intact}") from e
+                        f"{e.strerror or e}; {_intact(directory, step)}") from e
+    shutil.rmtree(checkpoint_dcp.dir_for(directory, step), ignore_errors=True)  # one checkpoint per step
     prune(directory, keep_last, protect)
     return path
 
 
+def _intact(directory: Path, step: int) -> str:
+    older = [s for s in steps(directory) if s != step]
+    return f"the previous checkpoint {path_for(directory, older[0]).name} is intact" if older \
+        else "no earlier checkpoint exists"
+
+
+def save_sharded(directory: Path, step: int, state: dict, own: dict, info: dict, dist, rank: int,
+                 keep_last: int, protect: Iterable[int] = ()) -> Path:
+    """save() for a sharded state: every training rank calls it (checkpoint_dcp.save); SaveError on all."""
+    try:
+        path = checkpoint_dcp.save(directory, step, state, own, info, dist, rank)
+    except OSError as e:
+        raise SaveError(f"could not save checkpoint {checkpoint_dcp.dir_for(directory, step)}: "
+                        f"{e.strerror or e}; {_intact(directory, step)}") from e
+    if rank == 0:
+        _pt(directory, step).unlink(missing_ok=True)  # one checkpoint per step
+        _pt(directory, step).with_suffix(".json").unlink(missing_ok=True)
+        prune(directory, keep_last, protect)
+    return path
+
+
 def steps(directory: Path) -> List[int]:
-    """Checkpointed steps, newest first."""
-    found = [int(m.group(1)) for p in Path(directory).glob("step-*.pt") if (m := PATTERN.match(p.name))]
-    return sorted(found, reverse=True)
+    """Checkpointed steps (.pt files and complete .dcp directories), newest first."""
+    found = {int(m.group(1)) for p in Path(directory).glob("step-*.pt") if (m := PATTERN.match(p.name))}
+    return sorted(found | set(checkpoint_dcp.steps(directory)), reverse=True)
 
 
 def prune(directory: Path, keep_last: int, protect: Iterable[int] = ()) -> None:
     protect = set(protect)
     for step in steps(directory)[keep_last:]:
         if step not in protect:
-            path = path_for(directory, step)
+            path = _pt(directory, step)
             path.unlink(missing_ok=True)
             path.with_suffix(".json").unlink(missing_ok=True)
+            shutil.rmtree(checkpoint_dcp.dir_for(directory, step), ignore_errors=True)
 
 
 def load(path: Path, map_location: Any = "cpu") -> dict:
-    """Load one checkpoint, verifying its checksum when the manifest is there."""
+    """Load one checkpoint, verifying its checksum when the manifest is there. A .dcp directory loads
+    whole, as full tensors (its optimizer state keyed by parameter name)."""
+    if Path(path).is_dir():
+        return checkpoint_dcp.load_full(path)
     data = Path(path).read_bytes()
     manifest = Path(path).with_suffix(".json")
     if manifest.exists():
@@ -90,11 +124,15 @@ def load(path: Path, map_location: Any = "cpu") -> dict:
 
 
 def load_latest(directory: Path, map_location: Any = "cpu") -> Tuple[Optional[Path], Optional[dict], List[str]]:
-    """The newest checkpoint that loads; also the reasons the newer ones were skipped."""
+    """The newest checkpoint that loads; also the reasons the newer ones were skipped. A .dcp directory
+    is only verified (data None): its shards are loaded by every rank into its own template."""
     skipped = []
     for step in steps(directory):
         path = path_for(directory, step)
         try:
+            if path.is_dir():
+                checkpoint_dcp.verify(path)
+                return path, None, skipped
             return path, load(path, map_location), skipped
         except Exception as e:  # a corrupt file must never stop a resume
             reason = f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -110,6 +148,19 @@ def save_weights(path: Path, state: Dict[str, torch.Tensor], metadata: Optional[
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     data = st_save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
     atomic_write(path, lambda f: f.write(data))
+
+
+def export_weights(path: Path, state: Dict[str, torch.Tensor], metadata: Optional[dict], is_main: bool) -> None:
+    """save_weights() for a state that may hold DTensors (the sharded EMA, a fully_shard-ed model):
+    every training rank calls it (each sharded tensor is gathered, one at a time, a collective);
+    training rank 0 alone keeps the full tensors and writes the file."""
+    full = {}
+    for k, v in state.items():
+        t = v.full_tensor() if is_sharded(v) else v
+        if is_main:
+            full[k] = t.detach().to("cpu")
+    if is_main:
+        save_weights(path, full, metadata)
 
 
 @dataclass
@@ -146,7 +197,9 @@ class Checkpointer:
 
     `parts` (model, optimizer, scheduler, scaler, EMA) are training rank 0's, saved once and loaded
     by every rank; `state` (the loop's position) is stored at the top level. `per_rank` parts (RNG,
-    the loss meter) are gathered from every training rank, and each rank takes its own back."""
+    the loss meter) are gathered from every training rank, and each rank takes its own back.
+    With a fully_shard-ed model (fsdp) every rank saves its own shards of every part into one .dcp
+    directory; restore loads either kind into either strategy."""
 
     def __init__(self, cfg, env, dist, rundir, tel, state: TrainState, parts: Dict[str, Any],
                  per_rank: Dict[str, Any]):
@@ -160,6 +213,14 @@ class Checkpointer:
     def save(self, protect: Iterable[int] = ()) -> None:
         """Every training rank calls this; rank 0 writes. If rank 0 cannot write (disk full, read-only),
         every rank raises SaveError together, so none is left waiting in a collective."""
+        if checkpoint_dcp.sharded(self.parts["model"]):
+            info = {"train": self.state.state_dict(), "train_world": self.env.train_world,
+                    "wandb_id": self.tel.wandb_id}
+            path = save_sharded(self.rundir.checkpoints, self.state.step, checkpoint_dcp.state_of(self.parts),
+                                {name: part.state_dict() for name, part in self.per_rank.items()}, info,
+                                self.dist, self.env.train_rank, self.cfg.checkpoint.keep_last, protect)
+            self.tel.event("checkpoint", step=self.state.step, path=path.name)
+            return
         buf = io.BytesIO()  # tensors travel as torch.save bytes: pickling them through gloo fails
         torch.save({name: part.state_dict() for name, part in self.per_rank.items()}, buf)
         ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in self.dist.all_gather_object(buf.getvalue())]
@@ -190,19 +251,41 @@ class Checkpointer:
                 self.tel.truncate_after(0)
                 self.tel.event("restart_from_scratch", skipped=len(skipped))
             return False
-        if not self.env.is_main:
-            data = load(Path(found))
-        for name, part in self.parts.items():
-            part.load_state_dict(data[name])
+        found = Path(found)
+        data, own, saved_world = self._load_dir(found) if found.is_dir() else self._load_pt(found, data)
         self.state.load_state_dict(data)
         step = self.state.step
-        if len(data["ranks"]) == self.env.train_world:
+        if own is not None:
             for name, part in self.per_rank.items():
-                part.load_state_dict(data["ranks"][self.env.train_rank][name])
+                part.load_state_dict(own[name])
         else:  # another number of ranks: continue, but per-rank randomness starts afresh
             seed_everything(self.cfg.run.seed + self.env.rank + 1000 * step)
-            self.tel.event("resume_world_changed", saved=len(data["ranks"]), now=self.env.train_world)
+            self.tel.event("resume_world_changed", saved=saved_world, now=self.env.train_world)
         self.tel.truncate_after(step, wandb_id=data.get("wandb_id"))
-        self.tel.event("resume", step=step, epoch=self.state.epoch, checkpoint=Path(found).name,
+        self.tel.event("resume", step=step, epoch=self.state.epoch, checkpoint=found.name,
                        restart_count=self.env.restart_count)
         return True
+
+    def _load_dir(self, found: Path) -> Tuple[dict, Optional[dict], int]:
+        """A sharded checkpoint, into either strategy: each rank reads what its template needs (its rows of
+        a DTensor, the whole of a plain tensor). (loop position, this rank's own parts, saved ranks)."""
+        manifest = read_json(found / checkpoint_dcp.MANIFEST)
+        template = checkpoint_dcp.state_of(self.parts)
+        checkpoint_dcp.load_into(found, template, self.dist)
+        checkpoint_dcp.apply(self.parts, template)
+        saved_world = manifest["train_world"]
+        own = checkpoint_dcp.own_parts(found, self.env.train_rank) if saved_world == self.env.train_world else None
+        return {**manifest["train"], "wandb_id": manifest.get("wandb_id")}, own, saved_world
+
+    def _load_pt(self, found: Path, data: Optional[dict]) -> Tuple[dict, Optional[dict], int]:
+        """A .pt checkpoint (rank 0 read it already), into either strategy: under fsdp each rank keeps
+        its rows of the full tensors."""
+        if not self.env.is_main:
+            data = load(found)
+        if checkpoint_dcp.sharded(self.parts["model"]):
+            checkpoint_dcp.apply(self.parts, data, full=True)
+        else:
+            for name, part in self.parts.items():
+                part.load_state_dict(data[name])
+        saved_world = len(data["ranks"])
+        return data, data["ranks"][self.env.train_rank] if saved_world == self.env.train_world else None, saved_world
