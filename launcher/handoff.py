@@ -109,7 +109,7 @@ class _Slot:
 class Writer:
     """Rank 0's end of the queue. Two slots, so a new snapshot never overwrites one still being written.
     Sharded (fsdp: `world` = the training world size): every training rank's end, writing its own
-    shards as one piece of the snapshot; rank 0 alone drops stale snapshots."""
+    shards as one piece of the snapshot; the rank that completes a snapshot drops the stale ones."""
 
     def __init__(self, run_dir, policy: str, keep: int, device: torch.device, fault=None, rank: int = 0,
                  world: Optional[int] = None):
@@ -157,7 +157,8 @@ class Writer:
             slot = self.free.get_nowait()
         except queue.Empty:  # both slots still being written: the disk is slower than the interval
             if self.policy == "latest":
-                self.rundir.skip(step, "busy", "the previous snapshots were still being written")
+                self.rundir.skip(step, "busy", "the previous snapshots were still being written"
+                                 + (f" (rank {self.rank})" if self.world else ""))
                 log.warning("hand-off of step %d skipped: the writer is still busy", step)
                 return None
             slot = self.free.get()  # policy=all: every snapshot must reach the validator
@@ -214,11 +215,9 @@ class Writer:
             try:
                 if slot.ready is not None:
                     slot.ready.synchronize()
-                if self.world is None:
-                    self._write(step, epoch, kinds, slot)
-                else:
-                    self._write_piece(step, epoch, kinds, slot)
-                if self.policy == "latest" and self.rank == 0:  # one rank decides what is stale
+                published = self._write(step, epoch, kinds, slot) if self.world is None \
+                    else self._write_piece(step, epoch, kinds, slot)
+                if self.policy == "latest" and published:  # drop() is a rename: of two droppers one wins
                     for old in pending(self.dir)[:-self.keep]:
                         drop(self.dir, old, "stale")
             except Exception:  # a full disk must not kill training; the step shows up as unvalidated
@@ -227,26 +226,27 @@ class Writer:
             finally:
                 self.free.put(slot)
 
-    def _write(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> None:
+    def _write(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
         meta, out = {"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)}, []
         atomic_write(data_path(self.dir, step), lambda f: out.append(write_safetensors(f, slot.host, meta)))
         (sha256, size), = out
         write_json(manifest_path(self.dir, step), vars(Manifest(
             step, epoch, kinds, data_path(self.dir, step).name, sha256, size, time.time())))
+        return True
 
-    def _write_piece(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> None:
-        """This rank's piece; the last rank to finish publishes the manifest (no collective)."""
+    def _write_piece(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
+        """This rank's piece; the last rank to finish publishes the manifest (no collective) and, like
+        the single writer, drops what is stale. True when this rank published the snapshot."""
         last = sharded.write_piece(self.dir, step, epoch, kinds, slot.host, slot.layouts, self.rank, self.world)
-        if last is not None:
-            tickets = last.pop("tickets")
-            base = Manifest(step, epoch, kinds, last.pop("file"), last.pop("sha256"), last.pop("bytes"), time.time())
-            write_json(manifest_path(self.dir, step), {**vars(base), **last})
-            for ticket in tickets:
-                ticket.unlink(missing_ok=True)
-        if self.rank == 0:
-            complete = pending(self.dir) + [int(p.stem) for p in self.dir.glob("*.claimed")]
-            if complete:
-                sharded.sweep(self.dir, below=max(complete))
+        if last is None:
+            return False
+        tickets = last.pop("tickets")
+        base = Manifest(step, epoch, kinds, last.pop("file"), last.pop("sha256"), last.pop("bytes"), time.time())
+        write_json(manifest_path(self.dir, step), {**vars(base), **last})
+        for ticket in tickets:
+            ticket.unlink(missing_ok=True)
+        sharded.sweep(self.dir, below=step)  # every rank is past the older steps: incomplete ones stay so
+        return True
 
     @property
     def idle(self) -> bool:

@@ -3,7 +3,7 @@
 The state: `--state synthetic` (a few tensors, one with fewer rows than ranks, a replicated buffer),
 `--state module` (a tiny fully_shard-ed model's state_dict: sharded parameters, plain BatchNorm
 buffers), or a safetensors file (a ddp run's ema.safetensors), each sharded along dim 0 with
-distribute_tensor. Snapshot `step` holds the state plus `step` (so steps differ). Rank 0 writes the
+distribute_tensor. Snapshot `step` holds the state plus `step` (so steps differ; `--same`: the state). Rank 0 writes the
 full tensors of each step to <run>/full-<step>.safetensors for the test to compare with.
 `--hold-rank R`: rank R waits for <run>/release before its first put (a slow rank).
 """
@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--policy", default="all")
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--hold-rank", type=int, default=-1)
+    p.add_argument("--same", action="store_true", help="every step holds the state unchanged")
     a = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -60,7 +61,7 @@ def main() -> None:
     w.prepare({"ema": state})
     dist.barrier()  # rank 0's Writer swept the previous session's leftovers before anyone writes
     for i, step in enumerate(int(s) for s in a.steps.split(",")):
-        snap = {k: v + step if v.is_floating_point() else v for k, v in state.items()}
+        snap = {k: v + (0 if a.same else step) if v.is_floating_point() else v for k, v in state.items()}
         full = {f"ema/{k}": (v.full_tensor() if isinstance(v, DTensor) else v).contiguous() for k, v in snap.items()}
         if rank == 0:
             save_file(full, str(run / f"full-{step}.safetensors"))
