@@ -144,3 +144,32 @@ def test_validator_validates_sharded_snapshots_like_ddp_ones_and_skips_a_corrupt
     assert (q / (piece.name + ".bad")).exists() and handoff.manifest_path(q, 200, "bad").exists()
     assert "corrupt" in proc.stdout + proc.stderr
     assert not list(q.glob("*.safetensors"))  # validated snapshots left the queue
+
+
+@pytest.mark.slow
+def test_fsdp_trainer_side_hands_off_on_every_rank_and_the_spawned_validator_validates(tmp_path):
+    """validation.for_training under train.strategy=fsdp, driven like train.py by 2 torchrun ranks whose
+    fully_shard-ed model stands in for the sharded EMA: rank 1 gets a ShardHandoff, rank 0 the async
+    validation, which spawns the real validator (mode=process) and drains at the end. Every snapshot is
+    validated with exactly the metrics of a ddp snapshot of the same weights; the stall is reported."""
+    run = tmp_path / "run"
+    launch(["train", *FAST, f"run.dir={run}", "validation.mode=off", "train.max_steps=10",
+            "checkpoint.every_steps=0", "validation.policy=all"])
+    w = handoff.Writer(run, "all", keep=2, device=torch.device("cpu"))
+    w.put(5, 0, {"ema": load_file(str(run / "ema.safetensors"))})  # the ddp snapshot, validated first
+    w.flush()
+    script = Path(__file__).parent / "fsdp_scripts" / "handoff_train.py"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", str(script), f"--run-dir={run}", "--steps=30",
+                          "validation.mode=process", "validation.every_steps=10", "validation.policy=all"],
+                         env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "rank 1 ShardHandoff summary {}" in out.stdout
+    summary = json.loads(out.stdout.split("rank 0 AsyncValidation summary ")[1].splitlines()[0])
+    assert summary["validated_steps"] == 3 and summary["unvalidated_steps"] == [] and summary["stale_steps"] == []
+    rows = {r["step"]: r for r in read_jsonl(run / "val" / "results.jsonl")}
+    assert sorted(rows) == [5, 10, 20, 30]
+    assert all(rows[s]["metrics"] == rows[5]["metrics"] for s in (10, 20, 30))
+    blocked = [e["blocked_ms"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "handoff"]
+    assert len(blocked) == 3 and summary["handoff_blocked_ms"]["max"] == pytest.approx(max(blocked), abs=1e-3)
+    assert not list((run / "handoff").glob("*.safetensors")) and not list((run / "handoff").glob("*ticket*"))
