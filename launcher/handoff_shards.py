@@ -133,7 +133,10 @@ def load(directory: Path, manifest: dict, device: "torch.device | str" = "cpu") 
             else:
                 full[key] = t.to(device)
     for key, parts in local.items():
-        full[key] = assemble(parts, device)
+        try:
+            full[key] = assemble(parts, device)
+        except RuntimeError as e:  # a piece whose trailing dims do not fit the full shape
+            raise ValueError(f"{key}: pieces do not fit: {str(e).splitlines()[0]}") from None
     return full
 
 
