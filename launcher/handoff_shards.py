@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from launcher.files import atomic_write, fsync_dir, read_json, write_json, write_safetensors
-from launcher.shards import Layout, assemble, local_and_layout
+from launcher.shards import Layout, assemble, is_sharded, local_and_layout
 
 PIECE = re.compile(r"^(\d+)\.(shard-\d+-of-\d+\.safetensors|ticket-\d+-of-\d+)$")
 
@@ -53,16 +53,23 @@ def pieces_of(directory: Path, step: int) -> List[Path]:
     return sorted(Path(directory).glob(f"{stem(step)}.shard-*-of-*.safetensors"))
 
 
-def local_state(flat: Dict[str, torch.Tensor], rank: int) -> Tuple[Dict[str, torch.Tensor], Dict[str, Layout]]:
+def local_state(flat: Dict[str, torch.Tensor], rank: int, cache: Dict[str, Layout]
+                ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Layout]]:
     """This rank's part of a flat state: the local tensor of every sharded one (with its Layout),
-    and the replicated (plain) tensors on rank 0 only (they are the same on every rank)."""
+    and the replicated (plain) tensors on rank 0 only (they are the same on every rank).
+    `cache`: the Layouts of earlier calls; computing them anew costs ~0.1 ms a tensor (ViT-B: ~20 ms,
+    on the training thread), taking the local tensors ~2 ms."""
     local, layouts = {}, {}
     for key, t in flat.items():
-        piece, lay = local_and_layout(t)
-        if lay is not None:
-            local[key], layouts[key] = piece, lay
-        elif rank == 0:
-            local[key] = piece
+        if not is_sharded(t):
+            if rank == 0:
+                local[key] = t.detach()
+            continue
+        piece, lay = t.to_local().detach(), cache.get(key)
+        if lay is None or lay.shape != tuple(t.shape) or lay.rows != (piece.shape[0] if piece.ndim else 0):
+            piece, lay = local_and_layout(t)
+            cache[key] = lay
+        local[key], layouts[key] = piece, lay
     return local, layouts
 
 

@@ -173,3 +173,17 @@ def test_fsdp_trainer_side_hands_off_on_every_rank_and_the_spawned_validator_val
     blocked = [e["blocked_ms"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "handoff"]
     assert len(blocked) == 3 and summary["handoff_blocked_ms"]["max"] == pytest.approx(max(blocked), abs=1e-3)
     assert not list((run / "handoff").glob("*.safetensors")) and not list((run / "handoff").glob("*ticket*"))
+
+
+def test_inline_validation_is_refused_under_fsdp():
+    """Inline validation needs the full model on one rank: under fsdp it is a clear config error."""
+    from types import SimpleNamespace
+
+    from launcher import validation
+    from launcher.env import Env
+    from launcher.schema import ConfigError
+
+    cfg = SimpleNamespace(train=SimpleNamespace(strategy="fsdp"), validation=SimpleNamespace(mode="inline"))
+    env = Env(0, 2, 0, 2, 0, None, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.strategy=fsdp"):
+        validation.for_training(cfg, env, None, None, None, None, None, 8, None)
