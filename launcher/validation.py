@@ -282,10 +282,9 @@ def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int,
     if mode == "off" or env.train_rank < 0 or not (env.is_main or fsdp):
         return NoValidation()
     if mode == "inline":
-        if fsdp:
-            raise ConfigError("validation.mode=inline needs the full model on one rank; with train.strategy=fsdp "
-                              "use validation.mode=process, rank or external (the sharded EMA is validated "
-                              "asynchronously)")
+        if fsdp and env.train_world >= 2:  # checks.py says so first; this guards direct callers
+            raise ConfigError("validation.mode=inline is not supported with train.strategy=fsdp on 2+ processes "
+                              "(rank 0 alone would evaluate a sharded model); use validation.mode=auto, process or off")
         return InlineValidation(cfg, rundir, job, val_set, model, ema, micro, env.device, tel)
     world = env.train_world if fsdp else None
     if not env.is_main:

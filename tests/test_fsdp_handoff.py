@@ -185,5 +185,5 @@ def test_inline_validation_is_refused_under_fsdp():
 
     cfg = SimpleNamespace(train=SimpleNamespace(strategy="fsdp"), validation=SimpleNamespace(mode="inline"))
     env = Env(0, 2, 0, 2, 0, None, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="train.strategy=fsdp"):
+    with pytest.raises(ConfigError, match="validation.mode=inline is not supported with train.strategy=fsdp"):
         validation.for_training(cfg, env, None, None, None, None, None, 8, None)
