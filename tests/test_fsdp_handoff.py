@@ -187,3 +187,30 @@ def test_inline_validation_is_refused_under_fsdp():
     env = Env(0, 2, 0, 2, 0, None, torch.device("cpu"))
     with pytest.raises(ConfigError, match="validation.mode=inline is not supported with train.strategy=fsdp"):
         validation.for_training(cfg, env, None, None, None, None, None, 8, None)
+
+
+def _has_strategy() -> bool:
+    import dataclasses
+
+    from launcher import schema
+    return "strategy" in {f.name for f in dataclasses.fields(schema.TrainConfig)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_strategy(), reason="train.strategy (issue 18 part A) is not in this checkout")
+def test_validator_rank_validates_an_fsdp_run_like_the_ddp_run(tmp_path):
+    """3 ranks (2 train, 1 validates), the same run under ddp and fsdp: every snapshot of the sharded EMA
+    reaches the validator rank, which gives the ddp run's results (the weights agree to 1e-5)."""
+    rows = {}
+    for strategy in ("ddp", "fsdp"):
+        run = tmp_path / strategy
+        launch(["train", *FAST, f"run.dir={run}", f"train.strategy={strategy}", "validation.mode=rank",
+                "train.max_steps=30", "validation.every_steps=10", "validation.policy=all",
+                "checkpoint.every_steps=0"], nproc=3)
+        rows[strategy] = {r["step"]: r["metrics"] for r in read_jsonl(run / "val" / "results.jsonl")}
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["validated_steps"] == 3 and summary["unvalidated_steps"] == [], summary
+        assert not list((run / "handoff").glob("*.safetensors")) and not list((run / "handoff").glob("*ticket*"))
+    assert sorted(rows["fsdp"]) == sorted(rows["ddp"]) == [10, 20, 30]
+    for step, metrics in rows["ddp"].items():
+        assert rows["fsdp"][step] == pytest.approx(metrics, rel=1e-5, abs=1e-6), step
