@@ -9,17 +9,16 @@ An out-of-memory error inside `put()` skips that snapshot (val/skipped.jsonl, re
 `oom`) and training goes on; a background
 thread writes `<step>.safetensors` straight from the pinned buffers (no bytes copies,
 the GIL released while it writes and hashes), then `<step>.json` (the manifest: step, epoch,
-weights, sha256, bytes). A manifest exists only once its data is complete.
+weights, sha256, bytes). A manifest exists only once its data is complete. Under
+train.strategy=fsdp every training rank has a Writer of its own shards: see handoff_shards.
 
 Validator side, `claim()`: every change of a snapshot's state is an atomic rename
 of its manifest (`.json` -> `.claimed` / `.dropped` / `.bad`), so a trainer
 dropping a stale snapshot and a validator claiming it can never both win, and
 nothing the validator still needs is ever deleted.
 
-Control files, written atomically, read by stat or a small JSON read:
-`stop.json` (the validator asks training to stop), `done.json` (training is over:
-final step; `closed` once the trainer stops waiting), `validator.json` (the
-validator's status and heartbeat). Skipped snapshots go to val/skipped.jsonl.
+Control files (stop.json, done.json, validator.json): handoff_control, re-exported here.
+Skipped snapshots go to val/skipped.jsonl.
 """
 from __future__ import annotations
 
@@ -30,21 +29,22 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 from safetensors.torch import load as st_load
 
+from launcher import handoff_shards as sharded
 from launcher.files import atomic_write, read_json, write_json, write_safetensors
+from launcher.handoff_control import (HEARTBEAT_S, STALE_S, done, mark_done, read_status,  # noqa: F401 - re-exported
+                                      request_stop, reset, stop_requested, write_status)
 from launcher.oom import is_oom
 from launcher.rundir import Manifest, RunDir
 
 log = logging.getLogger(__name__)
 MANIFEST = re.compile(r"^(\d+)\.json$")
-HEARTBEAT_S = 2.0  # the validator refreshes validator.json this often
-STALE_S = 30.0  # a heartbeat older than this means the validator is gone
 
 
 def data_path(directory: Path, step: int) -> Path:
@@ -74,15 +74,23 @@ def _transition(directory: Path, step: int, src: str, dst: str) -> bool:
 
 
 def settled(directory: Path, step: int) -> bool:
-    """Nothing left to do for this snapshot: validated, dropped or rejected."""
-    return not any(manifest_path(directory, step, s).exists() for s in ("json", "claimed"))
+    """Nothing left to do for this snapshot: validated, dropped or rejected (a sharded one whose
+    pieces are still arriving is not settled either)."""
+    return not any(manifest_path(directory, step, s).exists() for s in ("json", "claimed")) \
+        and not sharded.pieces_of(directory, step)
+
+
+def data_files(directory: Path, step: int) -> List[Path]:
+    """A snapshot's data: one file (ddp) or one piece per training rank (fsdp)."""
+    return [data_path(directory, step), *sharded.pieces_of(directory, step)]
 
 
 def drop(directory: Path, step: int, reason: str = "stale") -> bool:
     """Remove an unclaimed snapshot (policy=latest); False if a validator claimed it first."""
     if not _transition(directory, step, "json", "dropped"):
         return False
-    data_path(directory, step).unlink(missing_ok=True)
+    for path in data_files(directory, step):
+        path.unlink(missing_ok=True)
     manifest_path(directory, step, "dropped").unlink(missing_ok=True)
     RunDir(Path(directory).parent).skip(step, reason)
     return True
@@ -95,15 +103,22 @@ class _Slot:
     """One set of pinned host buffers; the writer thread owns it until it is written."""
     host: Dict[str, torch.Tensor] = field(default_factory=dict)
     ready: Optional[object] = None  # CUDA event: the device-to-host copy finished
+    layouts: dict = field(default_factory=dict)  # fsdp: where each sharded tensor's piece sits
 
 
 class Writer:
-    """Rank 0's end of the queue. Two slots, so a new snapshot never overwrites one still being written."""
+    """Rank 0's end of the queue. Two slots, so a new snapshot never overwrites one still being written.
+    Sharded (fsdp: `world` = the training world size): every training rank's end, writing its own
+    shards as one piece of the snapshot; the rank that completes a snapshot drops the stale ones."""
 
-    def __init__(self, run_dir, policy: str, keep: int, device: torch.device, fault=None):
+    def __init__(self, run_dir, policy: str, keep: int, device: torch.device, fault=None, rank: int = 0,
+                 world: Optional[int] = None):
         self.rundir = RunDir.of(run_dir)
         self.dir = self.rundir.handoff
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world, self.layouts = rank, world, {}
+        if world is not None and rank == 0:
+            sharded.sweep(self.dir)  # a previous session's incomplete pieces: this session writes them anew
         self.policy, self.keep = policy, keep
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
@@ -119,9 +134,12 @@ class Writer:
         self.thread = threading.Thread(target=self._write_loop, name="handoff-writer", daemon=True)
         self.thread.start()
 
-    @staticmethod
-    def _flat(states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        return {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}
+    def _flat(self, states: Dict[str, Dict[str, torch.Tensor]]) -> tuple[Dict[str, torch.Tensor], dict]:
+        """The tensors this rank copies ({kind/name: tensor}) and, sharded, their Layouts."""
+        if self.world is not None:  # (a DTensor's detach() costs ~30 us: the local tensors are detached)
+            return sharded.local_state({f"{kind}/{k}": v for kind, sd in states.items() for k, v in sd.items()},
+                                       self.rank, self.layouts)
+        return {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}, {}
 
     def _allocate(self, slot: _Slot, flat: Dict[str, torch.Tensor]) -> None:
         slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
@@ -129,9 +147,11 @@ class Writer:
     def prepare(self, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
         """At setup: allocate both slots' (pinned) host buffers for `states`, so no put() allocates
         pinned memory on the training thread (cudaHostAlloc is slow and synchronizes the device)."""
-        flat = self._flat(states)
+        flat, _ = self._flat(states)
         for slot in self.slots:
             self._allocate(slot, flat)
+            for t in slot.host.values():
+                t.zero_()  # touch the pages now: first-touch page faults cost ~1 ms per 3 MB in put()
 
     @torch.no_grad()
     def put(self, step: int, epoch: int, states: Dict[str, Dict[str, torch.Tensor]]) -> Optional[float]:
@@ -141,7 +161,8 @@ class Writer:
             slot = self.free.get_nowait()
         except queue.Empty:  # both slots still being written: the disk is slower than the interval
             if self.policy == "latest":
-                self.rundir.skip(step, "busy", "the previous snapshots were still being written")
+                self.rundir.skip(step, "busy", "the previous snapshots were still being written"
+                                 + (f" (rank {self.rank})" if self.world else ""))
                 log.warning("hand-off of step %d skipped: the writer is still busy", step)
                 return None
             slot = self.free.get()  # policy=all: every snapshot must reach the validator
@@ -164,7 +185,7 @@ class Writer:
         return blocked
 
     def _copy(self, step: int, states: Dict[str, Dict[str, torch.Tensor]], slot: _Slot) -> None:
-        flat = self._flat(states)
+        flat, slot.layouts = self._flat(states)
         if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
                                                   for k, v in flat.items()):
             self._allocate(slot, flat)  # not prepared for these states (or an OOM emptied the slot)
@@ -198,12 +219,9 @@ class Writer:
             try:
                 if slot.ready is not None:
                     slot.ready.synchronize()
-                meta, out = {"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)}, []
-                atomic_write(data_path(self.dir, step), lambda f: out.append(write_safetensors(f, slot.host, meta)))
-                (sha256, size), = out
-                write_json(manifest_path(self.dir, step), vars(Manifest(
-                    step, epoch, kinds, data_path(self.dir, step).name, sha256, size, time.time())))
-                if self.policy == "latest":
+                published = self._write(step, epoch, kinds, slot) if self.world is None \
+                    else self._write_piece(step, epoch, kinds, slot)
+                if self.policy == "latest" and published:  # drop() is a rename: of two droppers one wins
                     for old in pending(self.dir)[:-self.keep]:
                         drop(self.dir, old, "stale")
             except Exception:  # a full disk must not kill training; the step shows up as unvalidated
@@ -211,6 +229,28 @@ class Writer:
                 self.rundir.skip(step, "write_failed")
             finally:
                 self.free.put(slot)
+
+    def _write(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
+        meta, out = {"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)}, []
+        atomic_write(data_path(self.dir, step), lambda f: out.append(write_safetensors(f, slot.host, meta)))
+        (sha256, size), = out
+        write_json(manifest_path(self.dir, step), vars(Manifest(
+            step, epoch, kinds, data_path(self.dir, step).name, sha256, size, time.time())))
+        return True
+
+    def _write_piece(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
+        """This rank's piece; the last rank to finish publishes the manifest (no collective) and, like
+        the single writer, drops what is stale. True when this rank published the snapshot."""
+        last = sharded.write_piece(self.dir, step, epoch, kinds, slot.host, slot.layouts, self.rank, self.world)
+        if last is None:
+            return False
+        tickets = last.pop("tickets")
+        base = Manifest(step, epoch, kinds, last.pop("file"), last.pop("sha256"), last.pop("bytes"), time.time())
+        write_json(manifest_path(self.dir, step), {**vars(base), **last})
+        for ticket in tickets:
+            ticket.unlink(missing_ok=True)
+        sharded.sweep(self.dir, below=step)  # every rank is past the older steps: incomplete ones stay so
+        return True
 
     @property
     def idle(self) -> bool:
@@ -237,10 +277,13 @@ class Snapshot:
     def load(self) -> tuple[Manifest, Dict[str, Dict[str, torch.Tensor]]]:
         """(manifest, {kind: state_dict}), verified; raises Corrupt."""
         try:
-            manifest = Manifest(**read_json(manifest_path(self.directory, self.step, "claimed")))
+            raw = read_json(manifest_path(self.directory, self.step, "claimed"))
+            manifest = Manifest(**{f.name: raw[f.name] for f in fields(Manifest)})
+            if "pieces" in raw:  # sharded (fsdp): one piece per training rank
+                return manifest, _unflatten(sharded.load(self.directory, raw))
             data = data_path(self.directory, self.step).read_bytes()
-        except (OSError, ValueError, TypeError) as e:
-            raise Corrupt(f"unreadable: {type(e).__name__}: {e}") from None
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise Corrupt(str(e) if isinstance(e, ValueError) else f"unreadable: {type(e).__name__}: {e}") from None
         if len(data) != manifest.bytes:
             raise Corrupt(f"size {len(data)} != {manifest.bytes} bytes (truncated?)")
         if hashlib.sha256(data).hexdigest() != manifest.sha256:
@@ -249,24 +292,29 @@ class Snapshot:
             flat = st_load(data)
         except Exception as e:
             raise Corrupt(f"not a safetensors file: {e}") from None
-        states: Dict[str, Dict[str, torch.Tensor]] = {}
-        for key, t in flat.items():
-            kind, _, name = key.partition("/")
-            states.setdefault(kind, {})[name] = t
-        return manifest, states
+        return manifest, _unflatten(flat)
 
     def ack(self) -> None:
         """Validated: the files are no longer needed."""
-        data_path(self.directory, self.step).unlink(missing_ok=True)
+        for path in data_files(self.directory, self.step):
+            path.unlink(missing_ok=True)
         manifest_path(self.directory, self.step, "claimed").unlink(missing_ok=True)
 
     def reject(self, reason: str) -> None:
         """Corrupt: move aside as .bad (kept for inspection), record it, go on."""
-        data = data_path(self.directory, self.step)
-        if data.exists():
-            os.replace(data, data.with_name(data.name + ".bad"))
+        for data in data_files(self.directory, self.step):
+            if data.exists():
+                os.replace(data, data.with_name(data.name + ".bad"))
         _transition(self.directory, self.step, "claimed", "bad")
         RunDir(Path(self.directory).parent).skip(self.step, "corrupt", reason)
+
+
+def _unflatten(flat: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+    states: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        kind, _, name = key.partition("/")
+        states.setdefault(kind, {})[name] = t
+    return states
 
 
 def claim(directory: Path, policy: str) -> Optional[Snapshot]:
@@ -278,6 +326,7 @@ def claim(directory: Path, policy: str) -> Optional[Snapshot]:
                 for old in steps:
                     if old < step:
                         drop(directory, old, "stale")
+            sharded.sweep(directory, below=step)  # older sharded steps still incomplete never will be
             return Snapshot(Path(directory), step)
     return None
 
@@ -286,48 +335,3 @@ def recover(directory: Path) -> None:
     """A validator that died holding a claim: give its snapshot back to the queue."""
     for p in Path(directory).glob("*.claimed"):
         os.replace(p, p.with_suffix(".json"))
-
-
-# ---------------------------------------------------------------- control files
-
-def request_stop(run_dir, step: int, reason: str) -> None:
-    """The first request stands: later validations of the backlog do not move it."""
-    if not stop_requested(run_dir):
-        write_json(RunDir.of(run_dir).stop, {"step": step, "reason": reason, "time": time.time()})
-
-
-def stop_requested(run_dir) -> bool:
-    return RunDir.of(run_dir).stop.exists()
-
-
-def mark_done(run_dir, final_step: int, closed: bool = False) -> None:
-    write_json(RunDir.of(run_dir).done, {"final_step": final_step, "closed": closed})
-
-
-def done(run_dir, or_summary: bool = False) -> Optional[dict]:
-    """The end marker. `or_summary`: a finished run that had no async validator has only summary.json."""
-    rundir = RunDir.of(run_dir)
-    for path in (rundir.done, rundir.summary) if or_summary else (rundir.done,):
-        try:
-            return read_json(path)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def reset(run_dir) -> None:
-    """A (re)starting trainer: forget the previous session's stop request and end marker."""
-    rundir = RunDir.of(run_dir)
-    rundir.stop.unlink(missing_ok=True)
-    rundir.done.unlink(missing_ok=True)
-
-
-def write_status(run_dir, **fields) -> None:
-    write_json(RunDir.of(run_dir).status, {"time": time.time(), **fields})
-
-
-def read_status(run_dir) -> Optional[dict]:
-    try:
-        return read_json(RunDir.of(run_dir).status)
-    except (OSError, ValueError):
-        return None

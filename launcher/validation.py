@@ -4,7 +4,9 @@ One object from `for_training()`, the same interface for all: `should_validate`,
 `submit`, `poll`, `stop_requested`, `protected_steps`, `finish`. Asynchronous
 validation hands snapshots to a validator elsewhere (a child process it spawns, the
 validator rank, or `launcher validate` started by hand) and reads its results from
-the run directory without blocking; it never imports the validator.
+the run directory without blocking; it never imports the validator. Under
+train.strategy=fsdp every training rank hands off its own shards (`ShardHandoff` on
+ranks but 0); rank 0 alone reads results and early stop, and spawns the validator.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from launcher.evaluation import Tracker, best_summary, kinds, val_batch_size, va
 from launcher.faults import handoff_fault
 from launcher.files import JsonlTail
 from launcher.rundir import RunDir, ValResult
+from launcher.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,29 +112,62 @@ class InlineValidation(_Validation):
         return best_summary(self.tracker.best)
 
 
-class AsyncValidation(_Validation):
+class _Handoff(_Validation):
+    """A hand-off Writer: the whole state (ddp, rank 0) or this rank's shards (fsdp: `world` training ranks)."""
+
+    def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, rank: int = 0, world: Optional[int] = None):
+        super().__init__(cfg, rundir, tel)
+        self.model, self.ema = model, ema
+        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
+                                     fault=handoff_fault(cfg.debug), rank=rank, world=world)
+        self.writer.prepare(self._states())  # pinned buffers now, at setup, not on the training thread
+
+    def _states(self) -> dict:
+        return {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
+
+    def submit(self, step: int, epoch: int) -> None:
+        """The training thread's stall per validation is put()'s duration: event `handoff`, blocked_ms."""
+        blocked = self.writer.put(step, epoch, self._states())
+        if blocked is not None:
+            self.tel.event("handoff", step=step, blocked_ms=round(blocked * 1e3, 3))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def fence(self) -> None:
+        self.writer.fence()
+
+    def stall_ms(self) -> dict:
+        blocked = [b * 1e3 for b in self.writer.blocked_s] or [0.0]
+        return {"mean": round(sum(blocked) / len(blocked), 3), "max": round(max(blocked), 3)}
+
+
+class ShardHandoff(_Handoff):
+    """fsdp, every training rank but 0: hand off this rank's shards at each validation step (the snapshot
+    is complete once every rank's piece is); rank 0 reads the results and decides early stop."""
+
+    def finish(self, step: int, epoch: int) -> dict:
+        if not self.writer.submitted or self.writer.submitted[-1] != step:
+            self.submit(step, epoch)
+        self.writer.flush()
+        log.info("hand-off stall on rank %d over %d snapshot(s): %s ms", self.writer.rank, len(self.writer.blocked_s),
+                 self.stall_ms())
+        return {}
+
+
+class AsyncValidation(_Handoff):
     """Hand snapshots to a validator elsewhere; read its results without blocking; drain at the end."""
 
-    def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, child: Optional[subprocess.Popen]):
-        super().__init__(cfg, rundir, tel)
-        self.model, self.ema, self.child = model, ema, child
-        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
-                                     fault=handoff_fault(cfg.debug))
-        self.writer.prepare(self._states())  # pinned buffers now, at setup, not on the training thread
+    def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, child: Optional[subprocess.Popen],
+                 world: Optional[int] = None):
+        super().__init__(cfg, rundir, model, ema, device, tel, rank=0, world=world)
+        self.child = child
         self.results = JsonlTail(rundir.results, from_end=True)
         self.skips = JsonlTail(rundir.skipped, from_end=True)
         self.restarts = JsonlTail(rundir.validator_restarts, from_end=True)
         self.validated, self.skipped = set(), {}
         self.started, self.warned = time.time(), False
         self._stop, self._checked = False, 0.0
-
-    def _states(self) -> dict:
-        return {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
-
-    def submit(self, step: int, epoch: int) -> None:
-        blocked = self.writer.put(step, epoch, self._states())
-        if blocked is not None:
-            self.tel.event("handoff", step=step, blocked_ms=round(blocked * 1e3, 3))
 
     def alive(self) -> bool:
         """The validator is still at work (it may finish: see `down`)."""
@@ -177,12 +213,6 @@ class AsyncValidation(_Validation):
             self._checked, self._stop = now, handoff.stop_requested(self.rundir)
         return self._stop
 
-    def flush(self) -> None:
-        self.writer.flush()
-
-    def fence(self) -> None:
-        self.writer.fence()
-
     def protected_steps(self) -> List[int]:
         """The best so far, and every step not validated yet: it may still become the best."""
         self.poll()
@@ -209,13 +239,12 @@ class AsyncValidation(_Validation):
                 self.child.wait()
         # Retention again, now that the results are in: last K, the true best, what is still unvalidated.
         checkpoint.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, self.protected_steps())
-        blocked = [b * 1e3 for b in self.writer.blocked_s] or [0.0]
         return {**best_summary(self.rundir.read_best()),
                 "validated_steps": len(self.validated & set(self.writer.submitted)),
                 "unvalidated_steps": [s for s in self.writer.submitted
                                       if s not in self.validated and self.skipped.get(s) != "stale"],
                 "stale_steps": [s for s in self.writer.submitted if self.skipped.get(s) == "stale"],
-                "handoff_blocked_ms": {"mean": round(sum(blocked) / len(blocked), 3), "max": round(max(blocked), 3)},
+                "handoff_blocked_ms": self.stall_ms(),
                 "drain_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -241,11 +270,24 @@ def child_device(env) -> str:
     return str(env.device)
 
 
+def sharded(cfg) -> bool:
+    """train.strategy=fsdp: the EMA and the model are sharded over the training ranks."""
+    return getattr(cfg.train, "strategy", "ddp") == "fsdp"  # TODO(issue 18 integration): cfg.train.strategy
+
+
 def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int, tel) -> NoValidation:
+    """Rank 0's validation; under fsdp with an asynchronous mode, every training rank's hand-off too."""
     mode = validation_mode(cfg.validation.mode, env.world_size)
-    if not env.is_main or mode == "off":
+    fsdp = sharded(cfg)
+    if mode == "off" or env.train_rank < 0 or not (env.is_main or fsdp):
         return NoValidation()
     if mode == "inline":
+        if fsdp and env.train_world >= 2:  # checks.py says so first; this guards direct callers
+            raise ConfigError("validation.mode=inline is not supported with train.strategy=fsdp on 2+ processes "
+                              "(rank 0 alone would evaluate a sharded model); use validation.mode=auto, process or off")
         return InlineValidation(cfg, rundir, job, val_set, model, ema, micro, env.device, tel)
+    world = env.train_world if fsdp else None
+    if not env.is_main:
+        return ShardHandoff(cfg, rundir, model, ema, env.device, tel, rank=env.train_rank, world=world)
     child = spawn(rundir, child_device(env)) if mode == "process" else None  # rank/external: started elsewhere
-    return AsyncValidation(cfg, rundir, model, ema, env.device, tel, child)
+    return AsyncValidation(cfg, rundir, model, ema, env.device, tel, child, world=world)
