@@ -31,6 +31,7 @@ from torch import nn
 from launcher.batch import Batch, geometry
 from launcher.dist import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
+from launcher.fsdp import is_sharded
 from launcher.memory import DeviceMemory, SimulatedDevice  # noqa: F401 - DeviceMemory is part of this API
 from launcher.oom import OutOfMemory, cleanup, is_oom
 from launcher.rundir import AutobatchRecord, RunDir
@@ -274,13 +275,15 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         if device.type == "cuda" and dist.distributed_training:  # NCCL's buffers exist before we measure
             dist.all_reduce(torch.zeros(1, device=device))
-        copies = (world > 1) + (env.is_main and cfg.validation.mode == "inline")
+        # Under fsdp the trial runs the sharded step itself: its all-gather and reduce-scatter buffers are measured.
+        sharded = is_sharded(model)
+        copies = (world > 1 and not sharded) + (env.is_main and cfg.validation.mode == "inline")
         memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
         snap = Snapshot(model, device)
         start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
         try:
             mine = search(train_trial(model, job, dataset, device, amp, make_optimizer, precision == "fp16",
-                                      make_ema if env.is_main else None),
+                                      make_ema if env.is_main or sharded else None),
                           start, cfg.autobatch.max, cfg.autobatch.max_probes, memory, cfg.autobatch.margin)
         finally:
             snap.restore()

@@ -91,6 +91,9 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
+    if cfg.train.strategy == "fsdp" and cfg.train.compile:
+        raise ConfigError("train.compile=true is not supported with train.strategy=fsdp; "
+                          "use train.compile=false, or train.strategy=ddp to compile")
     try:
         parse_signals(cfg.run.stop_signals)
     except ValueError as e:

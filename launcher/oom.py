@@ -123,6 +123,13 @@ class Recovery:
 
     @staticmethod
     def no_sync(ddp: nn.Module, sync: bool):
+        """The micro-batch's forward runs in this. DDP: `no_sync()` unless it syncs. FSDP: the flag its
+        backward reads (after this block), set by every micro-batch for its own backward: no
+        reduce-scatter and no resharding between micro-batches, both again in the last."""
+        if hasattr(ddp, "set_requires_gradient_sync"):
+            ddp.set_requires_gradient_sync(sync)
+            ddp.set_reshard_after_backward(sync)
+            return nullcontext()
         return nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()
 
     def agree(self, failed: str = "") -> None:

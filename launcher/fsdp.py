@@ -1,0 +1,93 @@
+"""FSDP2 (`train.strategy=fsdp`): shard the model over the training group with `fully_shard`.
+
+Each *block* gets its own `fully_shard` (its parameters are all-gathered just before its forward
+and resharded after it), then the root (whatever no block holds). Which modules are blocks:
+
+* the job's `shard_blocks` (class names, e.g. `("TransformerBlock",)`): every outermost module of
+  those classes;
+* otherwise the automatic rule: the children that hold parameters of the outermost
+  `nn.ModuleList` / `nn.Sequential` containers (a transformer's `blocks`, a CNN's stages, an
+  MLP's layers). A model without such a container is sharded as one unit (the root).
+
+The mesh is built over the *training* process group (the validator rank is not in it). Mixed
+precision follows `train.precision`: bf16/fp16 compute in that dtype with fp32 master weights
+and fp32 gradient reduction; fp32 computes in fp32. Every parameter is sharded along dim 0
+(torch.chunk over the ranks; see shards.py); buffers stay replicated plain tensors. With one
+training process there is nothing to shard: the model is trained as is.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def blocks(model: nn.Module, names: Sequence[str] = ()) -> List[nn.Module]:
+    """The modules that get their own fully_shard, outermost first (see the module's docstring)."""
+    out: List[nn.Module] = []
+
+    def has_params(m: nn.Module) -> bool:
+        return any(True for _ in m.parameters())
+
+    def walk(m: nn.Module) -> None:
+        for child in m.children():
+            if names:
+                if type(child).__name__ in names:
+                    out.append(child)
+                else:
+                    walk(child)
+            elif isinstance(child, (nn.ModuleList, nn.Sequential)):
+                out.extend(c for c in child.children() if has_params(c))
+            else:
+                walk(child)
+
+    if not names and isinstance(model, (nn.ModuleList, nn.Sequential)):
+        return [c for c in model.children() if has_params(c)]
+    walk(model)
+    if names and not out:
+        raise ValueError(f"the job's shard_blocks {tuple(names)} name no module of {type(model).__name__}")
+    return out
+
+
+def mesh(group, device: torch.device):
+    """A 1-D DeviceMesh over `group` (the training ranks only)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    return DeviceMesh.from_group(group, device.type)
+
+
+def policy(precision: str):
+    """The MixedPrecisionPolicy for `train.precision` (resolved: fp32, bf16 or fp16)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+
+
+def shard(model: nn.Module, group, device: torch.device, precision: str, job=None) -> nn.Module:
+    """`model` sharded in place over `group` (its class becomes an FSDPModule); `model` unchanged
+    when `group` is None (one training process)."""
+    if group is None:
+        return model
+    from torch.distributed.fsdp import fully_shard
+    m, mp = mesh(group, device), policy(precision)
+    found = blocks(model, tuple(getattr(job, "shard_blocks", ()) or ()))
+    for block in found:
+        fully_shard(block, mesh=m, mp_policy=mp)
+    fully_shard(model, mesh=m, mp_policy=mp)
+    log.info("fsdp: %d block(s) + root sharded over %d training ranks, %s", len(found), m.size(), precision)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Full tensors of a (possibly sharded) state: DTensor.full_tensor(), a collective that every
+    training rank must call in the same key order; plain tensors are returned as they are."""
+    from torch.distributed.tensor import DTensor
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
