@@ -234,8 +234,9 @@ class EMA:
         return self.decay_at(self.updates)
 
     def describe(self) -> str:
-        mb = self.nbytes() / 2**20
-        return f"EMA kept on this rank: {len(self.shadow)} tensors, {mb:.2f} MB fp32, tau {self.tau:.0f}"
+        mb, sharded = self.nbytes() / 2**20, sum(is_sharded(v) for v in self.shadow.values())
+        where = f" ({sharded} of them this rank's shards)" if sharded else ""
+        return f"EMA kept on this rank: {len(self.shadow)} tensors{where}, {mb:.4f} MB fp32, tau {self.tau:.0f}"
 
     def stats(self) -> dict:
         """For metrics rows and the summary."""
