@@ -81,6 +81,39 @@ def shard(model: nn.Module, group, device: torch.device, precision: str, job=Non
     return model
 
 
+def accumulate(model: nn.Module, sync: bool) -> None:
+    """For the next micro-batch's backward: reduce-scatter the gradients (and reshard) only in the last
+    one; before it they accumulate unsharded, without collectives."""
+    model.set_requires_gradient_sync(sync)
+    model.set_reshard_after_backward(sync)
+
+
+def unshard_for_step(model: nn.Module) -> None:
+    """Before a step's first forward, on every training rank (runtime OOM recovery): all-gather every
+    block now and keep it unsharded until the last backward reshards it, so that no forward and no
+    backward before the last runs a collective: an OOM there stays on its rank and is agreed on as
+    under ddp (oom.py). The price: the full parameters (in the compute dtype) live through the step,
+    as with reshard_after_forward=False; optimizer state, gradients, master weights and EMA stay sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    model.set_reshard_after_forward(False)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.unshard()
+
+
+def drop_unsharded_grads(model: nn.Module) -> None:
+    """After an OOM agreed on mid-step: forget the gradients accumulated unsharded so far (outside
+    `p.grad` of the sharded parameters, so `zero_grad` misses them), so the redo starts from zero.
+    FSDP2 has no public call for this: it reads FSDPParam's fields (torch 2.13)."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
+        for p in group.fsdp_params if group is not None else ():
+            p.unsharded_accumulated_grad = None
+            if hasattr(p, "_unsharded_param"):
+                p._unsharded_param.grad = None
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)

@@ -29,6 +29,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from launcher.batch import Batch
+from launcher.fsdp import accumulate, drop_unsharded_grads, is_sharded, unshard_for_step
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +124,10 @@ class Recovery:
 
     @staticmethod
     def no_sync(ddp: nn.Module, sync: bool):
-        """The micro-batch's forward runs in this. DDP: `no_sync()` unless it syncs. FSDP: the flag its
-        backward reads (after this block), set by every micro-batch for its own backward: no
-        reduce-scatter and no resharding between micro-batches, both again in the last."""
-        if hasattr(ddp, "set_requires_gradient_sync"):
-            ddp.set_requires_gradient_sync(sync)
-            ddp.set_reshard_after_backward(sync)
+        """The micro-batch's forward runs in this. DDP: `no_sync()` unless it syncs. FSDP: the flags its
+        backward reads (after this block), set by every micro-batch for its own (fsdp.accumulate)."""
+        if is_sharded(ddp):
+            accumulate(ddp, sync)
             return nullcontext()
         return nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()
 
@@ -159,15 +158,16 @@ class Recovery:
             self._record(step, e.phase, e.ranks, batch, smaller)
         return smaller
 
-    def restart(self, batch: Batch) -> None:
-        """An OOM inside the last backward on 2+ ranks: the others wait in DDP's all-reduce, so nothing
-        can be agreed. Record the halved micro-batch (this rank writes autobatch.json and the event: rank
-        0 may be the one waiting) and exit with EXIT_RESTART; torchrun ends the others."""
+    def restart(self, batch: Batch, phase: str = "last backward") -> None:
+        """An OOM inside the last backward on 2+ ranks (or in fsdp's all-gather at the step's start): the
+        others wait in a collective, so nothing can be agreed. Record the halved micro-batch (this rank
+        writes autobatch.json and the event: rank 0 may be the one waiting) and exit with EXIT_RESTART;
+        torchrun ends the others."""
         step, rank = self.state.step, self.env.train_rank
-        what = f"out of memory in the last backward on training rank {rank}"
-        self._check_can_halve(batch, "last backward", [rank], step, what, everywhere=False)
+        what = f"out of memory in the {phase} on training rank {rank}"
+        self._check_can_halve(batch, phase, [rank], step, what, everywhere=False)
         smaller = batch.halved()
-        self._record(step, "last backward", [rank], batch, smaller, restart=True)
+        self._record(step, phase, [rank], batch, smaller, restart=True)
         self.rundir.event("oom_restart", step=step, rank=rank, micro_from=batch.micro, micro_to=smaller.micro,
                           exit_code=EXIT_RESTART)
         log.error("%s at step %d: exiting with status %d; torchrun --max-restarts (or a requeue) resumes from "
@@ -200,7 +200,10 @@ class Recovery:
     def _reset_ddp(self) -> None:
         """A redo after the agreement: ranks that ran the last (synced) forward expect its backward; clear
         DDP's reducer so the redo's no_sync backwards stay local, and have the redo's first forward
-        broadcast rank 0's buffers on every rank (a rank that failed early would skip it otherwise)."""
+        broadcast rank 0's buffers on every rank (a rank that failed early would skip it otherwise).
+        FSDP: drop the gradients accumulated unsharded before the OOM."""
+        if is_sharded(self.ddp):
+            drop_unsharded_grads(self.ddp)
         reducer = getattr(self.ddp, "reducer", None)
         if reducer is not None:
             reducer._reset_state()  # as DDP does itself when its process group changes
@@ -215,6 +218,14 @@ class _Attempt:
         self.rec, self.agreed = rec, False
 
     def __enter__(self) -> "_Attempt":
+        """Under fsdp on 2+ ranks, the step's all-gathers first, on every rank (fsdp.unshard_for_step)."""
+        if self.rec.distributed and is_sharded(self.rec.ddp):
+            try:
+                unshard_for_step(self.rec.ddp)
+            except Exception as e:  # noqa: BLE001 - the others may be inside the all-gather: restart
+                if is_oom(e):
+                    self.rec.restart(self.rec.state.batch, "unshard")
+                raise
         return self
 
     def phase(self, name: str):
