@@ -101,11 +101,14 @@ def unshard_for_step(model: nn.Module) -> None:
             m.unshard()
 
 
-def drop_unsharded_grads(model: nn.Module) -> None:
-    """After an OOM agreed on mid-step: forget the gradients accumulated unsharded so far (outside
-    `p.grad` of the sharded parameters, so `zero_grad` misses them), so the redo starts from zero.
-    FSDP2 has no public call for this: it reads FSDPParam's fields (torch 2.13)."""
+def reset_step(model: nn.Module) -> None:
+    """After an OOM agreed on mid-step (every rank calls it): FSDP's own recovery (`reset_iter_state`:
+    reshard, forget the aborted forward's prefetch order, which would otherwise make the ranks'
+    next backwards gather different modules), then drop the gradients accumulated unsharded so far
+    (outside `p.grad` of the sharded parameters, so `zero_grad` misses them; no public call for
+    this: FSDPParam's fields, torch 2.13), so the redo starts from zero."""
     from torch.distributed.fsdp import FSDPModule
+    model.reset_iter_state()
     for m in model.modules():
         group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
         for p in group.fsdp_params if group is not None else ():

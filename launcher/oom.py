@@ -15,6 +15,11 @@ all-reduce. That rank records the halved micro-batch in autobatch.json and exits
 or they are stopped) and `--max-restarts` (or a Slurm requeue) resumes from the last checkpoint
 with the halved micro-batch. With one training rank every phase is local, the last backward
 included, so everything is redone in place. `autobatch.max_retries=0` turns all of this off.
+
+Under fsdp the same holds because every rank all-gathers the step's parameters up front, before
+anything that can run out of memory (fsdp.unshard_for_step), and keeps them until the last
+backward, whose reduce-scatters are the step's only other collectives. An OOM inside that first
+all-gather is treated like one inside the last backward (exit 75).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from launcher.batch import Batch
-from launcher.fsdp import accumulate, drop_unsharded_grads, is_sharded, unshard_for_step
+from launcher.fsdp import accumulate, reset_step, is_sharded, unshard_for_step
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,15 @@ class Recovery:
         self.phase = ""  # what this rank is doing in the current attempt (faults.py reads it)
 
     def attempt(self) -> "_Attempt":
-        """One try at the step's forwards and backwards (a context manager); see the module's docstring."""
+        """One try at the step's forwards and backwards (a context manager); see the module's docstring.
+        Under fsdp on 2+ ranks, first the step's all-gathers, on every rank (fsdp.unshard_for_step)."""
+        if self.distributed and is_sharded(self.ddp):
+            try:
+                unshard_for_step(self.ddp)
+            except Exception as e:  # noqa: BLE001 - the others may be inside the all-gather: restart
+                if is_oom(e) and self.enabled:
+                    self.restart(self.state.batch, "unshard")
+                raise
         return _Attempt(self) if self.enabled else _OFF
 
     @staticmethod
@@ -203,11 +216,25 @@ class Recovery:
         broadcast rank 0's buffers on every rank (a rank that failed early would skip it otherwise).
         FSDP: drop the gradients accumulated unsharded before the OOM."""
         if is_sharded(self.ddp):
-            drop_unsharded_grads(self.ddp)
+            reset_step(self.ddp)
         reducer = getattr(self.ddp, "reducer", None)
         if reducer is not None:
             reducer._reset_state()  # as DDP does itself when its process group changes
             self.ddp.require_forward_param_sync = True
+
+
+class Lockstep:
+    """fsdp's batch probe: its trial runs collectives, so every training rank runs the same trials.
+    Agreements over the training group (CPU tensors, as Recovery.agree)."""
+
+    def __init__(self, dist):
+        self.dist = dist
+
+    def all(self, flag: bool) -> bool:
+        return self.dist.all_reduce(torch.tensor([float(not flag)]), "max").item() == 0
+
+    def min(self, n: int) -> int:
+        return int(self.dist.all_reduce(torch.tensor([n], dtype=torch.int64), "min").item())
 
 
 class _Attempt:
@@ -218,14 +245,6 @@ class _Attempt:
         self.rec, self.agreed = rec, False
 
     def __enter__(self) -> "_Attempt":
-        """Under fsdp on 2+ ranks, the step's all-gathers first, on every rank (fsdp.unshard_for_step)."""
-        if self.rec.distributed and is_sharded(self.rec.ddp):
-            try:
-                unshard_for_step(self.rec.ddp)
-            except Exception as e:  # noqa: BLE001 - the others may be inside the all-gather: restart
-                if is_oom(e):
-                    self.rec.restart(self.rec.state.batch, "unshard")
-                raise
         return self
 
     def phase(self, name: str):
