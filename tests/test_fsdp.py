@@ -20,6 +20,34 @@ def test_a_bad_strategy_exits_2_with_one_clear_line(tmp_path):
     assert "train.strategy" in lines[0] and "ddp" in lines[0] and "fsdp" in lines[0]
 
 
+def test_blocks_the_automatic_rule_and_the_jobs_own_classes():
+    from torch import nn
+
+    from launcher.fsdp import blocks
+    from launcher.jobs.mnist1d import CNN, MLP
+
+    mlp, cnn = MLP(hidden=8), CNN(channels=4)
+    assert blocks(mlp) == [mlp.net[0], mlp.net[2], mlp.net[4]]  # the layers of the Sequential holding parameters
+    assert blocks(cnn) == [cnn.net[0], cnn.net[2], cnn.net[4]]  # the head is the root's
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.blocks, self.head = nn.Linear(4, 4), nn.ModuleList([Block(), Block()]), nn.Linear(4, 2)
+
+    net = Net()
+    assert blocks(net) == list(net.blocks)  # outermost containers only: not each Block's inner Sequential
+    assert blocks(net, ("Block",)) == list(net.blocks)
+    assert blocks(net, ("Linear",)) == [net.embed, *(b.mlp[i] for b in net.blocks for i in (0, 2)), net.head]
+    with pytest.raises(ValueError, match="name no module"):
+        blocks(net, ("Missing",))
+
+
 def test_compile_with_fsdp_is_refused_before_anything_runs(tmp_path):
     proc = launch(["train", *QUICK, "train.strategy=fsdp", "train.compile=true", f"run.dir={tmp_path}/run"],
                   check=False, timeout=120)
