@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Sampler
 
 from launcher import fsdp
-from launcher.schema import Config, DataConfig, TrainConfig
+from launcher.checks import FSDP_FP16
+from launcher.schema import Config, ConfigError, DataConfig, TrainConfig
 
 
 def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -30,7 +31,11 @@ def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 def shard(model: nn.Module, cfg: Config, group, device: torch.device, precision: str, job) -> nn.Module:
     """train.strategy=fsdp with a training group of 2+ ranks: `model` sharded in place by FSDP2
     (fsdp.py), before the batch probe, so the probe measures the sharded step; else `model`."""
-    return fsdp.shard(model, group, device, precision, job) if cfg.train.strategy == "fsdp" else model
+    if cfg.train.strategy != "fsdp":
+        return model
+    if precision == "fp16":  # train.precision=auto on a GPU without bf16
+        raise ConfigError(FSDP_FP16)
+    return fsdp.shard(model, group, device, precision, job)
 
 
 def wrap(model: nn.Module, cfg: Config, group, device: torch.device) -> nn.Module:

@@ -48,12 +48,24 @@ def test_blocks_the_automatic_rule_and_the_jobs_own_classes():
         blocks(net, ("Missing",))
 
 
-def test_compile_with_fsdp_is_refused_before_anything_runs(tmp_path):
-    proc = launch(["train", *QUICK, "train.strategy=fsdp", "train.compile=true", f"run.dir={tmp_path}/run"],
-                  check=False, timeout=120)
+@pytest.mark.parametrize("bad,named", [("train.compile=true", "train.compile"),
+                                       ("train.precision=fp16", "train.precision=fp16")])
+def test_what_fsdp_does_not_support_is_refused_before_anything_runs(tmp_path, bad, named):
+    proc = launch(["train", *QUICK, "train.strategy=fsdp", bad, f"run.dir={tmp_path}/run"], check=False, timeout=120)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "train.compile" in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and named in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_inline_validation_with_fsdp_on_two_processes_is_refused():
+    from launcher.checks import check
+    from launcher.schema import Config, ConfigError
+
+    cfg = Config()
+    cfg.train.strategy, cfg.validation.mode = "fsdp", "inline"
+    check(cfg, world_size=1)  # one process: nothing is sharded
+    with pytest.raises(ConfigError, match="validation.mode=inline"):
+        check(cfg, world_size=2)
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
