@@ -121,7 +121,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     guard.log_restart(env.restart_count, state.step)
     tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
               accum=batch.accum, global_batch=batch.global_size, steps=total, steps_per_epoch=steps_per_epoch,
-              precision=precision, device=str(device), start_step=state.step)
+              precision=precision, device=str(device), start_step=state.step, strategy="fsdp" if sharded else "ddp")
     validation = for_training(cfg, env, rundir, job, val_set, model, ema, batch.micro, tel)
 
     log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
