@@ -33,7 +33,7 @@ from torch import nn
 from launcher.batch import Batch, geometry
 from launcher.dist import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
-from launcher.fsdp import reset_step, is_sharded, unshard_for_step
+from launcher.fsdp import default_resharding, is_sharded, reset_step, unshard_for_step
 from launcher.memory import DeviceMemory, SimulatedDevice  # noqa: F401 - DeviceMemory is part of this API
 from launcher.oom import Lockstep, OutOfMemory, cleanup, is_oom
 from launcher.rundir import AutobatchRecord, RunDir
@@ -210,6 +210,7 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
                 p.grad = None
             if lockstep is not None:
                 reset_step(model)
+                default_resharding(model)
         return headroom
     return trial
 

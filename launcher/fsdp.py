@@ -101,6 +101,13 @@ def unshard_for_step(model: nn.Module) -> None:
             m.unshard()
 
 
+def default_resharding(model: nn.Module) -> None:
+    """FSDP's own choice again after `unshard_for_step` (the batch probe): blocks reshard after their
+    forward, the root (whose backward comes first) does not."""
+    model.set_reshard_after_forward(True)
+    model.set_reshard_after_forward(False, recurse=False)
+
+
 def reset_step(model: nn.Module) -> None:
     """After an OOM agreed on mid-step (every rank calls it): FSDP's own recovery (`reset_iter_state`:
     reshard, forget the aborted forward's prefetch order, which would otherwise make the ranks'

@@ -19,7 +19,8 @@ included, so everything is redone in place. `autobatch.max_retries=0` turns all 
 Under fsdp the same holds because every rank all-gathers the step's parameters up front, before
 anything that can run out of memory (fsdp.unshard_for_step), and keeps them until the last
 backward, whose reduce-scatters are the step's only other collectives. An OOM inside that first
-all-gather is treated like one inside the last backward (exit 75).
+all-gather is treated like one inside the last backward (exit 75). With recovery off, fsdp runs its
+usual step (each block gathered for its forward and resharded after it: less memory).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from launcher.batch import Batch
-from launcher.fsdp import accumulate, reset_step, is_sharded, unshard_for_step
+from launcher.fsdp import accumulate, is_sharded, reset_step, unshard_for_step
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,14 @@ class Recovery:
 
     def attempt(self) -> "_Attempt":
         """One try at the step's forwards and backwards (a context manager); see the module's docstring.
-        Under fsdp on 2+ ranks, first the step's all-gathers, on every rank (fsdp.unshard_for_step)."""
-        if self.distributed and is_sharded(self.ddp):
+        Under fsdp on 2+ ranks, first the step's all-gathers, on every rank (fsdp.unshard_for_step);
+        with recovery off (autobatch.max_retries=0) FSDP's own step instead: gather per block, reshard
+        after its forward (the least memory)."""
+        if self.enabled and self.distributed and is_sharded(self.ddp):
             try:
                 unshard_for_step(self.ddp)
             except Exception as e:  # noqa: BLE001 - the others may be inside the all-gather: restart
-                if is_oom(e) and self.enabled:
+                if is_oom(e):
                     self.restart(self.state.batch, "unshard")
                 raise
         return _Attempt(self) if self.enabled else _OFF
