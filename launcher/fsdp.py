@@ -129,8 +129,14 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Full tensors of a (possibly sharded) state: DTensor.full_tensor(), a collective that every
-    training rank must call in the same key order; plain tensors are returned as they are."""
+def full_state(state: Dict[str, torch.Tensor], keep: bool = True) -> Dict[str, torch.Tensor]:
+    """Full tensors of a (possibly sharded) state, on the host: DTensor.full_tensor(), a collective that
+    every training rank must call in the same key order, one tensor at a time (the device holds one
+    full tensor at most). `keep=False`: take part in the gathers, keep nothing (ranks that do not write)."""
     from torch.distributed.tensor import DTensor
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = full.detach().cpu()
+    return out

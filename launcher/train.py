@@ -188,10 +188,10 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": stopped_early,
                "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
                "wall_time_s": round(time.time() - t_start, 2)}
+    final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers; ddp: rank 0's
     summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
     if cfg.validation.weights == "both":  # best and final raw and EMA side by side
         summary.update(best_by_weights(rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
-    final_ema = fsdp.full_state(ema.shadow)  # fsdp: all-gathered by every training rank; ddp: rank 0's
     if env.is_main:
         if cfg.ema.enabled:
             save_weights(rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})
