@@ -120,3 +120,14 @@ def test_fsdp_and_ddp_give_the_same_weights_and_ema(tmp_path, nproc, ema, retrie
     full, shards = _ema_mb(ddp, 0), [_ema_mb(fsdp, r) for r in range(nproc)]
     assert "EMA: none on this rank" in (ddp / "logs" / "rank-1.log").read_text()
     assert all(s <= full / nproc * 1.25 for s in shards) and abs(sum(shards) - full) <= 1e-4 * nproc
+
+
+def test_a_nan_loss_on_rank_1_is_skipped_by_every_ranks_ema_shards(run_dir):
+    """The EMA gate reads the global norm of the sharded gradients (one all-reduce that every rank runs),
+    so all ranks skip the same step: the gathered EMA has no NaN (rank 1's shards skipped too)."""
+    launch(["train", *QUICK, "train.strategy=fsdp", "train.max_steps=4", "debug.nan_loss_at_step=4",
+            "debug.nan_loss_rank=1", f"run.dir={run_dir}"], nproc=2, timeout=240)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["ema_skipped"] == 1 and summary["ema_updates"] == 3
+    ema = load_file(str(run_dir / "ema.safetensors"))
+    assert all(torch.isfinite(v).all() for v in ema.values() if v.is_floating_point())
