@@ -68,15 +68,18 @@ def test_inline_validation_with_fsdp_on_two_processes_is_refused():
         check(cfg, world_size=2)
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_the_sharded_ema_matches_a_plain_one_with_1_over_n_of_its_memory(tmp_path, nproc):
+@pytest.mark.parametrize("nproc,validator", [(2, False), (3, False), (3, True)])
+def test_the_sharded_ema_matches_a_plain_one_with_1_over_n_of_its_memory(tmp_path, nproc, validator):
     """Unit level, under torchrun: update, memory per rank, aliasing of the flat buffers, state_dict round
-    trip (DTensors and full plain tensors), copy_to into the sharded model."""
+    trip (DTensors and full plain tensors), copy_to into the sharded model. `validator`: the last rank
+    stays out of the training group, and the mesh spans the training ranks only."""
     out = tmp_path / "out.json"
-    proc = subprocess.run(command([], nproc)[:4] + [str(ROOT / "tests" / "fsdp_scripts" / "ema_sharded.py"), str(out)],
+    script = str(ROOT / "tests" / "fsdp_scripts" / "ema_sharded.py")
+    proc = subprocess.run(command([], nproc)[:5] + [script, str(out), "validator" if validator else "all"],
                           env=child_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())
+    nproc -= validator
     assert r["world"] == nproc and r["updates"] == 3 and r["load_updates"] == 3
     assert sum(r["nbytes"]) == r["nbytes_ref"]  # every row once, no padding kept
     assert max(r["nbytes"]) <= r["nbytes_ref"] / nproc * 1.25  # ~1/N per rank (dim-0 chunks round up)

@@ -17,12 +17,18 @@ from launcher.jobs.mnist1d import CNN
 from launcher.shards import local_and_layout
 
 dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
+# argv[2] == "validator": the last rank stands for the validator, outside the training group (as in training).
+validator = len(sys.argv) > 2 and sys.argv[2] == "validator"
+group = dist.new_group(list(range(dist.get_world_size() - 1))) if validator else dist.group.WORLD
+if validator and dist.get_rank() == dist.get_world_size() - 1:
+    dist.destroy_process_group()
+    sys.exit(0)
+rank, world = dist.get_rank(), dist.get_world_size(group)
 torch.manual_seed(0)
 ref = CNN(channels=25)
 model = CNN(channels=25)
 model.load_state_dict(ref.state_dict())
-fsdp.shard(model, dist.group.WORLD, torch.device("cpu"), "fp32")
+fsdp.shard(model, group, torch.device("cpu"), "fp32")
 ema_ref, ema = EMA(ref, 0.9, "none"), EMA(model, 0.9, "none")
 opt_ref, opt = torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)
 x, y = torch.randn(16, 40, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10
@@ -34,7 +40,7 @@ for _ in range(3):
         e.update(m)
 
 per_rank = [None] * world
-dist.all_gather_object(per_rank, ema.nbytes())
+dist.all_gather_object(per_rank, ema.nbytes(), group=group)
 out = {"world": world, "nbytes": per_rank, "nbytes_ref": ema_ref.nbytes(), "updates": ema.updates}
 full = fsdp.full_state(ema.shadow)  # a collective: every rank
 out["ema_err"] = max((full[k] - ema_ref.shadow[k]).abs().max().item() for k in full)
