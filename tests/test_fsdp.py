@@ -134,3 +134,11 @@ def test_a_nan_loss_on_rank_1_is_skipped_by_every_ranks_ema_shards(run_dir):
     assert summary["steps"] == 4 and summary["ema_skipped"] == 1 and summary["ema_updates"] == 3
     ema = load_file(str(run_dir / "ema.safetensors"))
     assert all(torch.isfinite(v).all() for v in ema.values() if v.is_floating_point())
+
+
+def test_fsdp_with_one_training_process_trains_the_model_as_is(run_dir):
+    """Nothing to shard with one training rank: it runs, says so nowhere as sharded, exports the EMA."""
+    launch(["train", *QUICK, "train.strategy=fsdp", f"run.dir={run_dir}"], timeout=180)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+    assert "fsdp:" not in (run_dir / "logs" / "rank-0.log").read_text()
+    assert load_file(str(run_dir / "ema.safetensors"))

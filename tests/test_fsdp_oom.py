@@ -48,6 +48,21 @@ def test_runtime_oom_on_one_rank_in_forward_and_backward_is_recovered_in_place_u
 
 
 @pytest.mark.slow
+def test_too_little_memory_for_the_last_backward_is_agreed_and_redone_in_place_under_fsdp(tmp_path):
+    """A forward OOM at step 1, then at step 2 rank 1 reports its free memory below the backward headroom
+    (the agreement's second question, asked before the last backward's reduce-scatters)."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    common = [*QUICK, "batch.global_size=128", "train.max_steps=4"]
+    launch(["train", *common, "batch.size=32", "debug.simulate_oom_above=[1000,16]", "debug.simulate_oom_at_step=2",
+            "debug.simulate_oom_phase=headroom", f"run.dir={run}"], nproc=2, timeout=240)
+    launch(["train", *common, "batch.size=8", f"run.dir={ref}"], nproc=2, timeout=240)
+    retries = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "oom_retry"]
+    assert [(e["step"], e["phase"], e["ranks"], e["micro_from"], e["micro_to"]) for e in retries] == \
+        [(0, "forward", [1], 32, 16), (1, "headroom", [1], 16, 8)]
+    _assert_same_weights(run, ref)
+
+
+@pytest.mark.slow
 def test_batch_size_auto_under_fsdp_probes_in_lockstep_and_agrees_on_the_minimum(run_dir):
     """Limits 40 and 24: every rank tries the same sizes (the trial all-gathers and reduce-scatters, so
     they must), a size fits only where it fits on both, and training runs with the agreed micro-batch."""
