@@ -14,6 +14,15 @@ precision follows `train.precision`: bf16/fp16 compute in that dtype with fp32 m
 and fp32 gradient reduction; fp32 computes in fp32. Every parameter is sharded along dim 0
 (torch.chunk over the ranks; see shards.py); buffers stay replicated plain tensors. With one
 training process there is nothing to shard: the model is trained as is.
+
+The step: with runtime OOM recovery on (autobatch.max_retries > 0, the default) every rank
+gathers all blocks before the step's first forward and keeps them until the last backward
+(`unshard_for_step`), so, as under ddp, nothing before the last backward runs a collective and an
+OOM there is agreed on and redone in place (oom.py). Parameters in the compute dtype are then
+whole during the step (like reshard_after_forward=False); master weights, gradients, optimizer
+state and EMA stay sharded. With autobatch.max_retries=0, FSDP's own step: each block gathered
+for its forward and backward, resharded after each (the least memory). Accumulation never
+reduce-scatters nor reshards between micro-batches (`accumulate`).
 """
 from __future__ import annotations
 
