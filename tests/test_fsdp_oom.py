@@ -63,11 +63,16 @@ def test_too_little_memory_for_the_last_backward_is_agreed_and_redone_in_place_u
 
 
 @pytest.mark.slow
-def test_batch_size_auto_under_fsdp_probes_in_lockstep_and_agrees_on_the_minimum(run_dir):
+def test_batch_size_auto_under_fsdp_probes_in_lockstep_and_agrees_on_the_minimum(tmp_path):
     """Limits 40 and 24: every rank tries the same sizes (the trial all-gathers and reduce-scatters, so
-    they must), a size fits only where it fits on both, and training runs with the agreed micro-batch."""
-    launch(["train", *QUICK, "batch.size=auto", "batch.global_size=128", "debug.simulate_oom_above=[40,24]",
-            "train.max_steps=2", f"run.dir={run_dir}"], nproc=2, timeout=240)
+    they must), a size fits only where it fits on both, and training runs with the agreed micro-batch
+    from the weights the probe found (restored): the same as a fixed micro-batch of 32."""
+    run_dir, ref = tmp_path / "auto", tmp_path / "ref"
+    common = [*QUICK, "batch.global_size=128", "train.max_steps=2"]
+    launch(["train", *common, "batch.size=auto", "debug.simulate_oom_above=[40,24]", f"run.dir={run_dir}"],
+           nproc=2, timeout=240)
+    launch(["train", *common, "batch.size=32", f"run.dir={ref}"], nproc=2, timeout=240)
+    _assert_same_weights(run_dir, ref)
     record = json.loads((run_dir / "autobatch.json").read_text())
     sizes = [[p["size"] for p in r["probes"]] for r in record["per_rank"]]
     assert sizes[0] == sizes[1]  # lockstep
