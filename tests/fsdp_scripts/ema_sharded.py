@@ -20,7 +20,8 @@ dist.init_process_group("gloo")
 # argv[2] == "validator": the last rank stands for the validator, outside the training group (as in training).
 validator = len(sys.argv) > 2 and sys.argv[2] == "validator"
 group = dist.new_group(list(range(dist.get_world_size() - 1))) if validator else dist.group.WORLD
-if validator and dist.get_rank() == dist.get_world_size() - 1:
+if validator and dist.get_rank() == dist.get_world_size() - 1:  # waits for the others, then leaves with them
+    dist.barrier()
     dist.destroy_process_group()
     sys.exit(0)
 rank, world = dist.get_rank(), dist.get_world_size(group)
@@ -67,4 +68,6 @@ out["copy_to_err"] = max((weights[k] - ema_ref.shadow[k]).abs().max().item() for
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
+del model, ref, ema, ema_ref, fresh, opt, opt_ref, weights, full, saved  # no sharded tensor outlives the group
+dist.barrier()  # every rank (the stand-in validator included) leaves together
 dist.destroy_process_group()
