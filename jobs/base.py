@@ -43,8 +43,12 @@ class Job:
 
     `metric_names`: the keys `metrics()` returns, so a `validation.metric` the job does not have is
     refused before training; None (a job that overrides `metrics()` without saying) defers to the
-    first validation."""
+    first validation.
+
+    `shard_blocks`: with train.strategy=fsdp, the class names of the modules that each get their own
+    FSDP shard unit (e.g. `("TransformerBlock",)`); empty: the automatic rule of launcher/fsdp.py."""
     metric_names: Optional[Tuple[str, ...]] = None
+    shard_blocks: Tuple[str, ...] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

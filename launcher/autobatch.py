@@ -8,7 +8,9 @@ step reserved, measured on an emptied cache, + memory used outside the allocator
 what training adds beyond the step: DDP buckets, inline validation's copy; see
 memory.py) stays under `autobatch.fraction` of the device. Ranks take the MIN, so mixed GPUs or another
 tenant on one GPU cannot make one rank OOM later. The micro-batch only decides how
-the fixed per-rank step batch is cut (see batch.py).
+the fixed per-rank step batch is cut (see batch.py). Under fsdp the probe runs the sharded
+step as training does (all-gathers and reduce-scatters measured) in lockstep: every rank
+tries the same sizes and a size fits where it fits on all.
 
 On CPU there is no memory to probe: `batch.size=auto` uses the job's default,
 unless `debug.simulate_oom_above` is set, which makes forward raise a real
@@ -31,8 +33,9 @@ from torch import nn
 from launcher.batch import Batch, geometry
 from launcher.dist import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
+from launcher.fsdp import default_resharding, is_sharded, reset_step, unshard_for_step
 from launcher.memory import DeviceMemory, SimulatedDevice  # noqa: F401 - DeviceMemory is part of this API
-from launcher.oom import OutOfMemory, cleanup, is_oom
+from launcher.oom import Lockstep, OutOfMemory, cleanup, is_oom
 from launcher.rundir import AutobatchRecord, RunDir
 
 log = logging.getLogger(__name__)
@@ -62,10 +65,11 @@ class Search:
 
 
 def search(trial: Callable[[int], None], start: int, cap: int, max_probes: int, memory: DeviceMemory,
-           margin: float) -> Search:
+           margin: float, lockstep: Optional["Lockstep"] = None) -> Search:
     """Grow x2 from `start` (down by halves if it fails), jump to a linear fit of peak memory once two
     sizes fit, then bisect between the largest fit and the smallest failure until they are within
-    margin/2 of each other or the probe budget is spent."""
+    margin/2 of each other or the probe budget is spent. With `lockstep` (fsdp: the trial runs
+    collectives) every rank tries the same sizes: a size fits only where it fits on all."""
     t0 = time.perf_counter()
     out = Search(0, 0, memory.limit)
     lo, hi = 0, cap + 1  # largest fit, smallest failure
@@ -73,6 +77,8 @@ def search(trial: Callable[[int], None], start: int, cap: int, max_probes: int, 
     while len(out.probes) < max_probes:
         out.probes.append(_run(trial, n, memory))
         p = out.probes[-1]
+        if lockstep is not None:
+            p.fits = lockstep.all(p.fits)
         if p.ok:
             out.largest_ok = max(out.largest_ok, n)
         lo, hi = (max(lo, n), hi) if p.fits else (lo, min(hi, n))
@@ -87,6 +93,7 @@ def search(trial: Callable[[int], None], start: int, cap: int, max_probes: int, 
             else:  # memory is linear in the batch: go straight to the limit, then verify
                 n = guess if guess > lo else lo + max(1, int(lo * margin / 4))
             n = max(lo + 1, min(n, hi - 1, cap))
+            n = lockstep.min(n) if lockstep is not None else n
     found = lo if memory.limit is not None else int(lo * (1.0 - margin))
     out.found, out.seconds = max(found, 1) if lo else 0, time.perf_counter() - t0
     return out
@@ -154,12 +161,31 @@ def probe_batch(job, dataset, n: int, device: torch.device):
 
 def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Callable[[], Any],
                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], fp16: bool,
-                make_ema: Optional[Callable[[nn.Module], Any]]) -> Callable[[int], int]:
+                make_ema: Optional[Callable[[nn.Module], Any]], lockstep: Optional[Lockstep] = None
+                ) -> Callable[[int], int]:
     """One full training step at size n, with a throwaway optimizer, scaler and EMA so their
     memory is counted; the caller restores the weights and RNG afterwards. Returns the backward
     headroom on CUDA (allocated peak so far minus allocated after the second forward: an upper
-    bound of what backward adds, which oom.Headroom checks before every last backward), else 0."""
+    bound of what backward adds, which oom.Headroom checks before every last backward), else 0.
+    With `lockstep` (fsdp) the step is training's: parameters all-gathered up front, and the ranks
+    agree after forward (an OOM there on any rank fails the trial on all) before the backward's
+    reduce-scatter, as oom.py does."""
     cuda = device.type == "cuda"
+
+    def forward(x, y):
+        failed, loss = None, None
+        if lockstep is not None:
+            unshard_for_step(model)
+        try:
+            with amp():
+                loss = job.loss(model(x), y)
+        except Exception as e:  # noqa: BLE001 - an OOM is agreed on under fsdp; anything else is raised
+            if lockstep is None or not is_oom(e):
+                raise
+            failed = e
+        if lockstep is not None and not lockstep.all(failed is None):
+            raise failed or torch.OutOfMemoryError("CUDA out of memory on another training rank (agreed)")
+        return loss
 
     def trial(n: int) -> int:
         opt = make_optimizer(model)
@@ -169,8 +195,7 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
         x, y = probe_batch(job, dataset, n, device)
         try:
             for _ in range(2):  # the second step runs with the optimizer state already allocated
-                with amp():
-                    loss = job.loss(model(x), y)
+                loss = forward(x, y)
                 after_forward = torch.cuda.memory_allocated(device) if cuda else 0
                 scaler.scale(loss).backward()
                 headroom = torch.cuda.max_memory_allocated(device) - after_forward if cuda else 0
@@ -183,6 +208,9 @@ def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Calla
         finally:
             for p in model.parameters():
                 p.grad = None
+            if lockstep is not None:
+                reset_step(model)
+                default_resharding(model)
         return headroom
     return trial
 
@@ -274,14 +302,17 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         if device.type == "cuda" and dist.distributed_training:  # NCCL's buffers exist before we measure
             dist.all_reduce(torch.zeros(1, device=device))
-        copies = (world > 1) + (env.is_main and cfg.validation.mode == "inline")
+        # Under fsdp the trial runs the sharded step itself: its all-gather and reduce-scatter buffers are measured.
+        sharded = is_sharded(model)
+        copies = (world > 1 and not sharded) + (env.is_main and cfg.validation.mode == "inline")
         memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
         snap = Snapshot(model, device)
         start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
         try:
+            lockstep = Lockstep(dist) if sharded else None
             mine = search(train_trial(model, job, dataset, device, amp, make_optimizer, precision == "fp16",
-                                      make_ema if env.is_main else None),
-                          start, cfg.autobatch.max, cfg.autobatch.max_probes, memory, cfg.autobatch.margin)
+                                      make_ema if env.is_main or sharded else None, lockstep),
+                          start, cfg.autobatch.max, cfg.autobatch.max_probes, memory, cfg.autobatch.margin, lockstep)
         finally:
             snap.restore()
             cleanup(device)

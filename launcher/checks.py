@@ -16,6 +16,8 @@ NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps",
                 "sched.warmup_steps", "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",
                 "autobatch.max_retries", "data.workers")
+FSDP_FP16 = ("train.precision=fp16 is not supported with train.strategy=fsdp (the GradScaler's overflow check would "
+             "see each rank's shards only); use train.precision=bf16 or fp32, or train.strategy=ddp")
 
 
 
@@ -91,6 +93,14 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.validation.weights in ("ema", "both") and not cfg.ema.enabled and cfg.validation.mode != "off":
         raise ConfigError(f"validation.weights={cfg.validation.weights} needs ema.enabled=true; "
                           "use validation.weights=raw or enable the EMA")
+    if cfg.train.strategy == "fsdp" and cfg.train.precision == "fp16":
+        raise ConfigError(FSDP_FP16)
+    if cfg.train.strategy == "fsdp" and cfg.validation.mode == "inline" and world_size >= 2:
+        raise ConfigError("validation.mode=inline is not supported with train.strategy=fsdp on 2+ processes (rank 0 "
+                          "alone would evaluate a sharded model); use validation.mode=auto, process or off")
+    if cfg.train.strategy == "fsdp" and cfg.train.compile:
+        raise ConfigError("train.compile=true is not supported with train.strategy=fsdp; "
+                          "use train.compile=false, or train.strategy=ddp to compile")
     try:
         parse_signals(cfg.run.stop_signals)
     except ValueError as e:

@@ -7,6 +7,11 @@ in ONE flat buffer; `shadow` holds per-tensor views into it (same shapes and
 strides as the sources, so foreach calls take their fast route). An update is a
 few fused calls per group, never a Python loop over tensors, and no host-device
 synchronization: the decay is computed on the host from `updates`.
+
+Sharded (FSDP2) models: the EMA covers this rank's shards only (memory ~1/N): the
+flat buffers hold the local tensors, and `shadow` wraps each view of a sharded
+parameter in a DTensor with the parameter's mesh and placements (no copy), so
+`state_dict()` can be saved and resharded by torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from launcher.shards import is_sharded, local_and_layout, local_slice
 
 
 def decay_at(n: int, decay: float, ramp: str, tau: float) -> float:
@@ -51,6 +58,15 @@ def _views(flat: torch.Tensor, like: List[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
+def _like(view: torch.Tensor, model_value: torch.Tensor) -> torch.Tensor:
+    """`view` as the shadow holds it: a DTensor (aliasing `view`) for a sharded model tensor, else itself."""
+    if not is_sharded(model_value):
+        return view
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(view, model_value.device_mesh, model_value.placements, shape=model_value.shape,
+                              stride=model_value.stride(), run_check=False)
+
+
 @dataclass
 class _Group:
     """The state tensors of one (device, dtype): the flat average, its views, the model's tensors, and
@@ -80,22 +96,24 @@ class EMA:
 
     @torch.no_grad()
     def _bind(self, model: nn.Module, values: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """Lay the average out in one flat buffer per (device, dtype) group of `model`'s state, starting
-        from `values` (default: the current average), and cache the tensor lists update() works on."""
+        """Lay the average out in one flat buffer per (device, dtype) group of `model`'s state (its local
+        shards under FSDP), starting from `values` (default: the current average), and cache the tensor
+        lists update() works on."""
         values = self.shadow if values is None else values
         sd = model.state_dict(keep_vars=False)
+        local = {k: local_and_layout(v)[0] for k, v in sd.items()}
         names: Dict[Tuple[torch.device, torch.dtype], List[str]] = {}
-        for k, src in sd.items():
+        for k, src in local.items():
             names.setdefault((src.device, src.dtype), []).append(k)
         self._groups: List[_Group] = []
         shadow: Dict[str, torch.Tensor] = {}
         for (device, dtype), keys in names.items():
-            src = [sd[k] for k in keys]
+            src = [local[k] for k in keys]
             flat = torch.empty(sum(s.numel() for s in src), device=device,
                                dtype=torch.float32 if dtype.is_floating_point else dtype)
             views = _views(flat, src)
-            torch._foreach_copy_(views, [values[k].detach() for k in keys])
-            shadow.update(zip(keys, views))
+            torch._foreach_copy_(views, [local_and_layout(values[k].detach())[0] for k in keys])
+            shadow.update((k, _like(v, sd[k])) for k, v in zip(keys, views))
             self._groups.append(_Group(flat, views, src, dtype.is_floating_point))
         self.shadow = {k: shadow[k] for k in sd}  # the model's key order
         self._gather: Optional[Tuple[List[torch.Tensor], List[torch.Tensor]]] = None
@@ -186,22 +204,39 @@ class EMA:
         model.load_state_dict(self.shadow, strict=True)
 
     def state_dict(self) -> dict:
-        return {"shadow": dict(self.shadow), "updates": self.updates, "skipped": self.skipped,
+        """The average and its counters. Sharded values are DTensors over *copies* of the local views:
+        torch.save cannot pickle a DTensor whose local tensor starts inside its storage (torch 2.13), and
+        the views sit back to back in one flat buffer. Load with `load_state_dict`, not in place."""
+        shadow = {k: _like(local_and_layout(v)[0].clone(), v) if is_sharded(v) else v for k, v in self.shadow.items()}
+        return {"shadow": shadow, "updates": self.updates, "skipped": self.skipped,
                 "decay": self.decay, "ramp": self.ramp, "tau": self.tau}
 
     def load_state_dict(self, state: dict) -> None:
+        """Values as saved (plain or DTensors of this layout, e.g. loaded by DCP into `state_dict()`), or
+        full plain tensors into a sharded EMA (a ddp checkpoint): each rank takes its own rows."""
         for k, v in state["shadow"].items():  # once, at resume: a checkpoint's tensors may live on the CPU
-            self.shadow[k].copy_(v)
+            dst = self.shadow[k]
+            if is_sharded(v):  # another layout (DCP normally reshards for us): all-gather, take our rows
+                same = local_and_layout(v)[1] == local_and_layout(dst)[1]
+                v = v.to_local() if same else local_slice(v.full_tensor(), dst)
+            elif is_sharded(dst):
+                v = local_slice(v, dst)
+            local_and_layout(dst)[0].copy_(v)
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))
+
+    def nbytes(self) -> int:
+        """The memory the average takes on this rank (its shards only under FSDP)."""
+        return sum(g.flat.numel() * g.flat.element_size() for g in self._groups)
 
     @property
     def current_decay(self) -> float:
         return self.decay_at(self.updates)
 
     def describe(self) -> str:
-        mb = sum(v.numel() * v.element_size() for v in self.shadow.values()) / 2**20
-        return f"EMA kept on this rank: {len(self.shadow)} tensors, {mb:.2f} MB fp32, tau {self.tau:.0f}"
+        mb, sharded = self.nbytes() / 2**20, sum(is_sharded(v) for v in self.shadow.values())
+        where = f" ({sharded} of them this rank's shards)" if sharded else ""
+        return f"EMA kept on this rank: {len(self.shadow)} tensors{where}, {mb:.4f} MB fp32, tau {self.tau:.0f}"
 
     def stats(self) -> dict:
         """For metrics rows and the summary."""
@@ -209,7 +244,7 @@ class EMA:
 
 
 class NoEMA:
-    """No EMA here (ema.enabled=false, or a training rank other than 0): every call does nothing."""
+    """No EMA here (ema.enabled=false, or under ddp a training rank other than 0): every call does nothing."""
     shadow: Dict[str, torch.Tensor] = {}
 
     def update(self, model: nn.Module, skip: "bool | torch.Tensor" = False) -> None:

@@ -15,6 +15,12 @@ all-reduce. That rank records the halved micro-batch in autobatch.json and exits
 or they are stopped) and `--max-restarts` (or a Slurm requeue) resumes from the last checkpoint
 with the halved micro-batch. With one training rank every phase is local, the last backward
 included, so everything is redone in place. `autobatch.max_retries=0` turns all of this off.
+
+Under fsdp the same holds because every rank all-gathers the step's parameters up front, before
+anything that can run out of memory (fsdp.unshard_for_step), and keeps them until the last
+backward, whose reduce-scatters are the step's only other collectives. An OOM inside that first
+all-gather is treated like one inside the last backward (exit 75). With recovery off, fsdp runs its
+usual step (each block gathered for its forward and resharded after it: less memory).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from launcher.batch import Batch
+from launcher.fsdp import accumulate, is_sharded, reset_step, unshard_for_step
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +118,17 @@ class Recovery:
         self.phase = ""  # what this rank is doing in the current attempt (faults.py reads it)
 
     def attempt(self) -> "_Attempt":
-        """One try at the step's forwards and backwards (a context manager); see the module's docstring."""
+        """One try at the step's forwards and backwards (a context manager); see the module's docstring.
+        Under fsdp on 2+ ranks, first the step's all-gathers, on every rank (fsdp.unshard_for_step);
+        with recovery off (autobatch.max_retries=0) FSDP's own step instead: gather per block, reshard
+        after its forward (the least memory)."""
+        if self.enabled and self.distributed and is_sharded(self.ddp):
+            try:
+                unshard_for_step(self.ddp)
+            except Exception as e:  # noqa: BLE001 - the others may be inside the all-gather: restart
+                if is_oom(e):
+                    self.restart(self.state.batch, "unshard")
+                raise
         return _Attempt(self) if self.enabled else _OFF
 
     @staticmethod
@@ -124,6 +141,11 @@ class Recovery:
 
     @staticmethod
     def no_sync(ddp: nn.Module, sync: bool):
+        """The micro-batch's forward runs in this. DDP: `no_sync()` unless it syncs. FSDP: the flags its
+        backward reads (after this block), set by every micro-batch for its own (fsdp.accumulate)."""
+        if is_sharded(ddp):
+            accumulate(ddp, sync)
+            return nullcontext()
         return nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()
 
     def agree(self, failed: str = "") -> None:
@@ -158,15 +180,16 @@ class Recovery:
             self._record(step, e.phase, e.ranks, batch, smaller)
         return smaller
 
-    def restart(self, batch: Batch) -> None:
-        """An OOM inside the last backward on 2+ ranks: the others wait in DDP's all-reduce, so nothing
-        can be agreed. Record the halved micro-batch (this rank writes autobatch.json and the event: rank
-        0 may be the one waiting) and exit with EXIT_RESTART; torchrun ends the others."""
+    def restart(self, batch: Batch, phase: str = "last backward") -> None:
+        """An OOM inside the last backward on 2+ ranks (or in fsdp's all-gather at the step's start): the
+        others wait in a collective, so nothing can be agreed. Record the halved micro-batch (this rank
+        writes autobatch.json and the event: rank 0 may be the one waiting) and exit with EXIT_RESTART;
+        torchrun ends the others."""
         step, rank = self.state.step, self.env.train_rank
-        what = f"out of memory in the last backward on training rank {rank}"
-        self._check_can_halve(batch, "last backward", [rank], step, what, everywhere=False)
+        what = f"out of memory in the {phase} on training rank {rank}"
+        self._check_can_halve(batch, phase, [rank], step, what, everywhere=False)
         smaller = batch.halved()
-        self._record(step, "last backward", [rank], batch, smaller, restart=True)
+        self._record(step, phase, [rank], batch, smaller, restart=True)
         self.rundir.event("oom_restart", step=step, rank=rank, micro_from=batch.micro, micro_to=smaller.micro,
                           exit_code=EXIT_RESTART)
         log.error("%s at step %d: exiting with status %d; torchrun --max-restarts (or a requeue) resumes from "
@@ -199,11 +222,28 @@ class Recovery:
     def _reset_ddp(self) -> None:
         """A redo after the agreement: ranks that ran the last (synced) forward expect its backward; clear
         DDP's reducer so the redo's no_sync backwards stay local, and have the redo's first forward
-        broadcast rank 0's buffers on every rank (a rank that failed early would skip it otherwise)."""
+        broadcast rank 0's buffers on every rank (a rank that failed early would skip it otherwise).
+        FSDP: drop the gradients accumulated unsharded before the OOM."""
+        if is_sharded(self.ddp):
+            reset_step(self.ddp)
         reducer = getattr(self.ddp, "reducer", None)
         if reducer is not None:
             reducer._reset_state()  # as DDP does itself when its process group changes
             self.ddp.require_forward_param_sync = True
+
+
+class Lockstep:
+    """fsdp's batch probe: its trial runs collectives, so every training rank runs the same trials.
+    Agreements over the training group (CPU tensors, as Recovery.agree)."""
+
+    def __init__(self, dist):
+        self.dist = dist
+
+    def all(self, flag: bool) -> bool:
+        return self.dist.all_reduce(torch.tensor([float(not flag)]), "max").item() == 0
+
+    def min(self, n: int) -> int:
+        return int(self.dist.all_reduce(torch.tensor([n], dtype=torch.int64), "min").item())
 
 
 class _Attempt:

@@ -38,6 +38,7 @@ Goal = _choice("Goal", "max", "min")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 ProgressMode = _choice("ProgressMode", "auto", "rich", "plain", "off")
 OomPhase = _choice("OomPhase", "forward", "backward", "last_backward", "headroom")
+Strategy = _choice("Strategy", "ddp", "fsdp")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC weights and inputs for conv nets (converted in the copy to the device)
     cudnn_benchmark: bool = True  # cuDNN times its conv algorithms once per input shape, keeps the fastest
     tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (Ampere+; fp32 storage, ~10-bit mantissa)
+    strategy: Strategy = Strategy.ddp  # ddp: replicated weights; fsdp: FSDP2 shards weights, grads, optimizer, EMA (fsdp.py)
 
 
 @dataclass

@@ -14,7 +14,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import Sampler
 
-from launcher.schema import Config, DataConfig, TrainConfig
+from launcher import fsdp
+from launcher.checks import FSDP_FP16
+from launcher.schema import Config, ConfigError, DataConfig, TrainConfig
 
 
 def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -26,14 +28,25 @@ def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
+def shard(model: nn.Module, cfg: Config, group, device: torch.device, precision: str, job) -> nn.Module:
+    """train.strategy=fsdp with a training group of 2+ ranks: `model` sharded in place by FSDP2
+    (fsdp.py), before the batch probe, so the probe measures the sharded step; else `model`."""
+    if cfg.train.strategy != "fsdp":
+        return model
+    if precision == "fp16":  # train.precision=auto on a GPU without bf16
+        raise ConfigError(FSDP_FP16)
+    return fsdp.shard(model, group, device, precision, job)
+
+
 def wrap(model: nn.Module, cfg: Config, group, device: torch.device) -> nn.Module:
     """The module the loop calls forward on: DDP (with the bucket settings) around `model`
-    when `group` is a training group of 2+ ranks, else `model` itself; compiled in place
+    when `group` is a training group of 2+ ranks under train.strategy=ddp, else `model` itself
+    (under fsdp already sharded by `shard`); compiled in place
     with `train.compile`. Compiling the DDP wrapper, not the bare model, keeps DDP's
     compute/communication overlap (dynamo splits the graph at bucket boundaries), and
     compiling in place keeps `model.state_dict()` keys and `ddp.no_sync()` unchanged."""
     net = model
-    if group is not None:
+    if group is not None and cfg.train.strategy != "fsdp":
         net = DDP(model, process_group=group, device_ids=[device.index] if device.type == "cuda" else None,
                   bucket_cap_mb=cfg.ddp.bucket_cap_mb, gradient_as_bucket_view=cfg.ddp.gradient_as_bucket_view,
                   static_graph=cfg.ddp.static_graph)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from launcher import jobs
-from launcher import autobatch, speed
+from launcher import autobatch, fsdp, speed
 from launcher.checkpoint import Checkpointer, TrainState, save_weights
 from launcher.dist import Dist, seed_everything
 from launcher.ema import EMA, NoEMA, auto_tau
@@ -69,6 +69,9 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     job = jobs.load(cfg.job)
     model = speed.setup(job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last weights
+    group = dist.group if dist.distributed_training else None
+    model = speed.shard(model, cfg, group, device, precision, job)  # fsdp: FSDP2 in place; ddp: as is
+    sharded = fsdp.is_sharded(model)  # every training rank keeps the EMA of its own shards (else rank 0 alone)
     train_set, val_set = job.datasets()
     faults = Faults(cfg.debug, env, rundir)
     faults.arm_forward(model)
@@ -95,9 +98,9 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     opt = build_optimizer(model, cfg.optim, device)
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = make_ema(model, total // cfg.ema.every) if env.is_main else NoEMA()  # rank 0 alone keeps the EMA
+    ema = make_ema(model, total // cfg.ema.every) if env.is_main or sharded else NoEMA()
     log.info(ema.describe())
-    ddp = speed.wrap(model, cfg, dist.group if dist.distributed_training else None, device)  # DDP, compile
+    ddp = speed.wrap(model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
     tel = Telemetry(rundir, cfg, env, total, enabled=env.is_main)
     tel.event("autobatch", **autobatch_event)
 
@@ -119,7 +122,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     guard.log_restart(env.restart_count, state.step)
     tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
               accum=batch.accum, global_batch=batch.global_size, steps=total, steps_per_epoch=steps_per_epoch,
-              precision=precision, device=str(device), start_step=state.step)
+              precision=precision, device=str(device), start_step=state.step, strategy="fsdp" if sharded else "ddp")
     validation = for_training(cfg, env, rundir, job, val_set, model, ema, batch.micro, tel)
 
     log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
@@ -149,7 +152,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
             # Optimizer step; the EMA follows unless the step must not count (see optimizer_step).
             ema_due = (state.step + 1) % cfg.ema.every == 0
             skip = optimizer_step(model, opt, sched, scaler, cfg, state.step, warmup,
-                                  gate=ema_due and env.is_main and cfg.ema.enabled)
+                                  gate=ema_due and (env.is_main or sharded) and cfg.ema.enabled)
             state.step += 1
             state.batch_in_epoch += 1
             if ema_due:
@@ -186,12 +189,13 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": stopped_early,
                "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
                "wall_time_s": round(time.time() - t_start, 2)}
+    final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers; ddp: rank 0's
     summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
     if cfg.validation.weights == "both":  # best and final raw and EMA side by side
         summary.update(best_by_weights(rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
     if env.is_main:
         if cfg.ema.enabled:
-            save_weights(rundir.ema_weights, ema.shadow, {"step": state.step, "updates": ema.updates})
+            save_weights(rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})
         summary.update(ema.stats(), **({"ema_tau": ema.tau} if cfg.ema.enabled else {}))
         rundir.write_summary(summary)
         tel.event("end", **summary)
