@@ -28,7 +28,6 @@ from launcher import checkpoint_dcp
 from launcher.batch import Batch
 from launcher.dist import rng_state, seed_everything, set_rng_state
 from launcher.files import atomic_write, read_json, write_json
-from launcher.shards import is_sharded
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^step-(\d+)\.pt$")
@@ -148,19 +147,6 @@ def save_weights(path: Path, state: Dict[str, torch.Tensor], metadata: Optional[
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     data = st_save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
     atomic_write(path, lambda f: f.write(data))
-
-
-def export_weights(path: Path, state: Dict[str, torch.Tensor], metadata: Optional[dict], is_main: bool) -> None:
-    """save_weights() for a state that may hold DTensors (the sharded EMA, a fully_shard-ed model):
-    every training rank calls it (each sharded tensor is gathered, one at a time, a collective);
-    training rank 0 alone keeps the full tensors and writes the file."""
-    full = {}
-    for k, v in state.items():
-        t = v.full_tensor() if is_sharded(v) else v
-        if is_main:
-            full[k] = t.detach().to("cpu")
-    if is_main:
-        save_weights(path, full, metadata)
 
 
 @dataclass

@@ -272,7 +272,7 @@ def child_device(env) -> str:
 
 def sharded(cfg) -> bool:
     """train.strategy=fsdp: the EMA and the model are sharded over the training ranks."""
-    return getattr(cfg.train, "strategy", "ddp") == "fsdp"  # TODO(issue 18 integration): cfg.train.strategy
+    return cfg.train.strategy == "fsdp"
 
 
 def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int, tel) -> NoValidation:

@@ -9,7 +9,7 @@ right after the step-K checkpoint (torchrun --max-restarts then restarts the gro
 --out: training rank 0 writes the full final state {"model", "optimizer" (by name), "ema", "step",
 "resumed"} there; --loaded: the same, right after the restore.
 --blocked: a file stands where checkpoints/ should be, so rank 0 cannot save: every rank writes the
-SaveError it got to RUN_DIR/save-error-<rank>.txt and exits 3. Under fsdp the EMA is exported with checkpoint.export_weights to RUN_DIR/ema.safetensors.
+SaveError it got to RUN_DIR/save-error-<rank>.txt and exits 3. Under fsdp the EMA is exported with fsdp.full_state + save_weights to RUN_DIR/ema.safetensors.
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from launcher.batch import Batch
-from launcher.checkpoint import Checkpointer, SaveError, TrainState, export_weights
+from launcher.checkpoint import Checkpointer, SaveError, TrainState, save_weights
+from launcher import fsdp
 from launcher.dist import Dist, seed_everything
 from launcher.ema import EMA, NoEMA
 from launcher.env import detect
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.rundir import RunDir
-from launcher.shards import is_sharded, local_slice
+from launcher.shards import is_sharded
 
 
 class Net(nn.Module):
@@ -45,38 +46,6 @@ class Net(nn.Module):
             x = layer(x)
             x = torch.tanh(x) if i < len(self.layers) - 1 else x
         return x * self.scale
-
-
-class ShardedEMA:
-    """A stand-in for part A's sharded EMA, with the same state_dict()/load_state_dict() shapes:
-    shadow values are DTensors (fp32, like the parameters) or plain buffers."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.8):
-        self.decay, self.updates, self.skipped = decay, 0, 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        for k, v in model.state_dict().items():
-            dst, src = self.shadow[k], v.detach()
-            if is_sharded(dst):
-                dst, src = dst.to_local(), src.to_local()
-            dst.lerp_(src.float(), 1 - self.decay)
-
-    def state_dict(self) -> dict:
-        return {"shadow": dict(self.shadow), "updates": self.updates, "skipped": self.skipped,
-                "decay": self.decay, "ramp": "none", "tau": 1.0}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state["shadow"].items():
-            dst = self.shadow[k]
-            if is_sharded(dst):
-                dst.to_local().copy_(v.to_local() if is_sharded(v) else local_slice(v, dst))
-            else:
-                dst.copy_(v)
-        self.updates, self.skipped = int(state["updates"]), int(state.get("skipped", 0))
 
 
 class Meter:
@@ -150,7 +119,7 @@ def main() -> int:
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        wrapped, ema = model, ShardedEMA(model)
+        wrapped, ema = model, EMA(model, decay=0.8, ramp="none")  # every rank: its own shards
     else:
         wrapped = nn.parallel.DistributedDataParallel(model, process_group=dist.group) \
             if dist.distributed_training else model
@@ -190,7 +159,9 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
     final = full_state(model, opt, ema)
     if args.strategy == "fsdp":
-        export_weights(rundir.ema_weights, ema.state_dict()["shadow"], {"step": state.step}, env.is_main)
+        full_ema = fsdp.full_state(ema.shadow, keep=env.is_main)
+        if env.is_main:
+            save_weights(rundir.ema_weights, full_ema, {"step": state.step})
     if env.is_main and args.out:
         torch.save({**final, "step": state.step, "resumed": resumed, "meter": meter.sum}, args.out)
     dist.close(finished=True)
