@@ -68,7 +68,7 @@ def test_inline_validation_with_fsdp_on_two_processes_is_refused():
         check(cfg, world_size=2)
 
 
-@pytest.mark.parametrize("nproc,validator", [(2, False), (3, False), (3, True)])
+@pytest.mark.parametrize("nproc,validator", [(2, False), (3, True)])  # 3 training ranks: below
 def test_the_sharded_ema_matches_a_plain_one_with_1_over_n_of_its_memory(tmp_path, nproc, validator):
     """Unit level, under torchrun: update, memory per rank, aliasing of the flat buffers, state_dict round
     trip (DTensors and full plain tensors), copy_to into the sharded model. `validator`: the last rank
@@ -100,7 +100,9 @@ def _ema_mb(run, rank):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,ema,retries", [(2, "average", 3), (3, "average", 3), (2, "raw", 3), (2, "raw", 0)])
+# Kept to two launches of each strategy for CI's time: 3 ranks (uneven shards) with recovery's step, the
+# EMA compared; 2 ranks with FSDP's own step (retries=0), the final weights compared.
+@pytest.mark.parametrize("nproc,ema,retries", [(3, "average", 3), (2, "raw", 0)])
 def test_fsdp_and_ddp_give_the_same_weights_and_ema(tmp_path, nproc, ema, retries):
     """Same seed, same steps, accumulation (2 micro-batches) and active gradient clipping: the exported EMA
     and every step's loss agree to 1e-5. `raw`: an EMA whose decay stays ~0 (tau 1e9) is the final weights.
