@@ -85,9 +85,26 @@ class Dist:
         "terminate called without an active exception" on CPU). A rank leaving on an error or a
         signal does not wait for the others."""
         if dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store() if finished else None
             if finished:
                 dist.all_reduce(torch.zeros(1))
             dist.destroy_process_group()
+            if store is not None:
+                _leave_together(store, self.env.world_size)
+
+
+def _leave_together(store: dist.Store, world: int, timeout_s: float = 30.0) -> None:
+    """After every rank destroyed its process group, none exits before all have: a rank that exits
+    closes its gloo sockets under a peer still tearing down its own, and that peer aborts
+    ("terminate called without an active exception", exit -6). Counted in the store (rank 0 may host
+    it: a peer that finds it gone has nothing left to wait for)."""
+    try:
+        store.add("launcher/closed", 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add("launcher/closed", 0) < world and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except (RuntimeError, OSError):  # the store's host left first: everyone had arrived
+        pass
 
 
 def attempt_store(env: Env, timeout: datetime.timedelta) -> Optional[dist.Store]:

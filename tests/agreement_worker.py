@@ -1,12 +1,13 @@
 """Run under torchrun (2 ranks): one optimizer step's agreements, counted.
 
-Rank 1 receives SIGUSR1 before the step's OOM agreement. Prints, per rank, the stop both ranks
+Rank 1 receives SIGUSR1 before the step's OOM agreement. Writes, per rank (<dir>/rank-<r>.json), the stop both ranks
 agreed on and how many host-side collectives the step made, with OOM recovery on (the stop rides
 in the OOM agreement) and off (the step-end agreement alone)."""
 import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -56,5 +57,5 @@ for retries in (2, 0):
     out[f"retries={retries}"] = {"stop": stop.name, "early": early, "collectives": CALLS[0]}
     guard.flag.signum = 0
     dist.barrier()
-print("RESULT " + json.dumps({"rank": rank, **out}), flush=True)
-dist.close()
+Path(sys.argv[1], f"rank-{rank}.json").write_text(json.dumps({"rank": rank, **out}))
+dist.close(finished=True)

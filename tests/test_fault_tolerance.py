@@ -208,7 +208,7 @@ def test_a_stop_signal_on_one_rank_rides_in_the_oom_agreement_one_collective_per
                            f"--master_port={free_port()}", str(ROOT / "tests" / "agreement_worker.py"), str(tmp_path)],
                           env=child_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     for r in rows:
         for mode in ("retries=2", "retries=0"):
