@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from launcher import checkpoint_dcp
+from launcher import checkpoint_dcp, fsdp
 from launcher.batch import Batch
 from launcher.dist import rng_state, seed_everything, set_rng_state
 from launcher.files import atomic_write, read_json, write_json
@@ -199,7 +199,7 @@ class Checkpointer:
     def save(self, protect: Iterable[int] = ()) -> None:
         """Every training rank calls this; rank 0 writes. If rank 0 cannot write (disk full, read-only),
         every rank raises SaveError together, so none is left waiting in a collective."""
-        if checkpoint_dcp.sharded(self.parts["model"]):
+        if fsdp.is_sharded(self.parts["model"]):  # fsdp: checkpoints are directories
             info = {"train": self.state.state_dict(), "train_world": self.env.train_world,
                     "wandb_id": self.tel.wandb_id}
             path = save_sharded(self.rundir.checkpoints, self.state.step, checkpoint_dcp.state_of(self.parts),
@@ -268,7 +268,7 @@ class Checkpointer:
         its rows of the full tensors."""
         if not self.env.is_main:
             data = load(found)
-        if checkpoint_dcp.sharded(self.parts["model"]):
+        if fsdp.is_sharded(self.parts["model"]):  # fsdp: checkpoints are directories
             checkpoint_dcp.apply(self.parts, data, full=True)
         else:
             for name, part in self.parts.items():

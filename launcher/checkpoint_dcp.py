@@ -38,11 +38,6 @@ def steps(directory: Path) -> List[int]:
     return sorted(found, reverse=True)
 
 
-def sharded(model: nn.Module) -> bool:
-    """Whether `model` is fully_shard-ed (its parameters are DTensors): its checkpoints are directories."""
-    return any(is_sharded(p) for p in model.parameters())
-
-
 def _rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
