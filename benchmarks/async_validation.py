@@ -79,7 +79,7 @@ def handoff_stall(quick: bool) -> dict:
     import torch
 
     from launcher.jobs.synthetic import ResNet
-    from launcher.handoff import Writer
+    from launcher.validation.handoff import Writer
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     state = {k: v.float() if v.is_floating_point() else v for k, v in ResNet().to(device).state_dict().items()}
@@ -124,7 +124,7 @@ def writer_stall(quick: bool) -> dict:
 
     from jobs.synthetic import ResNet
     from launcher.files import atomic_write
-    from launcher.handoff import Writer
+    from launcher.validation.handoff import Writer
 
     state = {k: v.float() if v.is_floating_point() else v for k, v in ResNet().state_dict().items()}
     out = {"idle": [], "writer": [], "bytes_copy": []}

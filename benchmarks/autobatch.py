@@ -5,7 +5,7 @@ step (AdamW, EMA on rank 0), each method's micro-batch, its probes and seconds, 
 whether `--steps` (200) real training steps then run at that size without OOM:
 
   true maximum   exact search: x2 until a full step fails, then bisection down to 1
-  ours           launcher.autobatch.search (fraction 0.9, margin 0.05, <= 10 probes)
+  ours           launcher.batch.probe.search (fraction 0.9, margin 0.05, <= 10 probes)
   ultralytics    AutoBatch: forward + .sum().backward() at 1..16 (+32, 64 on >= 16 GiB), memory_reserved,
                  linear fit, fraction 0.6 of free memory; out of 1..1024 -> 16 (its default)
   lightning-pow  BatchSizeFinder mode=power: from 2, x2 until OOM (3 steps per trial), keep the last fit
@@ -21,7 +21,7 @@ a tiny real model executes every trial, and a memory model decides OOM (fixed = 
 grads + AdamW state + EMA, plus a per-sample activation cost taken from the H100 reference
 maxima in /work/shared/anchors/h100-measurements.md; Ultralytics' forward+backward profile
 sees no optimizer state or EMA, as in the original). The simulated device models the caching
-allocator (launcher.memory.SimulatedDevice: freed blocks stay reserved until emptied), so a
+allocator (tests/support/simulated_device.py: freed blocks stay reserved until emptied), so a
 probe that reads stale cached memory on a GPU reads it here too (issue 13). Those figures check the plumbing and the
 search logic, not a GPU.
 """
@@ -40,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write  # noqa: E402
 from launcher.jobs.synthetic import Synthetic, SyntheticJob  # noqa: E402
-from launcher import autobatch  # noqa: E402
-from launcher.oom import cleanup  # noqa: E402
+from launcher.batch import probe  # noqa: E402
+from tests.support.simulated_device import SimulatedDevice  # noqa: E402
+from launcher.batch.recovery import cleanup  # noqa: E402
 from launcher.ema import EMA  # noqa: E402
-from launcher.schema import AutobatchConfig  # noqa: E402
+from launcher.config.schema import AutobatchConfig  # noqa: E402
 
 GiB = 1 << 30
 MODELS = {"resnet50": dict(model="resnet"), "vitb16": dict(model="vit")}
@@ -76,7 +77,7 @@ class Rig:
         self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
         self.opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
         self.ema = lambda m: EMA(m, 0.9999)
-        self.real_trial = autobatch.train_trial(self.model, self.job, self.data, device, self.amp, self.opt,
+        self.real_trial = probe.train_trial(self.model, self.job, self.data, device, self.amp, self.opt,
                                                 False, self.ema)
         if simulate:
             p = SIM_PARAMS[name] * 4
@@ -84,7 +85,7 @@ class Rig:
             self.fixed_step, self.fixed_profile = 5 * p, 2 * p  # weights, grads, 2 AdamW moments, EMA
             self.capacity = 0.97 * self.total  # the allocator never gets the last few percent
             # A caching allocator: weights resident, the step's blocks cached after it until emptied.
-            self.sim = autobatch.SimulatedDevice(self.total, 0.97, weights=p, fixed=4 * p, per_sample=self.per)
+            self.sim = SimulatedDevice(self.total, 0.97, weights=p, fixed=4 * p, per_sample=self.per)
 
     # -- the primitives the methods use ----------------------------------------------------------
     def step(self, n: int) -> int:
@@ -93,7 +94,7 @@ class Rig:
             self.real_trial(2)  # the tiny model only times the plumbing
             self.sim.step(n)  # raises a real OutOfMemoryError where the simulated device is full
             return int(self.fixed_step + self.per * n)
-        mem = autobatch.DeviceMemory(self.device, 1.0)
+        mem = probe.DeviceMemory(self.device, 1.0)
         mem.start()
         self.real_trial(n)
         return mem.peak()
@@ -103,7 +104,7 @@ class Rig:
         if self.simulate:
             self.real_trial(2)  # the tiny model only times the plumbing
             return (self.fixed_profile + self.per * n) / 1e9
-        x, _ = autobatch.repeat_sample(self.data, n, self.device)
+        x, _ = probe.repeat_sample(self.data, n, self.device)
         with self.amp():
             y = self.model(x)
         y.float().sum().backward()
@@ -125,11 +126,11 @@ class Rig:
                 return True
             except torch.OutOfMemoryError:
                 return False
-        snap = autobatch.Snapshot(self.model)
+        snap = probe.Snapshot(self.model)
         opt, ema = self.opt(self.model), self.ema(self.model)
         try:
             for i in range(steps):
-                x, y = autobatch.repeat_sample(self.data, n, self.device)
+                x, y = probe.repeat_sample(self.data, n, self.device)
                 with self.amp():
                     loss = self.job.loss(self.model(x), y)
                 loss.backward()
@@ -173,13 +174,13 @@ def true_max(rig: Rig, cap: int) -> Dict:
 
 def ours(rig: Rig, cfg: AutobatchConfig, start: int) -> Dict:
     if rig.simulate:  # the measurement itself runs against the simulated caching allocator
-        memory = autobatch.DeviceMemory(rig.device, cfg.fraction, allocator=rig.sim)
+        memory = probe.DeviceMemory(rig.device, cfg.fraction, allocator=rig.sim)
         trial = rig.step
     else:
-        memory = autobatch.DeviceMemory(rig.device, cfg.fraction)
+        memory = probe.DeviceMemory(rig.device, cfg.fraction)
         trial = rig.real_trial
-    snap = autobatch.Snapshot(rig.model)
-    out = autobatch.search(trial, start, cfg.max, cfg.max_probes, memory, cfg.margin)
+    snap = probe.Snapshot(rig.model)
+    out = probe.search(trial, start, cfg.max, cfg.max_probes, memory, cfg.margin)
     snap.restore()
     return {"batch": out.found, "probes": len(out.probes)}
 
@@ -244,14 +245,14 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     import os
     import tempfile
 
-    from launcher.dist import Dist
-    from launcher.env import Env
-    from launcher.schema import Config
-    from launcher.batch import Batch
-    from launcher.checkpoint import TrainState
-    from launcher.oom import Headroom, Recovery
+    from launcher.dist.groups import Dist
+    from launcher.dist.env import Env
+    from launcher.config.schema import Config
+    from launcher.batch.geometry import Batch
+    from launcher.checkpoint.checkpointer import TrainState
+    from launcher.batch.recovery import Headroom, Recovery
     from launcher.rundir import RunDir
-    from launcher.signals import Guard
+    from launcher.dist.signals import Guard
     from launcher.telemetry import OFF
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -264,7 +265,7 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     model = job.model()
     ddp = DDP(model, process_group=dist.group)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x, y = autobatch.repeat_sample(job.datasets()[0], micro * accum, env.device)
+    x, y = probe.repeat_sample(job.datasets()[0], micro * accum, env.device)
     tel = OFF
     res = {}
     for retries in (0, 3, 0, 3):  # interleaved, best of two

@@ -2,7 +2,7 @@
 
 For a ViT-B/16-shaped job (86M parameters; 32x32 images so a CPU step is quick: the state's
 size does not depend on the image size), on 2 and 4 gloo ranks, one AdamW step under ddp and
-under fsdp through the launcher's own pieces (speed.shard / speed.wrap, build_optimizer, EMA,
+under fsdp through the launcher's own pieces (wrap.shard / wrap.wrap, build_optimizer, EMA,
 handoff.Writer), then per rank the bytes of: parameters, gradients, optimizer state and EMA
 (local shards under fsdp; under ddp the EMA lives on rank 0 only), and the training thread's
 stall per validation: `Writer.put()` of the EMA (ddp: rank 0's whole EMA; fsdp: each rank its
@@ -31,20 +31,21 @@ MB = 2 ** 20
 
 
 def _local_bytes(t: torch.Tensor) -> int:
-    from launcher.shards import local_and_layout
+    from launcher.dist.shards import local_and_layout
     local, _ = local_and_layout(t)
     return local.numel() * local.element_size()
 
 
 def worker(strategy: str, layers: int, puts: int) -> None:
     """One rank under torchrun: one step, then count and time; rank 0 prints every rank's figures."""
-    from launcher import handoff, speed
-    from launcher.dist import Dist
+    from launcher.dist import wrap
+    from launcher.validation import handoff
+    from launcher.dist.groups import Dist
     from launcher.ema import EMA
-    from launcher.env import Env
+    from launcher.dist.env import Env
     from launcher.jobs.synthetic import Synthetic, SyntheticJob
     from launcher.optim import build_optimizer
-    from launcher.schema import Config
+    from launcher.config.schema import Config
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
@@ -56,8 +57,8 @@ def worker(strategy: str, layers: int, puts: int) -> None:
     cfg.optim.name = "adamw"
     torch.manual_seed(0)
     job = Synthetic(SyntheticJob(model="vit", image_size=32, layers=layers))
-    model = speed.shard(job.model(), cfg, dist.group, device, "fp32", job)
-    net = speed.wrap(model, cfg, dist.group, device)
+    model = wrap.shard(job.model(), cfg, dist.group, device, "fp32", job)
+    net = wrap.wrap(model, cfg, dist.group, device)
     opt = build_optimizer(model, cfg.optim, device)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
     job.loss(net(x), y).backward()

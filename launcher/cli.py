@@ -18,11 +18,12 @@ from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf, open_dict
 
-from launcher import checks, schema
-from launcher.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_context, hydra_keys, hydra_main, \
+from launcher.config import checks, schema
+from launcher.config.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_context, hydra_keys, hydra_main, \
     one_line, split_config_dir
 from launcher.rundir import RunDir
-from launcher.schema import Config, ConfigError
+from launcher.config.schema import Config
+from launcher.errors import ConfigError
 USAGE = """usage: python -m launcher {train,validate,report} [args]
 
   train [overrides]           train (torchrun --nproc_per_node=N -m launcher train for DDP)
@@ -69,7 +70,7 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
     """A run's own config (its config.yaml) with `overrides` on top: what `launcher validate` uses."""
     from hydra import compose
 
-    from launcher import config_history
+    from launcher.config import history
 
     schema.register()
     try:
@@ -80,7 +81,7 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
             cfg = compose("config", overrides=[f"job={group}"])
         with open_dict(cfg):  # the saved config was valid when it ran (custom jobs add job.params.*)
             cfg = OmegaConf.merge(cfg, saved)
-        for key, value in config_history.current(rundir).items():  # what resumes changed since
+        for key, value in history.current(rundir).items():  # what resumes changed since
             OmegaConf.update(cfg, key, value, force_add=True)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         return OmegaConf.to_object(cfg)
@@ -93,7 +94,7 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     from launcher import jobs
     import torch
     from launcher.jobs.base import declared_metrics
-    from launcher.batch import geometry
+    from launcher.batch.geometry import geometry
 
     checks.check(cfg, world_size)
     try:
@@ -131,31 +132,33 @@ def _check_writable(path: Path, key: str) -> None:
 
 def _make_run_dir(cfg: Config, config_text: str, overrides: List[str]) -> Tuple[RunDir, bool]:
     """Rank 0: (the run directory, whether this call created it); run.resume=must is checked first."""
-    from launcher import checkpoint, config_history, handoff
-    from launcher.env import run_id_from_env
+    from launcher.checkpoint import store
+    from launcher.config import history
+    from launcher.validation import control
+    from launcher.dist.env import run_id_from_env
     from launcher.files import atomic_write
 
     run_id = cfg.run.id or run_id_from_env() or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     rundir = RunDir(Path(cfg.run.dir or Path(cfg.run.root) / run_id).resolve())
-    if cfg.run.resume == "must" and checkpoint.load_latest(rundir.checkpoints)[0] is None:
+    if cfg.run.resume == "must" and store.load_latest(rundir.checkpoints)[0] is None:
         raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
                           "use run.resume=auto to start fresh, or point run.dir at an existing run")
     existed, changes, breaking = rundir.root.exists(), {}, []
-    resuming = cfg.run.resume != "never" and rundir.config.exists() and bool(checkpoint.steps(rundir.checkpoints))
-    try:  # resuming: config.yaml stays the first launch's; changes are recorded, or refused (config_history.py)
-        changes, breaking = config_history.check(rundir, config_text, cfg.run.allow_changes) if resuming else ({}, [])
+    resuming = cfg.run.resume != "never" and rundir.config.exists() and bool(store.steps(rundir.checkpoints))
+    try:  # resuming: config.yaml stays the first launch's; changes are recorded, or refused (history.py)
+        changes, breaking = history.check(rundir, config_text, cfg.run.allow_changes) if resuming else ({}, [])
     except ConfigError:
-        if checkpoint.load_latest(rundir.checkpoints)[0] is not None:
+        if store.load_latest(rundir.checkpoints)[0] is not None:
             raise
         resuming = False  # no checkpoint loads: a fresh start with this config
     try:
         rundir.make()
-        handoff.reset(rundir)  # before any validator can see a previous session's stop/done markers
+        control.reset(rundir)  # before any validator can see a previous session's stop/done markers
         header = "# launcher train " + " ".join(overrides) + "\n"
         if not resuming:
             atomic_write(rundir.config, lambda f: f.write(header + config_text), mode="w")
         elif changes:
-            config_history.record(rundir, changes, breaking, overrides)
+            history.record(rundir, changes, breaking, overrides)
     except OSError as e:
         raise ConfigError(f"run.dir={rundir}: cannot write there ({e.strerror or e}); "
                           "choose a writable place with run.dir=<dir>") from None
@@ -181,10 +184,10 @@ def agree_run_dir(cfg: Config, dist, config_text: str, overrides: List[str]) -> 
 def _interrupted(rundir: Optional[RunDir], created: bool) -> int:
     """Ctrl-C before the stop-signal handlers exist (start-up): no traceback; a run directory this
     session created and that holds no checkpoint yet is removed, as if the run never started."""
-    from launcher import checkpoint
+    from launcher.checkpoint import store
 
     note = ""
-    if rundir is not None and created and rundir.root.exists() and not checkpoint.steps(rundir.checkpoints):
+    if rundir is not None and created and rundir.root.exists() and not store.steps(rundir.checkpoints):
         logging.shutdown()
         shutil.rmtree(rundir.root, ignore_errors=True)
         note = f"; removed {rundir}, which held no checkpoint yet"
@@ -202,7 +205,7 @@ def _debug_logging(loggers: List[str]) -> None:
 
 def _check_point(overrides: List[str], here: bool) -> Config:
     """One point of a sweep, checked as `train` checks it (`here`: it runs on this machine)."""
-    from launcher.env import detect, validation_mode
+    from launcher.dist.env import detect, validation_mode
 
     cfg, _ = load_config(overrides)
     if not here:
@@ -216,7 +219,7 @@ def _check_point(overrides: List[str], here: bool) -> Config:
 
 def train_command(overrides: List[str]) -> int:
     from launcher import sweep
-    from launcher.env import detect, validation_mode
+    from launcher.dist.env import detect, validation_mode
 
     try:
         if sweep.is_multirun(overrides):
@@ -230,14 +233,14 @@ def train_command(overrides: List[str]) -> int:
     except ConfigError as e:
         return fail(str(e))
 
-    from launcher import threads
-    from launcher.checkpoint import SaveError
-    from launcher.dist import Dist
+    from launcher.dist import threads
+    from launcher.errors import SaveError
+    from launcher.dist.groups import Dist
     from launcher.faults import fail_at_start
     from launcher.telemetry import setup_logging
     from launcher.train import train
 
-    from launcher.validator import run_validator_rank
+    from launcher.validation.supervisor import run_validator_rank
 
     fail_at_start(cfg.debug.fail_at_start, env)
     child = env.is_main and validation_mode(cfg.validation.mode, env.world_size) == "process"
@@ -276,9 +279,9 @@ def validate_command(argv: List[str]) -> int:
     """`python -m launcher validate run.dir=<dir> [overrides]`: validate a live or finished run."""
     import torch
 
-    from launcher import handoff
+    from launcher.validation import control, handoff
     from launcher.telemetry import setup_logging
-    from launcher.validator import serve, validator_device
+    from launcher.validation.validator import serve, validator_device
 
     try:
         positional = [a for a in argv if "=" not in a and not a.startswith("-")]  # `validate <dir>`, as report
@@ -296,7 +299,7 @@ def validate_command(argv: List[str]) -> int:
     spawned = "LAUNCHER_PARENT_PID" in os.environ
     setup_logging(rundir.log("validator"), "validator", console=not spawned)
     log.info("validator: %d CPU thread(s)", torch.get_num_threads())
-    finished = handoff.done(rundir, or_summary=True) is not None
+    finished = control.done(rundir, or_summary=True) is not None
     # A finished run with nothing left in the queue: re-validate its checkpoints.
     revalidate = not spawned and finished and not handoff.pending(rundir.handoff) \
         and not list(rundir.handoff.glob("*.claimed"))

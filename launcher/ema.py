@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from launcher.shards import is_sharded, local_and_layout, local_slice
+from launcher.dist.shards import is_sharded, local_and_layout, local_slice
 
 
 def decay_at(n: int, decay: float, ramp: str, tau: float) -> float:

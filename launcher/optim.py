@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from launcher.schema import OptimConfig, SchedConfig
+from launcher.config.schema import OptimConfig, SchedConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from launcher.compose import split_config_dir
+from launcher.config.compose import split_config_dir
 from launcher.files import atomic_write, read_json, write_json
 from launcher.rundir import SweepDir
-from launcher.schema import ConfigError
+from launcher.errors import ConfigError
 
 SWEEP_FLAGS = ("-m", "--multirun")
 LAUNCHERS = ("basic", "slurm")
@@ -89,7 +89,7 @@ def expand(overrides: List[str]) -> Tuple[List[List[str]], List[str]]:
 
 def sweep_root(cfg: Any) -> Path:
     """run.dir, else <run.root>/<run.id, SLURM_JOB_ID, TORCHELASTIC_RUN_ID..., else sweep-<time>>."""
-    from launcher.env import run_id_from_env
+    from launcher.dist.env import run_id_from_env
 
     if cfg.run.dir:
         return Path(cfg.run.dir).resolve()

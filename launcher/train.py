@@ -17,50 +17,30 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from launcher import jobs
-from launcher import autobatch, fsdp, speed
-from launcher.checkpoint import Checkpointer, TrainState, save_weights
-from launcher.dist import Dist, seed_everything
+from launcher import data
+from launcher.batch import probe
+from launcher.dist import fsdp
+from launcher.dist import wrap
+from launcher.checkpoint.checkpointer import Checkpointer, TrainState
+from launcher.checkpoint.export import save_weights
+from launcher.dist.groups import Dist
+from launcher.dist.rng import seed_everything
 from launcher.ema import EMA, NoEMA, auto_tau
-from launcher.env import Env
+from launcher.dist.env import Env
 from launcher.faults import Faults
-from launcher.oom import Headroom, Recovery, StepOOM
-from launcher.optim import build_optimizer, build_scheduler, set_momentum, warmup_steps
+from launcher.batch.recovery import Headroom, Recovery, StepOOM
+from launcher.optim import build_optimizer, build_scheduler, warmup_steps
 from launcher.precision import autocast, resolve_precision
 from launcher.rundir import RunDir
-from launcher.schema import Config, ConfigError
-from launcher.signals import Guard, Stop
+from launcher.config.schema import Config
+from launcher.errors import ConfigError
+from launcher.dist.signals import Guard, Stop
 from launcher.telemetry import Telemetry
-from launcher.evaluation import best_by_weights
-from launcher.validation import due, for_training
+from launcher.validation.evaluation import best_by_weights
+from launcher.step import LossMeter, forward_backward, optimizer_step
+from launcher.validation.trainer_side import due, for_training
 
 log = logging.getLogger("launcher.train")
-
-
-class LossMeter:
-    """Mean loss and throughput since the last log line; the loss sum is per-rank checkpoint state."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.sum, self.count, self.samples, self.since = torch.zeros((), device=device), 0, 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, samples: int) -> None:
-        self.sum += loss
-        self.count += 1
-        self.samples += samples
-
-    def take(self, dist: Dist, world: int) -> dict:
-        """The mean over the training ranks (one all-reduce), then start again."""
-        mean = dist.all_reduce(self.sum / max(self.count, 1)) / world
-        now = time.perf_counter()
-        row = {"loss": float(mean), "samples_per_s": self.samples / (now - self.since)}
-        self.sum, self.count, self.samples, self.since = torch.zeros((), device=self.device), 0, 0, now
-        return row
-
-    def state_dict(self) -> dict:
-        return {"loss_sum": self.sum.cpu(), "loss_count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sum, self.count = state["loss_sum"].to(self.device), state["loss_count"]
 
 
 def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
@@ -68,9 +48,9 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     job = jobs.load(cfg.job)
-    model = speed.setup(job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last weights
+    model = wrap.setup(job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last weights
     group = dist.group if dist.distributed_training else None
-    model = speed.shard(model, cfg, group, device, precision, job)  # fsdp: FSDP2 in place; ddp: as is
+    model = wrap.shard(model, cfg, group, device, precision, job)  # fsdp: FSDP2 in place; ddp: as is
     sharded = fsdp.is_sharded(model)  # every training rank keeps the EMA of its own shards (else rank 0 alone)
     train_set, val_set = job.datasets()
     faults = Faults(cfg.debug, env, rundir)
@@ -81,7 +61,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
         tau = cfg.ema.tau if cfg.ema.tau is not None else auto_tau(total_steps)
         return EMA(m, cfg.ema.decay, cfg.ema.ramp, tau) if cfg.ema.enabled else NoEMA()
 
-    batch, autobatch_event = autobatch.choose(
+    batch, autobatch_event = probe.choose(
         cfg, env, dist, rundir, model, job, train_set, precision, lambda: autocast(device, precision),
         lambda m: build_optimizer(m, cfg.optim, device), make_ema)
     sampler = DistributedSampler(train_set, num_replicas=env.train_world, rank=env.train_rank,
@@ -100,7 +80,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = make_ema(model, total // cfg.ema.every) if env.is_main or sharded else NoEMA()
     log.info(ema.describe())
-    ddp = speed.wrap(model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
+    ddp = wrap.wrap(model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
     tel = Telemetry(rundir, cfg, env, total, enabled=env.is_main)
     tel.event("autobatch", **autobatch_event)
 
@@ -129,9 +109,9 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
              total, env.train_world, batch.micro, batch.accum, batch.global_size, precision, device)
     t_start, stopped_early, stop = time.time(), False, Stop()
     ddp.train()
-    indices = speed.EpochIndices()  # one loader for the run: its workers persist across epochs
+    indices = data.EpochIndices()  # one loader for the run: its workers persist across epochs
     loader = DataLoader(train_set, batch_size=batch.step, sampler=indices, drop_last=True,
-                        **speed.loader_options(cfg.data, device))
+                        **data.train_loader_options(cfg.data, device))
     while state.step < total and not stopped_early and not stop:
         sampler.set_epoch(state.epoch)
         indices.set(list(sampler)[state.batch_in_epoch * batch.step: steps_per_epoch * batch.step])
@@ -204,41 +184,3 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
         log.info(f"done: {state.step} steps in {summary['wall_time_s']:.1f}s{best}; run dir {rundir}")
     tel.close()
     return summary
-
-
-def forward_backward(x, y, batch, ddp, job, scaler, oom: Recovery, device, precision: str) -> torch.Tensor:
-    """The step batch's gradients, micro-batch by micro-batch; returns its (detached) mean loss. DDP
-    all-reduces in the last backward only; the ranks agree once, just before it (see oom.py)."""
-    step_loss = torch.zeros((), device=device)
-    xs, ys = x.split(batch.micro), y.split(batch.micro)
-    with oom.attempt() as attempt:  # an OOM before the agreement skips this rank's rest, straight to it
-        for i, (xb, yb) in enumerate(zip(xs, ys)):
-            sync = oom.syncs(ddp, last=i == len(xs) - 1)  # DDP all-reduces in this backward: the last only
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            with attempt.phase("forward"), oom.no_sync(ddp, sync), autocast(device, precision):
-                loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
-            if sync:
-                attempt.agree()  # any OOM so far on any rank, or too little memory for this backward: StepOOM
-            with attempt.phase("last backward" if sync else "backward"):
-                scaler.scale(loss).backward()
-            step_loss += loss.detach()
-    return step_loss
-
-
-def optimizer_step(model, opt, sched, scaler, cfg, step: int, warmup: int, gate: bool):
-    """Clip, step, schedule. With `gate`, also whether the EMA must skip this step: with fp16 the scaler
-    lowered its scale (an overflow), else the synced gradients are not finite (a NaN loss on any rank
-    reaches every rank's gradients, not every rank's loss). A device flag on a GPU: no sync in the step."""
-    norm = None
-    if cfg.train.grad_clip:
-        scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    set_momentum(opt, cfg.sched, cfg.optim.momentum, step, warmup)
-    scale_before = speed.scale_of(scaler) if gate else None  # fp16: the scale on the device (no host sync)
-    bad = speed.nonfinite(speed.grad_norm(model) if norm is None else norm) \
-        if gate and scale_before is None else False
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    sched.step()
-    return speed.scaler_skipped(scaler, scale_before) if gate and scale_before is not None else bad

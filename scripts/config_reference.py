@@ -25,7 +25,7 @@ from launcher.jobs.base import CustomJob  # noqa: E402
 from launcher.jobs.images import ImagesJob  # noqa: E402
 from launcher.jobs.mnist1d import Mnist1dJob  # noqa: E402
 from launcher.jobs.synthetic import SyntheticJob  # noqa: E402
-from launcher import schema  # noqa: E402
+from launcher.config import schema
 
 OUT = ROOT / "docs" / "config.md"
 # Meanings for keys whose schema line has no comment (the schema's own comment wins when it has one).

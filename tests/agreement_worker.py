@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from launcher.batch import Batch
-from launcher.checkpoint import TrainState
-from launcher.dist import Dist
-from launcher.env import Env
-from launcher.oom import Headroom, Recovery
+from launcher.batch.geometry import Batch
+from launcher.checkpoint.checkpointer import TrainState
+from launcher.dist.groups import Dist
+from launcher.dist.env import Env
+from launcher.batch.recovery import Headroom, Recovery
 from launcher.rundir import RunDir
-from launcher.schema import Config
-from launcher.signals import Guard
+from launcher.config.schema import Config
+from launcher.dist.signals import Guard
 from launcher.telemetry import OFF
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import FAST, child_env, command, launch, read_jsonl
-from launcher import handoff
+from launcher.validation import control
+from launcher.validation import handoff
 from launcher.files import JsonlTail
 
 ARGS = ["train", *FAST, "checkpoint.every_steps=0"]
@@ -151,9 +152,9 @@ def test_killed_validator_does_not_stop_training_and_a_new_one_picks_up(run_dir)
                             text=True)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not (handoff.read_status(run_dir) or {}).get("pid"):
+        while time.time() < deadline and not (control.read_status(run_dir) or {}).get("pid"):
             time.sleep(0.1)
-        os.kill(handoff.read_status(run_dir)["pid"], signal.SIGKILL)  # the validator, once it runs
+        os.kill(control.read_status(run_dir)["pid"], signal.SIGKILL)  # the validator, once it runs
         assert not (run_dir / "summary.json").exists(), "training ended before the kill: the test proves nothing"
         out, _ = proc.communicate(timeout=300)
     finally:

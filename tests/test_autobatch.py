@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from conftest import FAST, final_weights, launch, read_jsonl
-from launcher import autobatch
-from launcher.batch import geometry
-from launcher.memory import SimulatedDevice
-from launcher.oom import is_oom
-from launcher.schema import AutobatchConfig
+from launcher.batch import probe
+from launcher.batch.geometry import geometry
+from support.simulated_device import SimulatedDevice
+from launcher.batch.recovery import is_oom
+from launcher.config.schema import AutobatchConfig
 
 QUICK = [*FAST, "validation.mode=off", "checkpoint.every_steps=0", "train.log_every=1"]
 
@@ -36,8 +36,8 @@ def _oom_above(limit, calls):
 def test_search_finds_the_limit_within_the_margin_in_bounded_probes(limit):
     cfg = AutobatchConfig()
     calls = []
-    memory = autobatch.DeviceMemory(torch.device("cpu"), cfg.fraction)
-    out = autobatch.search(_oom_above(limit, calls), 64, cfg.max, cfg.max_probes, memory, cfg.margin)
+    memory = probe.DeviceMemory(torch.device("cpu"), cfg.fraction)
+    out = probe.search(_oom_above(limit, calls), 64, cfg.max, cfg.max_probes, memory, cfg.margin)
     want = min(limit, cfg.max)
     assert len(out.probes) == len(calls) <= cfg.max_probes
     assert want * (1 - cfg.margin) ** 2 - 1 <= out.found  # search resolution + safety margin <= want, (out.found, calls)
@@ -45,7 +45,7 @@ def test_search_finds_the_limit_within_the_margin_in_bounded_probes(limit):
     assert all(p.ok == (p.size <= limit) for p in out.probes)
 
 
-class LinearMemory(autobatch.DeviceMemory):
+class LinearMemory(probe.DeviceMemory):
     """A device whose peak memory is affine in the batch, like a real step; OOM at the total."""
 
     def __init__(self, fixed, per_sample, total, fraction):
@@ -66,12 +66,12 @@ def test_search_with_measured_memory_lands_under_the_fraction_quickly():
         mem.n = n
         if mem.peak() > mem.total:
             raise torch.OutOfMemoryError("CUDA out of memory")
-    out = autobatch.search(trial, 32, 4096, 10, mem, 0.05)
+    out = probe.search(trial, 32, 4096, 10, mem, 0.05)
     assert mem.fixed + mem.per * out.found <= mem.limit  # under the fraction
     assert out.found >= 0.88 * true_max and len(out.probes) <= 6, (out.found, true_max, out.probes)
 
 
-class StaleMeasurement(autobatch.DeviceMemory):
+class StaleMeasurement(probe.DeviceMemory):
     """The probe before issue 13: reset the peak, keep the cache of earlier trials."""
 
     def start(self):
@@ -95,11 +95,11 @@ def test_probe_on_a_caching_allocator_measures_the_step_not_the_stale_cache(mode
     cfg = AutobatchConfig()
     sim = _h100_like(model)
     at_limit = max(n for n in range(1, cfg.max + 1) if sim.in_use + sim.fixed + sim.per_sample * n <= 0.9 * sim.total)
-    out = autobatch.search(sim.step, 32, cfg.max, cfg.max_probes, autobatch.DeviceMemory(
+    out = probe.search(sim.step, 32, cfg.max, cfg.max_probes, probe.DeviceMemory(
         torch.device("cpu"), cfg.fraction, allocator=sim), cfg.margin)
     assert at_limit * (1 - cfg.margin / 2) <= out.found <= at_limit and sim.fits(out.found), (out.found, out.probes)
     assert len(out.probes) <= 6
-    stale = autobatch.search(_h100_like(model).step, 32, cfg.max, cfg.max_probes, StaleMeasurement(
+    stale = probe.search(_h100_like(model).step, 32, cfg.max, cfg.max_probes, StaleMeasurement(
         torch.device("cpu"), cfg.fraction, allocator=_h100_like(model)), cfg.margin)
     assert stale.found < 0.9 * at_limit  # the simulated device does show the old flaw
 
@@ -114,16 +114,16 @@ def test_eval_probe_empties_the_cache_before_each_trial_too():
     model.register_forward_pre_hook(lambda m, args: sim.step(len(args[0])))
     cfg = AutobatchConfig()
     at_limit = max(n for n in range(1, cfg.max + 1) if sim.in_use + sim.per_sample * n <= 0.9 * sim.total)
-    memory = autobatch.DeviceMemory(torch.device("cpu"), cfg.fraction, allocator=sim)
-    out = autobatch.probe_eval_batch(model, Job(), [(torch.randn(4), 0)], torch.device("cpu"), cfg, start=64,
+    memory = probe.DeviceMemory(torch.device("cpu"), cfg.fraction, allocator=sim)
+    out = probe.probe_eval_batch(model, Job(), [(torch.randn(4), 0)], torch.device("cpu"), cfg, start=64,
                                      memory=memory)
     assert at_limit * (1 - cfg.margin / 2) <= out.found <= at_limit, (at_limit, out.probes)
 
 
 def test_start_that_does_not_fit_goes_down_and_nothing_fits_is_zero():
-    memory = autobatch.DeviceMemory(torch.device("cpu"), 0.9)
-    assert autobatch.search(_oom_above(5, []), 64, 4096, 10, memory, 0.0).found == 5
-    assert autobatch.search(_oom_above(0, []), 64, 4096, 10, memory, 0.05).found == 0
+    memory = probe.DeviceMemory(torch.device("cpu"), 0.9)
+    assert probe.search(_oom_above(5, []), 64, 4096, 10, memory, 0.0).found == 5
+    assert probe.search(_oom_above(0, []), 64, 4096, 10, memory, 0.05).found == 0
 
 
 def test_oom_forms_are_recognized_and_other_errors_are_not():
@@ -170,14 +170,14 @@ def test_eval_probe_finds_the_limit_without_gradients_and_leaves_the_model_alone
     data = [(torch.randn(8), 1)]
     rng = torch.get_rng_state()
     cfg = AutobatchConfig()
-    out = autobatch.probe_eval_batch(model, Job(), data, torch.device("cpu"), cfg, start=16, simulate=300)
+    out = probe.probe_eval_batch(model, Job(), data, torch.device("cpu"), cfg, start=16, simulate=300)
     assert 300 * (1 - cfg.margin) ** 2 - 1 <= out.found <= 300 and len(out.probes) <= cfg.max_probes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.training and all(p.grad is None for p in model.parameters())
     assert torch.equal(rng, torch.get_rng_state())
     assert not model._forward_pre_hooks  # the simulation is gone with the probe
     # On CPU with no simulated limit there is nothing to measure: the start size is the answer.
-    assert autobatch.probe_eval_batch(model, Job(), data, torch.device("cpu"), cfg, start=16).found == 16
+    assert probe.probe_eval_batch(model, Job(), data, torch.device("cpu"), cfg, start=16).found == 16
 
 
 # --- real runs ---------------------------------------------------------------------------------
@@ -217,13 +217,13 @@ def test_auto_probes_once_resume_reuses_it_and_the_run_equals_a_fixed_size_run(t
 def test_cpu_without_a_simulated_limit_uses_the_jobs_default(tmp_path):
     from launcher import jobs
     from launcher.cli import load_config
-    from launcher.dist import Dist
-    from launcher.env import detect
+    from launcher.dist.groups import Dist
+    from launcher.dist.env import detect
 
     cfg, _ = load_config(["job.model=mlp", "batch.size=auto", "batch.global_size=256", "train.device=cpu"])
     env = detect(device="cpu")
     job = jobs.load(cfg.job)
-    batch, event = autobatch.choose(cfg, env, Dist(env), tmp_path, job.model(), job, None, "fp32", None, None, None)
+    batch, event = probe.choose(cfg, env, Dist(env), tmp_path, job.model(), job, None, "fp32", None, None, None)
     assert (batch.micro, batch.accum, batch.step) == (64, 4, 256) and "default" in event["reason"]
     assert json.loads((tmp_path / "autobatch.json").read_text())["micro_batch"] == 64
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import FAST, launch
-from launcher.env import assign_device
-from launcher.checks import check_global_size
-from launcher.schema import Config, ConfigError
+from launcher.dist.env import assign_device
+from launcher.config.checks import check_global_size
+from launcher.config.schema import Config
+from launcher.errors import ConfigError
 
 dev = torch.device
 
@@ -87,7 +88,7 @@ def test_global_size_that_the_training_ranks_cannot_split_names_the_validator_an
 
 
 def test_share_gpu_is_only_for_the_validator_rank():
-    from launcher.checks import check
+    from launcher.config.checks import check
 
     cfg = Config()
     cfg.validation.share_gpu = True

@@ -23,7 +23,7 @@ def test_a_bad_strategy_exits_2_with_one_clear_line(tmp_path):
 def test_blocks_the_automatic_rule_and_the_jobs_own_classes():
     from torch import nn
 
-    from launcher.fsdp import blocks
+    from launcher.dist.fsdp import blocks
     from launcher.jobs.mnist1d import CNN, MLP
 
     mlp, cnn = MLP(hidden=8), CNN(channels=4)
@@ -58,8 +58,9 @@ def test_what_fsdp_does_not_support_is_refused_before_anything_runs(tmp_path, ba
 
 
 def test_inline_validation_with_fsdp_on_two_processes_is_refused():
-    from launcher.checks import check
-    from launcher.schema import Config, ConfigError
+    from launcher.config.checks import check
+    from launcher.config.schema import Config
+    from launcher.errors import ConfigError
 
     cfg = Config()
     cfg.train.strategy, cfg.validation.mode = "fsdp", "inline"

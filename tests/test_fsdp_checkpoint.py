@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, child_env, free_port, read_jsonl
-from launcher import checkpoint, checkpoint_dcp
+from launcher.checkpoint import dcp, store
+from launcher.errors import SaveError
 
 SCRIPT = ROOT / "tests" / "fsdp_scripts" / "ckpt_train.py"
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP says so
@@ -55,30 +56,30 @@ def _state(seed: int) -> dict:
 
 
 def _dcp(directory: Path, step: int) -> Path:
-    return checkpoint.save_sharded(directory, step, _state(step), {"rng": torch.tensor([step])},
+    return store.save_sharded(directory, step, _state(step), {"rng": torch.tensor([step])},
                                    {"train": {"step": step, "epoch": 0, "batch_in_epoch": step}, "train_world": 1},
                                    NO_DIST, 0, keep_last=10)
 
 
 def test_sharded_dir_is_complete_checksummed_and_loads_whole(tmp_path):
     path = _dcp(tmp_path, 7)
-    assert path.name == "step-00000007.dcp" and checkpoint.steps(tmp_path) == [7]
-    manifest = checkpoint_dcp.verify(path)
+    assert path.name == "step-00000007.dcp" and store.steps(tmp_path) == [7]
+    manifest = dcp.verify(path)
     assert {".metadata", "rank-00000.pt"} <= set(manifest["files"]) and not list(tmp_path.glob("*.tmp"))
-    data = checkpoint.load(checkpoint.path_for(tmp_path, 7))  # what the validator's re-validation reads
+    data = store.load(store.path_for(tmp_path, 7))  # what the validator's re-validation reads
     assert torch.equal(data["model"]["w"], _state(7)["model"]["w"]) and data["step"] == 7
-    assert checkpoint_dcp.own_parts(path, 0)["rng"].item() == 7
+    assert dcp.own_parts(path, 0)["rng"].item() == 7
 
 
 def test_incomplete_tmp_dir_is_never_loaded_and_is_cleaned_at_the_next_save(tmp_path):
     _dcp(tmp_path, 3)
     half = _dcp(tmp_path, 6)
     half.rename(half.with_name(half.name + ".tmp"))  # died before the rename: everything but the commit
-    (half.with_name(half.name + ".tmp") / checkpoint_dcp.MANIFEST).unlink()
-    assert checkpoint.steps(tmp_path) == [3]
-    assert checkpoint.load_latest(tmp_path)[0].name == "step-00000003.dcp"
+    (half.with_name(half.name + ".tmp") / dcp.MANIFEST).unlink()
+    assert store.steps(tmp_path) == [3]
+    assert store.load_latest(tmp_path)[0].name == "step-00000003.dcp"
     _dcp(tmp_path, 9)
-    assert not list(tmp_path.glob("*.tmp")) and checkpoint.steps(tmp_path) == [9, 3]
+    assert not list(tmp_path.glob("*.tmp")) and store.steps(tmp_path) == [9, 3]
 
 
 def test_corrupt_shard_is_skipped_with_a_reason(tmp_path):
@@ -88,29 +89,29 @@ def test_corrupt_shard_is_skipped_with_a_reason(tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    path, _, skipped = checkpoint.load_latest(tmp_path)
+    path, _, skipped = store.load_latest(tmp_path)
     assert path.name == "step-00000003.dcp"
     assert len(skipped) == 1 and "step-00000006.dcp" in skipped[0] and shard.name in skipped[0] and "checksum" in skipped[0]
 
 
 def test_retention_counts_pt_files_and_dcp_dirs_alike(tmp_path):
-    checkpoint.save(tmp_path, 1, {"step": 1}, keep_last=10)
+    store.save(tmp_path, 1, {"step": 1}, keep_last=10)
     _dcp(tmp_path, 2)
-    checkpoint.save(tmp_path, 3, {"step": 3}, keep_last=10)
+    store.save(tmp_path, 3, {"step": 3}, keep_last=10)
     _dcp(tmp_path, 4)
-    checkpoint.prune(tmp_path, keep_last=2, protect=[1])  # step 1: the best one, kept
-    assert checkpoint.steps(tmp_path) == [4, 3, 1]
+    store.prune(tmp_path, keep_last=2, protect=[1])  # step 1: the best one, kept
+    assert store.steps(tmp_path) == [4, 3, 1]
     assert not (tmp_path / "step-00000002.dcp").exists() and (tmp_path / "step-00000001.json").exists()
-    checkpoint.save_sharded(tmp_path, 5, _state(5), {}, {"train": {}, "train_world": 1}, NO_DIST, 0, keep_last=2)
-    assert checkpoint.steps(tmp_path) == [5, 4]
-    checkpoint.save(tmp_path, 5, {"step": 5}, keep_last=2)  # the same step again, as a .pt: one per step
-    assert checkpoint.steps(tmp_path) == [5, 4] and checkpoint.path_for(tmp_path, 5).suffix == ".pt"
+    store.save_sharded(tmp_path, 5, _state(5), {}, {"train": {}, "train_world": 1}, NO_DIST, 0, keep_last=2)
+    assert store.steps(tmp_path) == [5, 4]
+    store.save(tmp_path, 5, {"step": 5}, keep_last=2)  # the same step again, as a .pt: one per step
+    assert store.steps(tmp_path) == [5, 4] and store.path_for(tmp_path, 5).suffix == ".pt"
 
 
 def test_unwritable_directory_raises_save_error_and_keeps_the_rest(tmp_path):
     blocker = tmp_path / "checkpoints"
     blocker.write_text("a file where the directory should be")
-    with pytest.raises(checkpoint.SaveError, match="step-00000004.dcp"):
+    with pytest.raises(SaveError, match="step-00000004.dcp"):
         _dcp(blocker, 4)
 
 
@@ -129,7 +130,7 @@ def test_killed_then_resumed_under_max_restarts_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
     exported = load_file(run / "ema.safetensors")  # the sharded EMA, gathered into one deployable file
     assert exported.keys() == b["ema"].keys() and all(torch.equal(exported[k], b["ema"][k]) for k in exported)
-    assert checkpoint.steps(run / "checkpoints") == [8, 6, 3]
+    assert store.steps(run / "checkpoints") == [8, 6, 3]
 
 
 def load(path: Path) -> dict:
@@ -179,7 +180,7 @@ def test_corrupt_shard_is_reported_and_the_previous_checkpoint_resumes_exactly(t
     assert "step-00000006.dcp" in skip["reason"] and "__1_0.distcp" in skip["reason"]
     assert [e["step"] for e in events(run, "resume")] == [3]
     same(load(tmp_path / "ref.pt"), load(tmp_path / "run.pt"))
-    checkpoint_dcp.verify(run / "checkpoints" / "step-00000006.dcp")  # saved again, intact
+    dcp.verify(run / "checkpoints" / "step-00000006.dcp")  # saved again, intact
 
 
 @pytest.mark.slow

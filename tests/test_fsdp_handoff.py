@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, child_env, free_port, launch, read_jsonl
-from launcher import handoff, handoff_shards
+from launcher.validation import handoff, handoff_shards
 
 SCRIPT = Path(__file__).parent / "fsdp_scripts" / "handoff_put.py"
 
@@ -148,7 +148,7 @@ def test_validator_validates_sharded_snapshots_like_ddp_ones_and_skips_a_corrupt
 
 @pytest.mark.slow
 def test_fsdp_trainer_side_hands_off_on_every_rank_and_the_spawned_validator_validates(tmp_path):
-    """validation.for_training under train.strategy=fsdp, driven like train.py by 2 torchrun ranks whose
+    """trainer_side.for_training under train.strategy=fsdp, driven like train.py by 2 torchrun ranks whose
     fully_shard-ed model stands in for the sharded EMA: rank 1 gets a ShardHandoff, rank 0 the async
     validation, which spawns the real validator (mode=process) and drains at the end. Every snapshot is
     validated with exactly the metrics of a ddp snapshot of the same weights; the stall is reported."""
@@ -179,20 +179,20 @@ def test_inline_validation_is_refused_under_fsdp():
     """Inline validation needs the full model on one rank: under fsdp it is a clear config error."""
     from types import SimpleNamespace
 
-    from launcher import validation
-    from launcher.env import Env
-    from launcher.schema import ConfigError
+    from launcher.dist.env import Env
+    from launcher.validation import trainer_side
+    from launcher.errors import ConfigError
 
     cfg = SimpleNamespace(train=SimpleNamespace(strategy="fsdp"), validation=SimpleNamespace(mode="inline"))
     env = Env(0, 2, 0, 2, 0, None, torch.device("cpu"))
     with pytest.raises(ConfigError, match="validation.mode=inline is not supported with train.strategy=fsdp"):
-        validation.for_training(cfg, env, None, None, None, None, None, 8, None)
+        trainer_side.for_training(cfg, env, None, None, None, None, None, 8, None)
 
 
 def _has_strategy() -> bool:
     import dataclasses
 
-    from launcher import schema
+    from launcher.config import schema
     return "strategy" in {f.name for f in dataclasses.fields(schema.TrainConfig)}
 
 

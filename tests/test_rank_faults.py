@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, child_env, command, launch, read_jsonl
-from launcher import handoff
+from launcher.validation import control
+from launcher.validation import handoff
 
 QUICK = [*FAST, "checkpoint.every_steps=0", "train.log_every=1"]
 
@@ -59,9 +60,9 @@ def test_killed_validator_child_under_the_validator_rank_does_not_end_the_job(ru
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not (handoff.read_status(run_dir) or {}).get("pid"):
+        while time.time() < deadline and not (control.read_status(run_dir) or {}).get("pid"):
             time.sleep(0.1)
-        os.kill(handoff.read_status(run_dir)["pid"], signal.SIGKILL)
+        os.kill(control.read_status(run_dir)["pid"], signal.SIGKILL)
         killed_at = time.time()
         out, _ = proc.communicate(timeout=400)
     finally:

@@ -112,7 +112,7 @@ def test_config_reference_matches_the_schema():
     import sys
 
     from conftest import ROOT
-    from launcher.schema import flat_defaults
+    from launcher.config.schema import flat_defaults
 
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"],
                           capture_output=True, text=True)

@@ -106,7 +106,7 @@ def test_resume_with_changed_options_keeps_the_config_records_and_refuses_breaki
 def test_the_best_steps_full_checkpoint_is_kept_and_loads(tmp_path, mode):
     """Issue 15 item 14: checkpoints keep the last K plus the best. Every validation step writes one,
     so the best step has one; retention keeps it, and drops the other older ones."""
-    from launcher import checkpoint
+    from launcher.checkpoint import store
 
     run = tmp_path / "run"
     # The loss falls as it trains, so with goal=max the best validation is an early one, not the last.
@@ -117,7 +117,7 @@ def test_the_best_steps_full_checkpoint_is_kept_and_loads(tmp_path, mode):
     saved = sorted({e["step"] for e in read_jsonl(run / "events.jsonl") if e["event"] == "checkpoint"})
     assert saved == [*range(10, 121, 10), 124]  # every validation step, and the end
     assert best not in saved[-2:]
-    kept = checkpoint.steps(run / "checkpoints")
+    kept = store.steps(run / "checkpoints")
     assert sorted(kept) == sorted({best, *saved[-2:]})
-    state = checkpoint.load(checkpoint.path_for(run / "checkpoints", best))
+    state = store.load(store.path_for(run / "checkpoints", best))
     assert state["step"] == best and "model" in state and "optimizer" in state

@@ -168,31 +168,31 @@ def test_bare_ddp_baseline_needs_neither_the_launcher_nor_hydra(tmp_path):
 def test_fp16_skip_is_read_from_the_scale_on_the_device(monkeypatch):
     """Issue 14 item 3: the EMA's fp16 skip compares the GradScaler's scale tensor before and after
     the step (on a GPU a device bool, no sync), never `get_scale()` (a host read every step)."""
-    from launcher import speed
+    from launcher import step
     monkeypatch.setattr(torch.amp.GradScaler, "get_scale", lambda self: pytest.fail("get_scale() syncs"))
     model = _model(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1)
-    assert speed.scale_of(torch.amp.GradScaler("cpu", enabled=False)) is None
+    assert step.scale_of(torch.amp.GradScaler("cpu", enabled=False)) is None
     skipped = []
     for bad in (False, True, False):
         scaler.scale(model(torch.randn(6, 4)).sum()).backward()
         if bad:
             model[0].weight.grad.fill_(float("inf"))
-        before = speed.scale_of(scaler)
+        before = step.scale_of(scaler)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
-        skipped.append(speed.scaler_skipped(scaler, before))
+        skipped.append(step.scaler_skipped(scaler, before))
     assert skipped == [False, True, False]  # growth (every step here) is not a skip
 
 
 @pytest.mark.parametrize("on", [False, True])  # the defaults last: the flags are global
 def test_backend_flags_are_config_keys(on):
-    """train.cudnn_benchmark and train.tf32, applied once by speed.setup (with channels_last weights)."""
-    from launcher import speed
-    from launcher.schema import TrainConfig
-    model = speed.setup(nn.Conv2d(3, 4, 3), TrainConfig(cudnn_benchmark=on, tf32=on, channels_last=on))
+    """train.cudnn_benchmark and train.tf32, applied once by wrap.setup (with channels_last weights)."""
+    from launcher.config.schema import TrainConfig
+    from launcher.dist import wrap
+    model = wrap.setup(nn.Conv2d(3, 4, 3), TrainConfig(cudnn_benchmark=on, tf32=on, channels_last=on))
     assert torch.backends.cudnn.benchmark is on and torch.backends.cuda.matmul.allow_tf32 is on
     assert torch.backends.cudnn.allow_tf32 is on
     assert model.weight.is_contiguous(memory_format=torch.channels_last) is on
@@ -202,8 +202,8 @@ def test_backend_flags_are_config_keys(on):
 def test_validator_loader_uses_workers_and_pinned_memory_on_a_gpu():
     """Issue 14 item 4: the evaluation DataLoader has worker processes (persistent) and pinned batches on
     a GPU by default; validation.workers sets the count (default -1: data.workers, at least 2 on a GPU)."""
-    from launcher.evaluation import loader_options
-    from launcher.schema import Config
+    from launcher.data import eval_loader_options as loader_options
+    from launcher.config.schema import Config
     cfg = Config()
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert loader_options(cfg, gpu) == {"num_workers": 2, "pin_memory": True, "persistent_workers": True}

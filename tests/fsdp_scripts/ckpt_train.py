@@ -22,15 +22,18 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from launcher.batch import Batch
-from launcher.checkpoint import Checkpointer, SaveError, TrainState, save_weights
-from launcher import fsdp
-from launcher.dist import Dist, seed_everything
+from launcher.batch.geometry import Batch
+from launcher.checkpoint.checkpointer import Checkpointer, TrainState
+from launcher.errors import SaveError
+from launcher.checkpoint.export import save_weights
+from launcher.dist import fsdp
+from launcher.dist.groups import Dist
+from launcher.dist.rng import seed_everything
 from launcher.ema import EMA, NoEMA
-from launcher.env import detect
+from launcher.dist.env import detect
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.rundir import RunDir
-from launcher.shards import is_sharded
+from launcher.dist.shards import is_sharded
 
 
 class Net(nn.Module):

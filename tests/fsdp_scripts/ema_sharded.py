@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.tensor  # noqa: F401 - torch.load(weights_only=True) of DTensors needs it
 
-from launcher import fsdp
+from launcher.dist import fsdp
 from launcher.ema import EMA
 from launcher.jobs.mnist1d import CNN
-from launcher.shards import local_and_layout
+from launcher.dist.shards import local_and_layout
 
 dist.init_process_group("gloo")
 # argv[2] == "validator": the last rank stands for the validator, outside the training group (as in training).

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from launcher import handoff
+from launcher.validation import handoff
 
 
 def build(kind: str, mesh) -> dict:

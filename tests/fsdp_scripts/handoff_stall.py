@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--puts", type=int, default=6)
     p.add_argument("--ddp", action="store_true")
     a = p.parse_args()
-    from launcher import handoff
+    from launcher.validation import handoff
     run = a.run_dir or tempfile.mkdtemp()
     os.makedirs(os.path.join(run, "val"), exist_ok=True)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Run under torchrun (gloo, CPU): the trainer's side of validation under train.strategy=fsdp, as
 train.py drives it, without training: a finished run's job model holds its ema.safetensors, is
-fully_shard-ed, and its (sharded) state stands in for the sharded EMA. `validation.for_training`
+fully_shard-ed, and its (sharded) state stands in for the sharded EMA. `trainer_side.for_training`
 gives every rank its hand-off; every 10 steps all ranks submit, rank 0 polls, and at the end
 finish() drains (mode=process: rank 0 spawned the real validator). Rank 0 prints its summary.
 """
@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from launcher import jobs, validation
+from launcher import jobs
+from launcher.validation import trainer_side
 from launcher.cli import load_run_config
-from launcher.env import Env
+from launcher.dist.env import Env
 from launcher.rundir import RunDir
 from launcher.telemetry import Telemetry
 
@@ -43,7 +44,7 @@ def main() -> None:
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     ema = SimpleNamespace(shadow=model.state_dict())  # DTensors, as part A's sharded EMA
     tel = Telemetry(rundir, cfg, env, a.steps, enabled=rank == 0)
-    val = validation.for_training(cfg, env, rundir, job, None, model, ema, 8, tel)
+    val = trainer_side.for_training(cfg, env, rundir, job, None, model, ema, 8, tel)
     dist.barrier()  # rank 0's Writer is set up before any rank hands off
     for step in range(1, a.steps + 1):
         val.fence()

@@ -23,10 +23,11 @@ from typing import Iterator, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from launcher.schema import Config, ConfigError, get
+from launcher.config.schema import Config, get
+from launcher.errors import ConfigError
 
 # Installed from a wheel the configs are package data (launcher/conf); in a checkout, the top-level conf/.
-CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = next(d for d in (Path(__file__).resolve().parents[1] / "conf", Path(__file__).resolve().parents[2] / "conf")
                 if (d / "config.yaml").exists())
 HYDRA_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
                "--shell-completion", "-sc"}

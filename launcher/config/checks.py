@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.schema import Config, ConfigError, get
-from launcher.signals import parse as parse_signals
+from launcher.config.schema import Config, get
+from launcher.errors import ConfigError
+from launcher.dist.signals import parse as parse_signals
 
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last", "optim.lr",
             "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")

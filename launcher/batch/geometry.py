@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from launcher.schema import ConfigError
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)

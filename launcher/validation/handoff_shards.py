@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from launcher.files import atomic_write, fsync_dir, read_json, write_json, write_safetensors
-from launcher.shards import Layout, assemble, is_sharded, local_and_layout
+from launcher.dist.shards import Layout, assemble, is_sharded, local_and_layout
 
 PIECE = re.compile(r"^(\d+)\.(shard-\d+-of-\d+\.safetensors|ticket-\d+-of-\d+)$")
 

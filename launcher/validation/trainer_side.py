@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import subprocess
-import sys
 import time
 from typing import List, Optional
 
-import torch
-
-from launcher import checkpoint, handoff
-from launcher.dist import local_env_for_child
-from launcher.env import validation_mode
-from launcher.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
+from launcher.checkpoint import store
+from launcher.validation import control
+from launcher.validation import handoff
+from launcher.validation.supervisor import child_device, spawn
+from launcher.dist.env import validation_mode
+from launcher.validation.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
 from launcher.faults import handoff_fault
 from launcher.files import JsonlTail
 from launcher.rundir import RunDir, ValResult
-from launcher.schema import ConfigError
+from launcher.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +171,10 @@ class AsyncValidation(_Handoff):
         """The validator is still at work (it may finish: see `down`)."""
         if self.child is not None:
             return self.child.poll() is None
-        status = handoff.read_status(self.rundir)
+        status = control.read_status(self.rundir)
         if status is None or status["time"] < self.started:
             return True  # not started yet (or a previous session's): give it the benefit of the doubt
-        return status["state"] == "running" and time.time() - status["time"] < handoff.STALE_S
+        return status["state"] == "running" and time.time() - status["time"] < control.STALE_S
 
     def down(self) -> bool:
         """Gone before its work was done: exited with an error, failed, or silent. One that finished is not."""
@@ -184,7 +182,7 @@ class AsyncValidation(_Handoff):
             return False
         if self.child is not None:
             return self.child.poll() != 0
-        return (handoff.read_status(self.rundir) or {}).get("state") != "finished"
+        return (control.read_status(self.rundir) or {}).get("state") != "finished"
 
     def poll(self) -> None:
         """A cheap look at what the validator did since the last call (one read per file)."""
@@ -210,7 +208,7 @@ class AsyncValidation(_Handoff):
     def stop_requested(self) -> bool:
         now = time.monotonic()
         if now - self._checked >= 0.2:  # at most a few stat() calls a second, whatever the step rate
-            self._checked, self._stop = now, handoff.stop_requested(self.rundir)
+            self._checked, self._stop = now, control.stop_requested(self.rundir)
         return self._stop
 
     def protected_steps(self) -> List[int]:
@@ -226,11 +224,11 @@ class AsyncValidation(_Handoff):
         if not self.writer.submitted or self.writer.submitted[-1] != step:
             self.submit(step, epoch)
         self.writer.flush()
-        handoff.mark_done(self.rundir, step)
+        control.mark_done(self.rundir, step)
         deadline = time.monotonic() + self.cfg.validation.drain_timeout_s
         while not handoff.settled(self.rundir.handoff, step) and self.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        handoff.mark_done(self.rundir, step, closed=True)
+        control.mark_done(self.rundir, step, closed=True)
         if self.child is not None:
             try:
                 self.child.wait(timeout=60)
@@ -238,7 +236,7 @@ class AsyncValidation(_Handoff):
                 self.child.terminate()
                 self.child.wait()
         # Retention again, now that the results are in: last K, the true best, what is still unvalidated.
-        checkpoint.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, self.protected_steps())
+        store.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, self.protected_steps())
         return {**best_summary(self.rundir.read_best()),
                 "validated_steps": len(self.validated & set(self.writer.submitted)),
                 "unvalidated_steps": [s for s in self.writer.submitted
@@ -246,28 +244,6 @@ class AsyncValidation(_Handoff):
                 "stale_steps": [s for s in self.writer.submitted if self.skipped.get(s) == "stale"],
                 "handoff_blocked_ms": self.stall_ms(),
                 "drain_s": round(time.perf_counter() - t0, 2)}
-
-
-def spawn(rundir: RunDir, device: str) -> subprocess.Popen:
-    """Start `python -m launcher validate` for this run as a child process."""
-    env = local_env_for_child()
-    env["LAUNCHER_PARENT_PID"] = str(os.getpid())
-    rundir.logs.mkdir(parents=True, exist_ok=True)
-    with open(rundir.validator_stderr, "ab") as err:
-        # With a GPU of its own the validator needs little CPU: a lower priority keeps the data loaders
-        # first. Validating on the CPU it must share the cores with training, or it never runs
-        # (measured on 2 cores: at nice 10 it validated 1 of 20 snapshots, at nice 0 17 of 20).
-        nice = 0 if device == "cpu" else 10
-        return subprocess.Popen([sys.executable, "-m", "launcher", "validate", f"run.dir={rundir}",
-                                 f"validation.device={device}"], env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                preexec_fn=lambda: os.nice(nice))
-
-
-def child_device(env) -> str:
-    """mode=process: the validator's own GPU if the node has one no training rank uses, else the same device."""
-    if env.device.type == "cuda" and torch.cuda.device_count() > env.local_world_size:
-        return f"cuda:{env.local_world_size}"
-    return str(env.device)
 
 
 def sharded(cfg) -> bool:

@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from launcher.batch import Batch, geometry
-from launcher.dist import rng_state, set_rng_state
+from launcher.batch.geometry import Batch, geometry
+from launcher.dist.rng import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
-from launcher.fsdp import default_resharding, is_sharded, reset_step, unshard_for_step
-from launcher.memory import DeviceMemory, SimulatedDevice  # noqa: F401 - DeviceMemory is part of this API
-from launcher.oom import Lockstep, OutOfMemory, cleanup, is_oom
+from launcher.dist.fsdp import default_resharding, is_sharded, reset_step, unshard_for_step
+from launcher.batch.memory import DeviceMemory
+from launcher.batch.recovery import Lockstep, cleanup, is_oom
+from launcher.errors import OutOfMemory
 from launcher.rundir import AutobatchRecord, RunDir
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_a
                      memory: Optional[DeviceMemory] = None) -> Search:
     """The validator's own batch (`validation.batch_size=auto`): forward only, no gradients, eval mode.
     `simulate` is the validator's debug.simulate_oom_above; on CPU without it, `start` is returned.
-    `memory`: a DeviceMemory over another allocator (tests: a SimulatedDevice)."""
+    `memory`: a DeviceMemory over another allocator (tests: tests/support/simulated_device.py)."""
     memory = memory or DeviceMemory(device, cfg_autobatch.fraction)
     if memory.limit is None and simulate is None:
         return Search(start, start, None)

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from launcher import autobatch
+from launcher.batch import probe
+from launcher.data import eval_loader_options
 from launcher.faults import simulated_limit, validation_delay
-from launcher.checkpoint import save_weights
+from launcher.checkpoint.export import save_weights
 from launcher.precision import autocast, resolve_precision
 from launcher.rundir import Best, RunDir, ValResult
-from launcher.schema import ConfigError
+from launcher.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +29,6 @@ def channels_last(cfg, model: nn.Module) -> bool:
     return bool(cfg.train.channels_last) or any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def loader_options(cfg, device: torch.device) -> dict:
-    """The evaluation DataLoader: `validation.workers` worker processes, kept alive between validations
-    (-1: `data.workers`, and at least 2 when evaluating on a GPU, so loading keeps up with it), and pinned
-    batches on a GPU (`data.pin_memory`)."""
-    gpu = device.type == "cuda"
-    workers = cfg.validation.workers if cfg.validation.workers >= 0 else max(cfg.data.workers, 2 if gpu else 0)
-    opts = {"num_workers": workers, "pin_memory": gpu and cfg.data.pin_memory}
-    return {**opts, "persistent_workers": True} if workers else opts
-
-
 _LOADERS: Dict[tuple, DataLoader] = {}  # one per (dataset, batch size): its workers persist
 
 
@@ -45,7 +36,7 @@ _LOADERS: Dict[tuple, DataLoader] = {}  # one per (dataset, batch size): its wor
 def evaluate(model: nn.Module, job, dataset: Dataset, batch_size: int, device: torch.device,
              precision: str = "fp32", loader: Optional[dict] = None, nhwc: bool = False) -> Dict[str, float]:
     """Job metrics averaged over every sample of `dataset` (metrics are per-batch sums). `loader`:
-    DataLoader options (loader_options); `nhwc`: 4-d inputs become channels_last in their copy to
+    DataLoader options (data.eval_loader_options); `nhwc`: 4-d inputs become channels_last in their copy to
     the device."""
     model.eval()
     sums: Dict[str, torch.Tensor] = {}
@@ -77,7 +68,7 @@ def validate_state(model: nn.Module, state: Dict[str, torch.Tensor], job, datase
     validation_delay(cfg.debug)
     t1 = time.perf_counter()
     metrics = evaluate(model, job, dataset, batch_size, device, resolve_precision(cfg.validation.precision, device),
-                       loader_options(cfg, device), nhwc)
+                       eval_loader_options(cfg, device), nhwc)
     t2 = time.perf_counter()
     return metrics, t2 - t0, len(dataset) / max(t2 - t1, 1e-9)
 
@@ -91,7 +82,7 @@ def val_batch_size(cfg, model: nn.Module, job, dataset: Dataset, device: torch.d
     if channels_last(cfg, model):  # probe the layout it will evaluate in
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(cfg.validation.precision, device)
-    search = autobatch.probe_eval_batch(model, job, dataset, device, cfg.autobatch, start=start,
+    search = probe.probe_eval_batch(model, job, dataset, device, cfg.autobatch, start=start,
                                         amp=lambda: autocast(device, precision),
                                         simulate=simulated_limit(cfg.debug.simulate_oom_above, 0))
     if search.found == 0:

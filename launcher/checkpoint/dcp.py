@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from launcher.files import atomic_write, fsync_dir, read_json, write_json
-from launcher.shards import is_sharded, local_slice
+from launcher.dist.shards import is_sharded, local_slice
 
 PATTERN = re.compile(r"^step-(\d+)\.dcp$")
 MANIFEST = "manifest.json"

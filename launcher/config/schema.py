@@ -236,10 +236,6 @@ def register() -> None:
     cs.store(group="job", name="images_schema", node=ImagesJob)
 
 
-class ConfigError(ValueError):
-    """Bad input: the CLI prints it as one line and exits with status 2."""
-
-
 def get(cfg: Config, key: str) -> Any:
     obj: Any = cfg
     for part in key.split("."):

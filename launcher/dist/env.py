@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from launcher.schema import ConfigError
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -158,3 +158,12 @@ def agent_run_id() -> Optional[str]:
         return None
     started = boot + ticks // os.sysconf("SC_CLK_TCK")
     return time.strftime("%Y%m%d-%H%M%S", time.localtime(started)) + f"-a{pid}"
+
+
+def child_environ() -> dict:
+    """os.environ for a side process (the local validator): no torchrun identity."""
+    environ = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        environ.pop(k, None)
+    return environ

@@ -17,7 +17,7 @@ of its manifest (`.json` -> `.claimed` / `.dropped` / `.bad`), so a trainer
 dropping a stale snapshot and a validator claiming it can never both win, and
 nothing the validator still needs is ever deleted.
 
-Control files (stop.json, done.json, validator.json): handoff_control, re-exported here.
+Control files (stop.json, done.json, validator.json): control.py.
 Skipped snapshots go to val/skipped.jsonl.
 """
 from __future__ import annotations
@@ -36,11 +36,9 @@ from typing import Dict, List, Optional
 import torch
 from safetensors.torch import load as st_load
 
-from launcher import handoff_shards as sharded
+from launcher.validation import handoff_shards
 from launcher.files import atomic_write, read_json, write_json, write_safetensors
-from launcher.handoff_control import (HEARTBEAT_S, STALE_S, done, mark_done, read_status,  # noqa: F401 - re-exported
-                                      request_stop, reset, stop_requested, write_status)
-from launcher.oom import is_oom
+from launcher.batch.recovery import is_oom
 from launcher.rundir import Manifest, RunDir
 
 log = logging.getLogger(__name__)
@@ -77,12 +75,12 @@ def settled(directory: Path, step: int) -> bool:
     """Nothing left to do for this snapshot: validated, dropped or rejected (a sharded one whose
     pieces are still arriving is not settled either)."""
     return not any(manifest_path(directory, step, s).exists() for s in ("json", "claimed")) \
-        and not sharded.pieces_of(directory, step)
+        and not handoff_shards.pieces_of(directory, step)
 
 
 def data_files(directory: Path, step: int) -> List[Path]:
     """A snapshot's data: one file (ddp) or one piece per training rank (fsdp)."""
-    return [data_path(directory, step), *sharded.pieces_of(directory, step)]
+    return [data_path(directory, step), *handoff_shards.pieces_of(directory, step)]
 
 
 def drop(directory: Path, step: int, reason: str = "stale") -> bool:
@@ -118,7 +116,7 @@ class Writer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.world, self.layouts = rank, world, {}
         if world is not None and rank == 0:
-            sharded.sweep(self.dir)  # a previous session's incomplete pieces: this session writes them anew
+            handoff_shards.sweep(self.dir)  # a previous session's incomplete pieces: this session writes them anew
         self.policy, self.keep = policy, keep
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
@@ -137,7 +135,7 @@ class Writer:
     def _flat(self, states: Dict[str, Dict[str, torch.Tensor]]) -> tuple[Dict[str, torch.Tensor], dict]:
         """The tensors this rank copies ({kind/name: tensor}) and, sharded, their Layouts."""
         if self.world is not None:  # (a DTensor's detach() costs ~30 us: the local tensors are detached)
-            return sharded.local_state({f"{kind}/{k}": v for kind, sd in states.items() for k, v in sd.items()},
+            return handoff_shards.local_state({f"{kind}/{k}": v for kind, sd in states.items() for k, v in sd.items()},
                                        self.rank, self.layouts)
         return {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}, {}
 
@@ -241,7 +239,7 @@ class Writer:
     def _write_piece(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
         """This rank's piece; the last rank to finish publishes the manifest (no collective) and, like
         the single writer, drops what is stale. True when this rank published the snapshot."""
-        last = sharded.write_piece(self.dir, step, epoch, kinds, slot.host, slot.layouts, self.rank, self.world)
+        last = handoff_shards.write_piece(self.dir, step, epoch, kinds, slot.host, slot.layouts, self.rank, self.world)
         if last is None:
             return False
         tickets = last.pop("tickets")
@@ -249,7 +247,7 @@ class Writer:
         write_json(manifest_path(self.dir, step), {**vars(base), **last})
         for ticket in tickets:
             ticket.unlink(missing_ok=True)
-        sharded.sweep(self.dir, below=step)  # every rank is past the older steps: incomplete ones stay so
+        handoff_shards.sweep(self.dir, below=step)  # every rank is past the older steps: incomplete ones stay so
         return True
 
     @property
@@ -280,7 +278,7 @@ class Snapshot:
             raw = read_json(manifest_path(self.directory, self.step, "claimed"))
             manifest = Manifest(**{f.name: raw[f.name] for f in fields(Manifest)})
             if "pieces" in raw:  # sharded (fsdp): one piece per training rank
-                return manifest, _unflatten(sharded.load(self.directory, raw))
+                return manifest, _unflatten(handoff_shards.load(self.directory, raw))
             data = data_path(self.directory, self.step).read_bytes()
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise Corrupt(str(e) if isinstance(e, ValueError) else f"unreadable: {type(e).__name__}: {e}") from None
@@ -326,7 +324,7 @@ def claim(directory: Path, policy: str) -> Optional[Snapshot]:
                 for old in steps:
                     if old < step:
                         drop(directory, old, "stale")
-            sharded.sweep(directory, below=step)  # older sharded steps still incomplete never will be
+            handoff_shards.sweep(directory, below=step)  # older sharded steps still incomplete never will be
             return Snapshot(Path(directory), step)
     return None
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 
 import torch
 
 from launcher import jobs
-from launcher import checkpoint, handoff
-from launcher.evaluation import Tracker, fmt, kinds, val_batch_size, validate_state
+from launcher.checkpoint import store
+from launcher.validation import control
+from launcher.validation import handoff
+from launcher.validation.evaluation import Tracker, fmt, kinds, val_batch_size, validate_state
 from launcher.rundir import RunDir, ValResult
-from launcher.checks import check_device
-from launcher.schema import ConfigError
-from launcher.validation import spawn
+from launcher.config.checks import check_device
+from launcher.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,10 @@ class _Heartbeat:
         threading.Thread(target=self._loop, name="heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
-        handoff.write_status(self.rundir, state=self.state, pid=os.getpid(), step=self.step)
+        control.write_status(self.rundir, state=self.state, pid=os.getpid(), step=self.step)
 
     def _loop(self) -> None:
-        while not self._stop.wait(handoff.HEARTBEAT_S):
+        while not self._stop.wait(control.HEARTBEAT_S):
             self._beat()
 
     def close(self, state: str) -> None:
@@ -87,8 +87,8 @@ def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -
 
     try:
         if revalidate:
-            for step in reversed(checkpoint.steps(rundir.checkpoints)):
-                state = checkpoint.load(checkpoint.path_for(rundir.checkpoints, step))
+            for step in reversed(store.steps(rundir.checkpoints)):
+                state = store.load(store.path_for(rundir.checkpoints, step))
                 states = {"ema": state["ema"]["shadow"] if state.get("ema") else None, "raw": state["model"]}
                 validate(step, state["epoch"], {k: states[k] for k in kinds(cfg) if states[k] is not None},
                          source="checkpoint")
@@ -97,7 +97,7 @@ def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -
         while True:
             snap = handoff.claim(rundir.handoff, cfg.validation.policy)
             if snap is None:
-                end = handoff.done(rundir, or_summary=not parent)  # a spawned one never sees an old summary
+                end = control.done(rundir, or_summary=not parent)  # a spawned one never sees an old summary
                 # `closed`: the trainer stopped waiting for its own validator; a standalone one drains everything.
                 if end and ((end.get("closed") and parent) or not handoff.pending(rundir.handoff)):
                     break
@@ -116,10 +116,10 @@ def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -
             snap.ack()
             if stop:
                 es = cfg.early_stop
-                handoff.request_stop(rundir, snap.step, f"{cfg.validation.metric}: no improvement > {es.min_delta} "
+                control.request_stop(rundir, snap.step, f"{cfg.validation.metric}: no improvement > {es.min_delta} "
                                      f"in {es.patience} validations (window {es.window})")
                 log.info("early stopping requested at step %d", snap.step)
-            if parent and (handoff.done(rundir) or {}).get("closed"):
+            if parent and (control.done(rundir) or {}).get("closed"):
                 break
     except BaseException:
         log.exception("validator failed")
@@ -127,61 +127,3 @@ def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -
         raise
     beat.close("finished")
     return count
-
-
-MAX_RESTARTS = 3  # the validator rank restarts a dead validator child at most this often
-BACKOFF_S = 2.0  # before restart k (from 1): BACKOFF_S * 2**(k-1) seconds
-
-
-def training_over(rundir: RunDir) -> bool:
-    """The trainer stopped waiting for the validator (handoff/done.json `closed`): only now may the validator
-    rank join the final collective; before it, the trainers are in none it takes part in."""
-    return bool((handoff.done(rundir) or {}).get("closed"))
-
-
-def run_validator_rank(env, rundir: RunDir) -> None:
-    """The validator rank (mode=rank). The work runs in a child process, so a validator that crashes
-    or is killed never fails this torchrun worker, and so never takes the training ranks down.
-
-    This rank stays out of every collective until training has finished: a child that exits before
-    then is restarted with back-off (at most MAX_RESTARTS times, each one a line in
-    handoff/validator-restarts.jsonl and this rank's log), then the rank waits for done.json `closed`.
-    Returning early would put it in the final all-reduce on the default group, which the trainers
-    join only at the end: after dist.timeout_s the whole job would fail. A stop signal is passed to
-    the child and ends this rank with 128 + signal."""
-    stop: list = []
-    child = None
-
-    def forward(signum, _frame):
-        stop.append(signum)
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-
-    def wait(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while not stop and not training_over(rundir) and time.monotonic() < end:
-            time.sleep(0.2)
-
-    restarts = 0
-    while not stop:
-        child = spawn(rundir, str(env.device))
-        rc = child.wait()
-        if stop or training_over(rundir):
-            break
-        handoff.write_status(rundir, state="failed", pid=child.pid, returncode=rc, restarts=restarts)
-        if restarts >= MAX_RESTARTS:
-            log.warning("the validator exited with status %d after %d restart(s); training goes on without it, "
-                        "this rank waits for it to end", rc, restarts)
-            wait(float("inf"))
-            break
-        restarts += 1
-        backoff = BACKOFF_S * 2 ** (restarts - 1)
-        log.warning("the validator exited with status %d before training ended; restart %d of %d in %.0fs",
-                    rc, restarts, MAX_RESTARTS, backoff)
-        rundir.restarted_validator(restarts, rc, backoff)
-        wait(backoff)
-    if stop:
-        raise SystemExit(128 + stop[0])

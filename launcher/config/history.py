@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from launcher.rundir import RunDir
-from launcher.schema import ConfigError
+from launcher.errors import ConfigError
 
 FROZEN = ("job", "batch.size", "batch.global_size", "run.seed", "optim.name", "ema.enabled")
 IGNORED = ("run.dir", "run.root", "run.id", "run.resume", "run.allow_changes")  # where/how, not what

@@ -34,8 +34,9 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from launcher.batch import Batch
-from launcher.fsdp import accumulate, is_sharded, reset_step, unshard_for_step
+from launcher.batch.geometry import Batch
+from launcher.errors import OutOfMemory
+from launcher.dist.fsdp import accumulate, is_sharded, reset_step, unshard_for_step
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ def is_oom(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES)
-
-
-class OutOfMemory(RuntimeError):
-    """No micro-batch fits, or runtime recovery gave up: a clear end instead of a hang."""
 
 
 class StepOOM(Exception):

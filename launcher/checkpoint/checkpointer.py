@@ -1,0 +1,151 @@
+"""The Checkpointer: what a training state holds, and saving and restoring it.
+
+One table of parts, read by save and by restore alike, so the two cannot drift apart.
+Where the files go and how they are found again: store.py (.pt) and dcp.py (sharded).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+
+from launcher.batch.geometry import Batch
+from launcher.checkpoint import dcp, store
+from launcher.dist import fsdp
+from launcher.dist.rng import rng_state, seed_everything, set_rng_state
+from launcher.errors import SaveError
+from launcher.files import read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Where the loop is. `batch` changes only by OOM recovery; autobatch.json carries it across a resume."""
+    batch: Batch
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "micro_batch": self.batch.micro, "accum": self.batch.accum}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+class _RNG:
+    """Every RNG of this process (of its own CUDA device only), as a part."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state, self.device)
+
+
+class Checkpointer:
+    """Save and restore of the whole training state.
+
+    `parts` (model, optimizer, scheduler, scaler, EMA) are training rank 0's, saved once and loaded
+    by every rank; `state` (the loop's position) is stored at the top level. `per_rank` parts (RNG,
+    the loss meter) are gathered from every training rank, and each rank takes its own back.
+    With a fully_shard-ed model (fsdp) every rank saves its own shards of every part into one .dcp
+    directory; restore loads either kind into either strategy."""
+
+    def __init__(self, cfg, env, dist, rundir, tel, state: TrainState, parts: Dict[str, Any],
+                 per_rank: Dict[str, Any]):
+        self.cfg, self.env, self.dist, self.rundir, self.tel = cfg, env, dist, rundir, tel
+        self.state, self.parts, self.per_rank = state, parts, {"rng": _RNG(env.device), **per_rank}
+
+    def should_save(self, step: int, last: bool) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return last or bool(every and step % every == 0)
+
+    def save(self, protect: Iterable[int] = ()) -> None:
+        """Every training rank calls this; rank 0 writes. If rank 0 cannot write (disk full, read-only),
+        every rank raises SaveError together, so none is left waiting in a collective."""
+        if fsdp.is_sharded(self.parts["model"]):  # fsdp: checkpoints are directories
+            info = {"train": self.state.state_dict(), "train_world": self.env.train_world,
+                    "wandb_id": self.tel.wandb_id}
+            path = store.save_sharded(self.rundir.checkpoints, self.state.step, dcp.state_of(self.parts),
+                                {name: part.state_dict() for name, part in self.per_rank.items()}, info,
+                                self.dist, self.env.train_rank, self.cfg.checkpoint.keep_last, protect)
+            self.tel.event("checkpoint", step=self.state.step, path=path.name)
+            return
+        buf = io.BytesIO()  # tensors travel as torch.save bytes: pickling them through gloo fails
+        torch.save({name: part.state_dict() for name, part in self.per_rank.items()}, buf)
+        ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in self.dist.all_gather_object(buf.getvalue())]
+        error = None
+        if self.env.is_main:
+            data = {**{name: part.state_dict() for name, part in self.parts.items()}, **self.state.state_dict(),
+                    "train_world": self.env.train_world, "ranks": ranks, "wandb_id": self.tel.wandb_id}
+            try:
+                path = store.save(self.rundir.checkpoints, self.state.step, data, self.cfg.checkpoint.keep_last, protect)
+                self.tel.event("checkpoint", step=self.state.step, path=path.name)
+            except SaveError as e:
+                error = e
+        if self.dist.all_reduce(torch.tensor([float(error is not None)]), "max").item():
+            raise error or SaveError(f"training rank 0 could not save the step-{self.state.step} checkpoint")
+
+    def restore(self) -> bool:
+        """Rank 0 picks the newest checkpoint that loads; every rank loads that one. False: none."""
+        if self.cfg.run.resume == "never":
+            return False
+        path, data, skipped = store.load_latest(self.rundir.checkpoints) if self.env.is_main else (None, None, [])
+        for reason in skipped:
+            self.tel.event("checkpoint_skipped", reason=reason)
+        found = self.dist.broadcast_train(str(path) if path else None)
+        if not found:
+            if skipped:  # every checkpoint unreadable: say so, and forget the steps logged before
+                log.warning("no checkpoint in %s could be loaded (%s); starting again from step 0",
+                            self.rundir.checkpoints, "; ".join(skipped))
+                self.tel.truncate_after(0)
+                self.tel.event("restart_from_scratch", skipped=len(skipped))
+            return False
+        found = Path(found)
+        data, own, saved_world = self._load_dir(found) if found.is_dir() else self._load_pt(found, data)
+        self.state.load_state_dict(data)
+        step = self.state.step
+        if own is not None:
+            for name, part in self.per_rank.items():
+                part.load_state_dict(own[name])
+        else:  # another number of ranks: continue, but per-rank randomness starts afresh
+            seed_everything(self.cfg.run.seed + self.env.rank + 1000 * step)
+            self.tel.event("resume_world_changed", saved=saved_world, now=self.env.train_world)
+        self.tel.truncate_after(step, wandb_id=data.get("wandb_id"))
+        self.tel.event("resume", step=step, epoch=self.state.epoch, checkpoint=found.name,
+                       restart_count=self.env.restart_count)
+        return True
+
+    def _load_dir(self, found: Path) -> Tuple[dict, Optional[dict], int]:
+        """A sharded checkpoint, into either strategy: each rank reads what its template needs (its rows of
+        a DTensor, the whole of a plain tensor). (loop position, this rank's own parts, saved ranks)."""
+        manifest = read_json(found / dcp.MANIFEST)
+        template = dcp.state_of(self.parts)
+        dcp.load_into(found, template, self.dist)
+        dcp.apply(self.parts, template)
+        saved_world = manifest["train_world"]
+        own = dcp.own_parts(found, self.env.train_rank) if saved_world == self.env.train_world else None
+        return {**manifest["train"], "wandb_id": manifest.get("wandb_id")}, own, saved_world
+
+    def _load_pt(self, found: Path, data: Optional[dict]) -> Tuple[dict, Optional[dict], int]:
+        """A .pt checkpoint (rank 0 read it already), into either strategy: under fsdp each rank keeps
+        its rows of the full tensors."""
+        if not self.env.is_main:
+            data = store.load(found)
+        if fsdp.is_sharded(self.parts["model"]):  # fsdp: checkpoints are directories
+            dcp.apply(self.parts, data, full=True)
+        else:
+            for name, part in self.parts.items():
+                part.load_state_dict(data[name])
+        saved_world = len(data["ranks"])
+        return data, data["ranks"][self.env.train_rank] if saved_world == self.env.train_world else None, saved_world

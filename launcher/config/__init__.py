@@ -1,0 +1,1 @@
+"""The config: typed schema, the rules a type cannot express, Hydra composition, resume history."""
