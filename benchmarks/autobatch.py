@@ -77,8 +77,6 @@ class Rig:
         self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
         self.opt = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
         self.ema = lambda m: EMA(m, 0.9999)
-        self.real_trial = probe.train_trial(self.model, self.job, self.data, device, self.amp, self.opt,
-                                                False, self.ema)
         if simulate:
             p = SIM_PARAMS[name] * 4
             self.total, self.per = 80 * GiB, SIM_PER_SAMPLE[name]
@@ -126,22 +124,34 @@ class Rig:
                 return True
             except torch.OutOfMemoryError:
                 return False
-        snap = probe.Snapshot(self.model)
+        try:
+            self._steps(n, steps)
+            torch.cuda.synchronize(self.device)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+
+    def real_trial(self, n: int) -> None:
+        """The probe's trial: two full steps at n (the second with the optimizer state allocated)."""
+        self._steps(n, 2)
+
+    def _steps(self, n: int, steps: int) -> None:
+        """`steps` training steps at n (bf16 forward, backward, AdamW, EMA) with a throwaway optimizer and
+        EMA; the weights are restored afterwards."""
+        snap = probe.Rollback(self.model)
         opt, ema = self.opt(self.model), self.ema(self.model)
         try:
-            for i in range(steps):
-                x, y = probe.repeat_sample(self.data, n, self.device)
+            x, y = probe.repeat_sample(self.data, n, self.device)
+            for _ in range(steps):
                 with self.amp():
                     loss = self.job.loss(self.model(x), y)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 ema.update(self.model)
-            torch.cuda.synchronize(self.device)
-            return True
-        except torch.OutOfMemoryError:
-            return False
         finally:
+            for p in self.model.parameters():
+                p.grad = None
             del opt, ema
             snap.restore()
             cleanup(self.device)
@@ -179,7 +189,7 @@ def ours(rig: Rig, cfg: AutobatchConfig, start: int) -> Dict:
     else:
         memory = probe.DeviceMemory(rig.device, cfg.fraction)
         trial = rig.real_trial
-    snap = probe.Snapshot(rig.model)
+    snap = probe.Rollback(rig.model)
     out = probe.search(trial, start, cfg.max, cfg.max_probes, memory, cfg.margin)
     snap.restore()
     return {"batch": out.found, "probes": len(out.probes)}
@@ -245,14 +255,14 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     import os
     import tempfile
 
-    from launcher.dist.groups import Dist
-    from launcher.dist.env import Env
-    from launcher.config.schema import Config
     from launcher.batch.geometry import Batch
-    from launcher.checkpoint.checkpointer import TrainState
     from launcher.batch.recovery import Headroom, Recovery
-    from launcher.rundir import RunDir
+    from launcher.config.schema import Config
+    from launcher.dist.env import Env
+    from launcher.dist.groups import Dist
     from launcher.dist.signals import Guard
+    from launcher.rundir import RunDir
+    from launcher.step import forward_backward
     from launcher.telemetry import OFF
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -266,28 +276,19 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     ddp = DDP(model, process_group=dist.group)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x, y = probe.repeat_sample(job.datasets()[0], micro * accum, env.device)
-    tel = OFF
+    tel, scaler = OFF, torch.amp.GradScaler("cpu", enabled=False)
     res = {}
     for retries in (0, 3, 0, 3):  # interleaved, best of two
         cfg = Config()
         cfg.autobatch.max_retries = retries
-        guard = Guard(cfg, dist, tel)
-        oom = Recovery(cfg, env, dist, RunDir(tempfile.mkdtemp()), ddp, tel, TrainState(Batch(micro, micro * accum, world)),
+        guard = Guard(cfg.run, dist, tel)
+        oom = Recovery(cfg.autobatch, env, dist, RunDir(tempfile.mkdtemp()), ddp, tel, Batch(micro, micro * accum, world),
                        Headroom(env.device, None, rank, lambda step: False), guard)
         times = []
         for i in range(steps):
             dist.barrier()
             t0 = time.perf_counter()
-            xs, ys = x.split(micro), y.split(micro)
-            with oom.attempt() as attempt:  # as train.forward_backward
-                for j, (xb, yb) in enumerate(zip(xs, ys)):
-                    sync = oom.syncs(ddp, last=j == len(xs) - 1)
-                    with attempt.phase("forward"), oom.no_sync(ddp, sync):
-                        loss = job.loss(ddp(xb), yb) / len(xs)
-                    if sync:
-                        attempt.agree()
-                    with attempt.phase("last backward" if sync else "backward"):
-                        loss.backward()
+            forward_backward(x, y, oom, ddp, job, scaler, env.device, "fp32", i)  # the training step's own
             opt.step()
             opt.zero_grad(set_to_none=True)
             guard.step_end()

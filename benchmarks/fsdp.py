@@ -57,7 +57,7 @@ def worker(strategy: str, layers: int, puts: int) -> None:
     cfg.optim.name = "adamw"
     torch.manual_seed(0)
     job = Synthetic(SyntheticJob(model="vit", image_size=32, layers=layers))
-    model = wrap.shard(job.model(), cfg, dist.group, device, "fp32", job)
+    model = wrap.shard(job.model(), cfg.train.strategy, dist.group, device, "fp32", job)
     net = wrap.wrap(model, cfg, dist.group, device)
     opt = build_optimizer(model, cfg.optim, device)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))

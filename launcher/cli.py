@@ -94,7 +94,7 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     from launcher import jobs
     import torch
     from launcher.jobs.base import declared_metrics
-    from launcher.batch.geometry import geometry
+    from launcher.batch.geometry import plan
 
     checks.check(cfg, world_size)
     try:
@@ -117,7 +117,7 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
                               f"use {key}=cpu or auto")
     _check_writable(Path(cfg.run.dir or cfg.run.root), "run.dir" if cfg.run.dir else "run.root")
     if cfg.batch.size != "auto":
-        geometry(int(cfg.batch.size), cfg.batch.global_size, train_world, exact=True)
+        plan(cfg.batch, train_world)
 
 
 def _check_writable(path: Path, key: str) -> None:
@@ -205,7 +205,8 @@ def _debug_logging(loggers: List[str]) -> None:
 
 def _check_point(overrides: List[str], here: bool) -> Config:
     """One point of a sweep, checked as `train` checks it (`here`: it runs on this machine)."""
-    from launcher.dist.env import detect, validation_mode
+    from launcher.config.schema import validation_mode
+    from launcher.dist.env import detect
 
     cfg, _ = load_config(overrides)
     if not here:
@@ -219,7 +220,8 @@ def _check_point(overrides: List[str], here: bool) -> Config:
 
 def train_command(overrides: List[str]) -> int:
     from launcher import sweep
-    from launcher.dist.env import detect, validation_mode
+    from launcher.config.schema import validation_mode
+    from launcher.dist.env import detect
 
     try:
         if sweep.is_multirun(overrides):
@@ -238,7 +240,7 @@ def train_command(overrides: List[str]) -> int:
     from launcher.dist.groups import Dist
     from launcher.faults import fail_at_start
     from launcher.telemetry import setup_logging
-    from launcher.train import train
+    from launcher.train import Trainer
 
     from launcher.validation.supervisor import run_validator_rank
 
@@ -260,7 +262,7 @@ def train_command(overrides: List[str]) -> int:
         if env.is_validator:
             run_validator_rank(env, rundir)
         else:
-            train(cfg, env, dist, rundir)
+            Trainer(cfg, env, dist, rundir).build().run()
         finished = True
     except KeyboardInterrupt:
         return _interrupted(rundir if env.rank == 0 else None, created)
@@ -270,6 +272,8 @@ def train_command(overrides: List[str]) -> int:
         print(f"launcher: error: {e}", file=sys.stderr)
         return 1
     finally:
+        if rundir is not None and env.is_main and not finished:
+            rundir.fold_rank_events()  # what the other ranks said on their way out
         if dist is not None:
             dist.close(finished)
     return 0

@@ -1,9 +1,14 @@
 """Every path of a run directory, and typed records of the files in it.
 
 Writers (trainer, validator) and readers (report, a resumed trainer, a standalone
-validator) name files only through `RunDir`, so the layout in DESIGN.md lives in
-one place. Records that cross a process boundary are dataclasses with one writer
-and one reader each; files another process reads are written atomically.
+validator) name files only through `RunDir`, so the layout (see docs/run-directory.md)
+lives in one place. Records that cross a process boundary are dataclasses; files
+another process reads are written atomically. Each file has one writing process,
+except two append-only logs whose lines are single O_APPEND writes: val/skipped.jsonl
+(the trainer's hand-off and the validator both drop snapshots) and val/results.jsonl
+(the live validator, and `launcher validate` re-validating a finished run). Events of
+processes other than training rank 0 go to logs/events-rank-<r>.jsonl until rank 0
+folds them into events.jsonl.
 """
 from __future__ import annotations
 
@@ -79,6 +84,13 @@ class AutobatchRecord:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def reduced(self, step: int, phase: str, ranks: List[int], micro: int, accum: int,
+                restart: bool = False) -> "AutobatchRecord":
+        """This record after a runtime OOM halved the micro-batch to `micro` at `step`."""
+        retry = {"step": step, "phase": phase, "ranks": ranks, "micro_from": self.micro_batch, "micro_to": micro,
+                 **({"restart": True} if restart else {})}
+        return dataclasses.replace(self, micro_batch=micro, accum=accum, oom_retries=[*self.oom_retries, retry])
 
 
 def _fields(cls, data: dict) -> dict:
@@ -179,12 +191,41 @@ class RunDir:
             return None
 
     def event(self, kind: str, **fields: Any) -> dict:
+        """A line of events.jsonl: training rank 0's (the file's one writer) through Telemetry, or a
+        process's own before telemetry exists (the CLI on rank 0)."""
         row = {"event": kind, "time": time.time(), **fields}
         append_jsonl(self.events, row)
         return row
 
+    def rank_events(self, rank: int) -> Path:
+        """logs/events-rank-<r>.jsonl: events of a process other than training rank 0 (an OOM restart or
+        give-up on another rank), folded into events.jsonl by rank 0 (`fold_rank_events`)."""
+        return self.logs / f"events-rank-{rank}.jsonl"
+
+    def rank_event(self, rank: int, kind: str, **fields: Any) -> dict:
+        """An event of global rank `rank`: events.jsonl for rank 0, else its own file."""
+        if rank == 0:
+            return self.event(kind, **fields)
+        row = {"event": kind, "time": time.time(), **fields}
+        self.logs.mkdir(parents=True, exist_ok=True)
+        append_jsonl(self.rank_events(rank), row)
+        return row
+
+    def fold_rank_events(self) -> List[dict]:
+        """Training rank 0: move the other processes' events into events.jsonl (oldest first); returns them."""
+        rows = sorted((r for f in sorted(self.logs.glob("events-rank-*.jsonl")) for r in read_jsonl(f)),
+                      key=lambda r: r.get("time", 0))
+        for row in rows:
+            append_jsonl(self.events, row)
+        for f in self.logs.glob("events-rank-*.jsonl"):
+            f.unlink(missing_ok=True)
+        return rows
+
     def read_events(self) -> List[dict]:
-        return read_jsonl(self.events)
+        """events.jsonl and any events of other ranks not folded in yet."""
+        rows = read_jsonl(self.events) + [r for f in sorted(self.logs.glob("events-rank-*.jsonl"))
+                                          for r in read_jsonl(f)]
+        return sorted(rows, key=lambda r: r.get("time", 0))
 
     def restarted_validator(self, restart: int, returncode: int, backoff_s: float) -> None:
         """The validator rank restarted its child (written by that rank alone; training rank 0 turns each

@@ -5,14 +5,20 @@ Also the flags the EMA gates on, read without a host-device sync on a GPU, and t
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from launcher.batch.recovery import Recovery
 from launcher.dist.groups import Dist
 from launcher.optim import set_momentum
 from launcher.precision import autocast
+
+if TYPE_CHECKING:
+    from launcher.ema import EMA, NoEMA
 
 
 class LossMeter:
@@ -42,17 +48,30 @@ class LossMeter:
         self.sum, self.count = state["loss_sum"].to(self.device), state["loss_count"]
 
 
-def forward_backward(x, y, batch, ddp, job, scaler, oom: Recovery, device, precision: str) -> torch.Tensor:
-    """The step batch's gradients, micro-batch by micro-batch; returns its (detached) mean loss. DDP
-    all-reduces in the last backward only; the ranks agree once, just before it (see oom.py)."""
+@dataclass
+class StepParts:
+    """What an optimizer step updates besides the model; the batch probe's trial uses throwaway ones."""
+    opt: torch.optim.Optimizer
+    sched: LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: "EMA | NoEMA"
+    warmup: int = 0  # warmup steps: momentum warmup follows them
+    fence: Callable[[], None] = lambda: None  # before the EMA moves: the hand-off's copy out of it is done
+
+
+def forward_backward(x: torch.Tensor, y: torch.Tensor, recovery: Recovery, net: nn.Module, job,
+                     scaler: torch.amp.GradScaler, device: torch.device, precision: str, step: int) -> torch.Tensor:
+    """The step batch's gradients, micro-batch by micro-batch (`recovery.batch.micro`); returns its
+    (detached) mean loss. Gradients are synchronized in the last backward only; the ranks agree once,
+    just before it (see batch/recovery.py)."""
     step_loss = torch.zeros((), device=device)
-    xs, ys = x.split(batch.micro), y.split(batch.micro)
-    with oom.attempt() as attempt:  # an OOM before the agreement skips this rank's rest, straight to it
+    xs, ys = x.split(recovery.batch.micro), y.split(recovery.batch.micro)
+    with recovery.attempt(step) as attempt:  # an OOM before the agreement skips this rank's rest, straight to it
         for i, (xb, yb) in enumerate(zip(xs, ys)):
-            sync = oom.syncs(ddp, last=i == len(xs) - 1)  # DDP all-reduces in this backward: the last only
+            sync = recovery.syncs(last=i == len(xs) - 1)
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            with attempt.phase("forward"), oom.no_sync(ddp, sync), autocast(device, precision):
-                loss = job.loss(ddp(xb), yb) * (len(xb) / len(x))
+            with attempt.phase("forward"), recovery.no_sync(sync), autocast(device, precision):
+                loss = job.loss(net(xb), yb) * (len(xb) / len(x))
             if sync:
                 attempt.agree()  # any OOM so far on any rank, or too little memory for this backward: StepOOM
             with attempt.phase("last backward" if sync else "backward"):
@@ -61,22 +80,22 @@ def forward_backward(x, y, batch, ddp, job, scaler, oom: Recovery, device, preci
     return step_loss
 
 
-def optimizer_step(model, opt, sched, scaler, cfg, step: int, warmup: int, gate: bool):
+def optimizer_step(model: nn.Module, parts: StepParts, cfg, step: int, gate: bool):
     """Clip, step, schedule. With `gate`, also whether the EMA must skip this step: with fp16 the scaler
     lowered its scale (an overflow), else the synced gradients are not finite (a NaN loss on any rank
     reaches every rank's gradients, not every rank's loss). A device flag on a GPU: no sync in the step."""
+    opt, scaler = parts.opt, parts.scaler
     norm = None
     if cfg.train.grad_clip:
         scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    set_momentum(opt, cfg.sched, cfg.optim.momentum, step, warmup)
+    set_momentum(opt, cfg.sched, cfg.optim.momentum, step, parts.warmup)
     scale_before = scale_of(scaler) if gate else None  # fp16: the scale on the device (no host sync)
-    bad = nonfinite(grad_norm(model) if norm is None else norm) \
-        if gate and scale_before is None else False
+    bad = nonfinite(grad_norm(model) if norm is None else norm) if gate and scale_before is None else False
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    sched.step()
+    parts.sched.step()
     return scaler_skipped(scaler, scale_before) if gate and scale_before is not None else bad
 
 

@@ -1,186 +1,236 @@
-"""The training loop, top to bottom.
+"""The training process: `Trainer.build()` wires the run, `run()` is the loop, `finish()` the end.
 
 Each optimizer step consumes one per-rank *step batch* of `micro * accum` samples
 from the loader and splits it into micro-batches. The effective batch is therefore
 fixed by the data, not by the micro-batch: changing `micro` (autobatch, OOM
 recovery) only changes how the same samples are cut up.
 
-`train()` composes the leaves; each owns its state and its cadence (telemetry
-decides when to log, validation when to validate, the checkpointer when to save).
+Every collaborator owns its state and its cadence (telemetry decides when to log,
+validation when to validate, the checkpointer when to save); the loop only asks.
+The recurring questions of a run (is it sharded, who keeps the EMA) are answered
+once, by the build.
 """
 from __future__ import annotations
 
 import logging
 import time
-
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from launcher import jobs
-from launcher import data
 from launcher.batch import probe
-from launcher.dist import fsdp
-from launcher.dist import wrap
+from launcher.batch.recovery import Headroom, Recovery, StepOOM
 from launcher.checkpoint.checkpointer import Checkpointer, TrainState
 from launcher.checkpoint.export import save_weights
+from launcher.config.schema import Config
+from launcher.data import EpochIndices, train_loader_options
+from launcher.dist import fsdp, wrap
+from launcher.dist.env import Env
 from launcher.dist.groups import Dist
 from launcher.dist.rng import seed_everything
-from launcher.ema import EMA, NoEMA, auto_tau
-from launcher.dist.env import Env
-from launcher.faults import Faults
-from launcher.batch.recovery import Headroom, Recovery, StepOOM
-from launcher.optim import build_optimizer, build_scheduler, warmup_steps
-from launcher.precision import autocast, resolve_precision
-from launcher.rundir import RunDir
-from launcher.config.schema import Config
-from launcher.errors import ConfigError
 from launcher.dist.signals import Guard, Stop
+from launcher.ema import EMA, NoEMA, auto_tau
+from launcher.errors import ConfigError
+from launcher.faults import Faults
+from launcher.optim import build_optimizer, build_scheduler, warmup_steps
+from launcher.precision import resolve_precision
+from launcher.rundir import RunDir
+from launcher.step import LossMeter, StepParts, forward_backward, optimizer_step
 from launcher.telemetry import Telemetry
 from launcher.validation.evaluation import best_by_weights
-from launcher.step import LossMeter, forward_backward, optimizer_step
-from launcher.validation.trainer_side import due, for_training
+from launcher.validation.trainer_side import for_training
 
 log = logging.getLogger("launcher.train")
 
 
-def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
-    device = env.device
-    precision = resolve_precision(cfg.train.precision, device)
-    seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    job = jobs.load(cfg.job)
-    model = wrap.setup(job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last weights
-    group = dist.group if dist.distributed_training else None
-    model = wrap.shard(model, cfg, group, device, precision, job)  # fsdp: FSDP2 in place; ddp: as is
-    sharded = fsdp.is_sharded(model)  # every training rank keeps the EMA of its own shards (else rank 0 alone)
-    train_set, val_set = job.datasets()
-    faults = Faults(cfg.debug, env, rundir)
-    faults.arm_forward(model)
+class Trainer:
+    """One training rank's run. `Trainer(cfg, env, dist, rundir).build().run()` returns the summary."""
 
-    # The micro-batch (probed and agreed by all ranks with batch.size=auto) and the fixed per-rank step batch.
-    def make_ema(m, total_steps=0):  # ema.tau unset: scaled to the run's length (the probe's EMA is thrown away)
-        tau = cfg.ema.tau if cfg.ema.tau is not None else auto_tau(total_steps)
-        return EMA(m, cfg.ema.decay, cfg.ema.ramp, tau) if cfg.ema.enabled else NoEMA()
+    def __init__(self, cfg: Config, env: Env, dist: Dist, rundir: RunDir):
+        self.cfg, self.env, self.dist, self.rundir = cfg, env, dist, rundir
+        self.device = env.device
 
-    batch, autobatch_event = probe.choose(
-        cfg, env, dist, rundir, model, job, train_set, precision, lambda: autocast(device, precision),
-        lambda m: build_optimizer(m, cfg.optim, device), make_ema)
-    sampler = DistributedSampler(train_set, num_replicas=env.train_world, rank=env.train_rank,
-                                 shuffle=True, seed=cfg.run.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // batch.step
-    if steps_per_epoch == 0:
-        raise ConfigError(f"the effective batch {batch.global_size} is larger than the training set "
-                          f"({len(train_set)} samples); lower batch.size or batch.global_size")
-    total = steps_per_epoch * cfg.train.epochs if cfg.train.epochs else cfg.train.max_steps
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    warmup = warmup_steps(cfg.sched, steps_per_epoch)
+    # ------------------------------------------------------------------------------------ build
+    def build(self) -> "Trainer":
+        """Every collaborator, in the order each needs the ones before it."""
+        cfg, env, device = self.cfg, self.env, self.device
+        if env.is_main:
+            self.rundir.fold_rank_events()  # another rank's OOM restart or give-up, before anything reads them
+        self.precision = resolve_precision(cfg.train.precision, device)
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        self.job = jobs.load(cfg.job)
+        model = wrap.setup(self.job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last
+        group = self.dist.group if self.dist.distributed_training else None
+        self.model = wrap.shard(model, cfg.train.strategy, group, device, self.precision, self.job)
+        self.sharded = fsdp.is_fsdp(self.model)  # every training rank keeps its shards (of the EMA too)
+        self.keeps_ema = cfg.ema.enabled and (env.is_main or self.sharded)
+        self.train_set, self.val_set = self.job.datasets()
+        self.faults = Faults(cfg.debug, env, self.rundir)
+        self.faults.arm_forward(self.model)
 
-    opt = build_optimizer(model, cfg.optim, device)
-    sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = make_ema(model, total // cfg.ema.every) if env.is_main or sharded else NoEMA()
-    log.info(ema.describe())
-    ddp = wrap.wrap(model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
-    tel = Telemetry(rundir, cfg, env, total, enabled=env.is_main)
-    tel.event("autobatch", **autobatch_event)
+        # The micro-batch, probed with the real step (and a throwaway optimizer) and agreed by every rank.
+        choice = probe.choose(cfg, env, self.dist, self.rundir, self.model, self.job, self.train_set,
+                              self.precision, trial=self._trial)
+        batch = choice.batch
+        self.sampler = DistributedSampler(self.train_set, num_replicas=env.train_world, rank=env.train_rank,
+                                          shuffle=True, seed=cfg.run.seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // batch.step
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the effective batch {batch.global_size} is larger than the training set "
+                              f"({len(self.train_set)} samples); lower batch.size or batch.global_size")
+        total = self.steps_per_epoch * cfg.train.epochs if cfg.train.epochs else cfg.train.max_steps
+        self.total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        self.warmup = warmup_steps(cfg.sched, self.steps_per_epoch)
 
-    state, meter = TrainState(batch), LossMeter(device)
-    ckpt = Checkpointer(cfg, env, dist, rundir, tel, state, per_rank={"meter": meter},
-                        parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema})
-    if not ckpt.restore():
-        if cfg.run.resume == "must":
-            raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
-                              "use run.resume=auto to start fresh")
-        seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
-    guard = Guard(cfg, dist, tel, early_stop=lambda: validation.stop_requested())  # stop signals, early stop
-    oom = Recovery(cfg, env, dist, rundir, ddp, tel, state,
-                   Headroom(device, autobatch_event.get("backward_headroom_bytes"), env.train_rank, faults.low_memory),
-                   guard)
-    if oom.enabled:
-        faults.arm_oom(model, state, lambda: oom.phase)
-    faults.arm_nan(model, state)
-    guard.log_restart(env.restart_count, state.step)
-    tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
-              accum=batch.accum, global_batch=batch.global_size, steps=total, steps_per_epoch=steps_per_epoch,
-              precision=precision, device=str(device), start_step=state.step, strategy="fsdp" if sharded else "ddp")
-    validation = for_training(cfg, env, rundir, job, val_set, model, ema, batch.micro, tel)
+        opt = build_optimizer(self.model, cfg.optim, device)
+        self.parts = StepParts(opt, build_scheduler(opt, cfg.sched, cfg.optim.lr, self.total, self.warmup),
+                               torch.amp.GradScaler(device.type, enabled=self.precision == "fp16"),
+                               self._ema(self.model, self.total // cfg.ema.every), self.warmup)
+        log.info(self.parts.ema.describe())
+        self.net = wrap.wrap(self.model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
+        self.tel = Telemetry(self.rundir, cfg, env, self.total, enabled=env.is_main)
+        self.tel.event("autobatch", **choice.event)
 
-    log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
-             total, env.train_world, batch.micro, batch.accum, batch.global_size, precision, device)
-    t_start, stopped_early, stop = time.time(), False, Stop()
-    ddp.train()
-    indices = data.EpochIndices()  # one loader for the run: its workers persist across epochs
-    loader = DataLoader(train_set, batch_size=batch.step, sampler=indices, drop_last=True,
-                        **data.train_loader_options(cfg.data, device))
-    while state.step < total and not stopped_early and not stop:
-        sampler.set_epoch(state.epoch)
-        indices.set(list(sampler)[state.batch_in_epoch * batch.step: steps_per_epoch * batch.step])
-        for x, y in loader:
-            if cfg.train.channels_last and x.ndim == 4:  # NHWC in the copy to the device, from pinned memory
-                x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        self.state, self.meter = TrainState(), LossMeter(device)
+        self.validation = for_training(cfg, env, self.rundir, self.job, self.val_set, self.model, self.parts.ema,
+                                       batch.micro, self.tel, self.sharded)
+        self.parts.fence = self.validation.fence  # the EMA waits for the hand-off's copy out of it
+        self.guard = Guard(cfg.run, self.dist, self.tel, early_stop=self.validation.stop_requested)
+        self.recovery = Recovery(cfg.autobatch, env, self.dist, self.rundir, self.net, self.tel, batch,
+                                 Headroom(device, choice.headroom, env.train_rank, self.faults.low_memory),
+                                 self.guard)
+        self.ckpt = Checkpointer(cfg.checkpoint, env, self.dist, self.rundir, self.tel, self.state,
+                                 parts={"model": self.model, "optimizer": opt, "scheduler": self.parts.sched,
+                                        "scaler": self.parts.scaler, "ema": self.parts.ema},
+                                 per_rank={"meter": self.meter}, sharded=self.sharded)
+        resumed = self.ckpt.restore() if cfg.run.resume != "never" else None
+        if resumed is None:
+            seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
+        elif not resumed.per_rank:  # another number of ranks: per-rank randomness starts afresh
+            seed_everything(cfg.run.seed + env.rank + 1000 * resumed.step)
+        if self.recovery.enabled:
+            self.faults.arm_oom(self.model, self.state, lambda: self.recovery.phase)
+        self.faults.arm_nan(self.model, self.state)
+        self.guard.log_restart(env.restart_count, self.state.step)
+        self.tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
+                       accum=batch.accum, global_batch=batch.global_size, steps=self.total,
+                       steps_per_epoch=self.steps_per_epoch, precision=self.precision, device=str(device),
+                       start_step=self.state.step, strategy="fsdp" if self.sharded else "ddp")
+        return self
 
-            # Forward and backward over the micro-batches. An OOM on any rank before the last backward
-            # is agreed on by all; each then redoes this step batch with half the micro-batch (oom.py).
-            while True:
-                try:
-                    step_loss = forward_backward(x, y, state.batch, ddp, job, scaler, oom, device, precision)
+    def _ema(self, model, total_updates: int = 0):
+        """This rank's EMA, or NoEMA. ema.tau unset: scaled to the run's length."""
+        if not self.keeps_ema:
+            return NoEMA()
+        tau = self.cfg.ema.tau if self.cfg.ema.tau is not None else auto_tau(total_updates)
+        return EMA(model, self.cfg.ema.decay, self.cfg.ema.ramp, tau)
+
+    def _trial(self, n: int, recovery: Recovery) -> None:
+        """The batch probe's trial at micro-batch n: two real train steps (the second with the optimizer
+        state allocated) with a throwaway optimizer, scheduler, scaler and EMA, on the unwrapped model
+        (ddp: each rank alone) or the sharded one (fsdp: every rank in lockstep)."""
+        opt = build_optimizer(self.model, self.cfg.optim, self.device)
+        parts = StepParts(opt, build_scheduler(opt, self.cfg.sched, self.cfg.optim.lr, 2, 0),
+                          torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16"),
+                          self._ema(self.model))
+        x, y = probe.probe_batch(self.job, self.train_set, n, self.device)
+        for step in range(2):
+            self.train_step(x, y, parts, self.model, recovery, step)
+
+    # -------------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        """The loop. Returns the summary (rank 0's is complete; other ranks' is the loop's part)."""
+        cfg, state = self.cfg, self.state
+        log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s", self.total,
+                 self.env.train_world, self.recovery.batch.micro, self.recovery.batch.accum,
+                 self.recovery.batch.global_size, self.precision, self.device)
+        t_start, early, stop = time.time(), False, Stop()
+        step_batch = self.recovery.batch.step
+        indices = EpochIndices()  # one loader for the run: its workers persist across epochs
+        loader = DataLoader(self.train_set, batch_size=step_batch, sampler=indices, drop_last=True,
+                            **train_loader_options(cfg.data, self.device))
+        self.net.train()
+        while state.step < self.total and not early and not stop:
+            self.sampler.set_epoch(state.epoch)
+            indices.set(list(self.sampler)[state.batch_in_epoch * step_batch: self.steps_per_epoch * step_batch])
+            for x, y in loader:
+                if cfg.train.channels_last and x.ndim == 4:  # NHWC in the copy to the device, from pinned memory
+                    x = x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+                loss = self._step(x, y)
+                state.step += 1
+                state.batch_in_epoch += 1
+                self.meter.add(loss, self.recovery.batch.global_size)
+
+                last = state.step == self.total
+                if self.tel.should_log(state.step, last):
+                    self.tel.metrics({"step": state.step, "epoch": state.epoch,
+                                      **self.meter.take(self.dist, self.env.train_world),
+                                      "lr": self.parts.sched.get_last_lr()[0], "time": time.time(),
+                                      **self.parts.ema.stats()})
+                    self.validation.poll()  # new validation results, skipped snapshots, a dead validator
+                end_of_epoch = state.batch_in_epoch == self.steps_per_epoch
+                validating = self.validation.due(state.step, state.epoch, end_of_epoch, last)  # every rank
+                if validating:
+                    self.validation.submit(state.step, state.epoch)
+                if end_of_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                # A stop signal or the validator's early stop: every training rank stops at this same step.
+                stop, early = self.guard.step_end(again=validating)
+                if early:
+                    log.info("early stop at step %d", state.step)
+                self.ckpt.step_end(state.step, force=last or early or bool(stop) or validating,
+                                   protect=self.validation.protected_steps)
+                self.faults.step_end(state.step, self.tel, self.dist)
+                if last or early or stop:
                     break
-                except StepOOM as e:
-                    opt.zero_grad(set_to_none=True)
-                    state.batch = oom.recover(state.batch, e, state.step)
+        if stop and state.step < self.total:  # preempted: checkpointed, not finished; exit 128 + signal
+            self.validation.flush()  # snapshots already handed off reach the disk
+            self.guard.exit(stop, state.step)
+        return self.finish(early, time.time() - t_start)
 
-            # Optimizer step; the EMA follows unless the step must not count (see optimizer_step).
-            ema_due = (state.step + 1) % cfg.ema.every == 0
-            skip = optimizer_step(model, opt, sched, scaler, cfg, state.step, warmup,
-                                  gate=ema_due and (env.is_main or sharded) and cfg.ema.enabled)
-            state.step += 1
-            state.batch_in_epoch += 1
-            if ema_due:
-                validation.fence()  # the last hand-off's copy out of the EMA finished (a GPU-side wait)
-                ema.update(model, skip=skip)
-            meter.add(step_loss, batch.global_size)
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, parts: StepParts, net, recovery: Recovery,
+                   step: int) -> torch.Tensor:
+        """One optimizer step, as training and the batch probe's trial run it: forward and backward over the
+        micro-batches (an OOM before the last backward is agreed on by every rank: StepOOM), the optimizer
+        step, then the EMA unless the step must not count (see step.optimizer_step)."""
+        loss = forward_backward(x, y, recovery, net, self.job, parts.scaler, self.device, self.precision, step)
+        gate = self.keeps_ema and (step + 1) % self.cfg.ema.every == 0
+        skip = optimizer_step(self.model, parts, self.cfg, step, gate)
+        if gate:
+            parts.fence()  # the hand-off's last copy out of the EMA finished (a wait on the device)
+            parts.ema.update(self.model, skip=skip)
+        return loss
 
-            last = state.step == total
-            if tel.should_log(state.step, last):
-                tel.metrics({"step": state.step, "epoch": state.epoch, **meter.take(dist, env.train_world),
-                             "lr": sched.get_last_lr()[0], "time": time.time(), **ema.stats()})
-                validation.poll()  # new validation results, skipped snapshots, a dead validator
-            end_of_epoch = state.batch_in_epoch == steps_per_epoch
-            validating = due(cfg, env.world_size, state.step, state.epoch, end_of_epoch, last)  # every rank: saves
-            if validation.should_validate(state.step, state.epoch, end_of_epoch, last):
-                validation.submit(state.step, state.epoch)
-            if end_of_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            # A stop signal or the validator's early stop: every training rank stops at this same step.
-            stop, stopped_early = guard.step_end(again=validating)  # agreed by all (in the OOM agreement if on)
-            if stopped_early:
-                log.info("early stop at step %d", state.step)
-            if ckpt.should_save(state.step, last or stopped_early or bool(stop) or validating):
-                ckpt.save(protect=validation.protected_steps())
-            faults.step_end(state.step, tel, dist)
-            if last or stopped_early or stop:
-                break
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loop's step: an OOM agreed on by every rank redoes it with half the micro-batch."""
+        while True:
+            try:
+                return self.train_step(x, y, self.parts, self.net, self.recovery, self.state.step)
+            except StepOOM as e:
+                self.parts.opt.zero_grad(set_to_none=True)
+                self.recovery.recover(e, self.state.step)
 
-    if stop and state.step < total:  # preempted: checkpointed, not finished; no summary, exit 128 + signal
-        validation.flush()  # snapshots already handed off reach the disk
-        guard.exit(stop, state.step)
+    # ----------------------------------------------------------------------------------- finish
+    def finish(self, early: bool, wall_s: float) -> dict:
+        """Deployable EMA weights, the final validation, retention, the summary."""
+        cfg, env, state, ema = self.cfg, self.env, self.state, self.parts.ema
+        batch = self.recovery.batch
+        summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": early, "micro_batch": batch.micro,
+                   "accum": batch.accum, "global_batch": batch.global_size, "wall_time_s": round(wall_s, 2)}
+        final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers
+        summary.update(self.validation.finish(state.step, state.epoch))  # drains: the final weights validated
+        self.ckpt.prune(self.validation.protected_steps())  # retention again: the true best, the unvalidated
+        if cfg.validation.weights == "both":  # best and final raw and EMA side by side
+            summary.update(best_by_weights(self.rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
+        if env.is_main:
+            if self.keeps_ema:
+                save_weights(self.rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})
+                summary.update(ema.stats(), ema_tau=ema.tau)
+            self.rundir.write_summary(summary)
+            self.tel.event("end", **summary)
+            best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \
+                if "best_step" in summary else ""
+            log.info(f"done: {state.step} steps in {summary['wall_time_s']:.1f}s{best}; run dir {self.rundir}")
+        self.tel.close()
+        return summary
 
-    # The end: deployable EMA weights, the summary.
-    summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": stopped_early,
-               "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
-               "wall_time_s": round(time.time() - t_start, 2)}
-    final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers; ddp: rank 0's
-    summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
-    if cfg.validation.weights == "both":  # best and final raw and EMA side by side
-        summary.update(best_by_weights(rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
-    if env.is_main:
-        if cfg.ema.enabled:
-            save_weights(rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})
-        summary.update(ema.stats(), **({"ema_tau": ema.tau} if cfg.ema.enabled else {}))
-        rundir.write_summary(summary)
-        tel.event("end", **summary)
-        best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \
-            if "best_step" in summary else ""
-        log.info(f"done: {state.step} steps in {summary['wall_time_s']:.1f}s{best}; run dir {rundir}")
-    tel.close()
-    return summary

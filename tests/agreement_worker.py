@@ -13,7 +13,6 @@ import torch
 import torch.distributed as tdist
 
 from launcher.batch.geometry import Batch
-from launcher.checkpoint.checkpointer import TrainState
 from launcher.dist.groups import Dist
 from launcher.dist.env import Env
 from launcher.batch.recovery import Headroom, Recovery
@@ -45,13 +44,13 @@ for retries in (2, 0):
     cfg = Config()
     cfg.autobatch.max_retries = retries
     cfg.run.stop_signals = ["SIGUSR1"]
-    guard = Guard(cfg, dist, OFF)
-    oom = Recovery(cfg, env, dist, RunDir(sys.argv[1]), torch.nn.Linear(1, 1), OFF, TrainState(Batch(1, 1, world)),
+    guard = Guard(cfg.run, dist, OFF)
+    oom = Recovery(cfg.autobatch, env, dist, RunDir(sys.argv[1]), torch.nn.Linear(1, 1), OFF, Batch(1, 1, world),
                    Headroom(env.device, None, rank, lambda step: False), guard)
     if rank == 1:
         os.kill(os.getpid(), signal.SIGUSR1)
     CALLS[0] = 0
-    with oom.attempt() as attempt:
+    with oom.attempt(0) as attempt:
         attempt.agree()  # before the last backward
     stop, early = guard.step_end()
     out[f"retries={retries}"] = {"stop": stop.name, "early": early, "collectives": CALLS[0]}

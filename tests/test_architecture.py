@@ -1,4 +1,5 @@
-"""The package's shape: no import circles (function-local imports included), no overgrown module."""
+"""The package's shape: imports go one way, down the layers (function-local imports included), with no
+circles, and the validator side of the process boundary never imports the trainer side."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +9,21 @@ from typing import Dict, List, Set
 from conftest import ROOT
 
 PACKAGES = {"launcher": "launcher", "jobs": "launcher.jobs"}  # folder -> the package it installs as
-MAX_LINES = 350
+# Lowest first: a module may import its own layer and the layers below, never one above. A name is a
+# package or a top-level module of launcher (launcher.jobs is the repository's jobs/ folder).
+LAYERS = [
+    ("errors", "files", "jobs"),
+    ("config", "rundir"),
+    ("dist", "telemetry", "precision", "optim", "ema", "faults", "data"),
+    ("batch",),
+    ("checkpoint",),
+    ("validation",),
+    ("step",),
+    ("train",),
+    ("cli", "report", "sweep", "__main__"),
+]
+TRAINER_SIDE = {"launcher.validation.trainer_side"}
+VALIDATOR_SIDE = {"launcher.validation.validator", "launcher.validation.supervisor"}
 
 
 def modules() -> Dict[str, Path]:
@@ -96,7 +111,36 @@ def test_the_cycle_finder_finds_a_function_local_cycle(tmp_path):
     assert cycles(graph) == [["a", "b"]]
 
 
-def test_no_module_of_the_package_is_overgrown():
-    sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()
-             if name.startswith("launcher")}
-    assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+def layer(module: str) -> int:
+    """The layer of a module of ours (launcher itself, the package's __init__, sits on top)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return len(LAYERS)
+    return next(i for i, names in enumerate(LAYERS) if parts[1] in names)
+
+
+def upward(graph: Dict[str, Set[str]]) -> List[str]:
+    """Every import that goes up the layers, as 'a -> b'."""
+    return sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
+                  if b != "launcher" and layer(b) > layer(a))
+
+
+def test_imports_go_down_the_layers_and_the_validator_never_imports_the_trainer():
+    mods = modules()
+    graph = {name: imports(name, path, set(mods)) for name, path in mods.items()}
+    assert all(layer(m) is not None for m in mods)  # every module has its layer: a new package must be placed
+    assert upward(graph) == []
+    assert "launcher.validation.trainer_side" in graph["launcher.train"]  # the graph was read
+    reached, todo = set(), set(VALIDATOR_SIDE)
+    while todo:  # everything the validator side imports, directly or not
+        m = todo.pop()
+        reached.add(m)
+        todo |= graph[m] - reached
+    assert reached & TRAINER_SIDE == set()
+
+
+def test_the_layer_check_finds_an_upward_import():
+    """The checker itself: checkpoint importing the Trainer would be caught."""
+    graph = {"launcher.checkpoint.store": {"launcher.train", "launcher.files"}, "launcher.train": set(),
+             "launcher.files": set()}
+    assert upward(graph) == ["launcher.checkpoint.store -> launcher.train"]

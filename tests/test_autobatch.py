@@ -219,11 +219,13 @@ def test_cpu_without_a_simulated_limit_uses_the_jobs_default(tmp_path):
     from launcher.cli import load_config
     from launcher.dist.groups import Dist
     from launcher.dist.env import detect
+    from launcher.rundir import RunDir
 
     cfg, _ = load_config(["job.model=mlp", "batch.size=auto", "batch.global_size=256", "train.device=cpu"])
     env = detect(device="cpu")
     job = jobs.load(cfg.job)
-    batch, event = probe.choose(cfg, env, Dist(env), tmp_path, job.model(), job, None, "fp32", None, None, None)
+    choice = probe.choose(cfg, env, Dist(env), RunDir(tmp_path), job.model(), job, None, "fp32", trial=None)
+    batch, event = choice.batch, choice.event
     assert (batch.micro, batch.accum, batch.step) == (64, 4, 256) and "default" in event["reason"]
     assert json.loads((tmp_path / "autobatch.json").read_text())["micro_batch"] == 64
 

@@ -18,7 +18,7 @@ from launcher.errors import SaveError
 
 SCRIPT = ROOT / "tests" / "fsdp_scripts" / "ckpt_train.py"
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP says so
-NO_DIST = SimpleNamespace(group=None, all_reduce=lambda t, op="sum": t)  # one process: collectives are identities
+NO_DIST = SimpleNamespace(group=None, all_reduce=lambda t, op="sum": t, any_rank=bool)  # one process: collectives are identities
 
 
 def torchrun(nproc: int, run: Path, *args: str, restarts: int = 0, check: bool = True) -> subprocess.CompletedProcess:

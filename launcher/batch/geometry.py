@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from launcher.config.schema import BatchConfig
 from launcher.errors import ConfigError
 
 
@@ -50,3 +51,12 @@ def geometry(micro: int, global_size: Optional[int], world: int, exact: bool = F
     step = global_size // world
     accum = -(-step // micro)
     return Batch(-(-step // accum), step, world)
+
+
+def plan(cfg: BatchConfig, world: int, micro: Optional[int] = None) -> Batch:
+    """The run's batch from its config, the one rule the CLI's checks and the probe share: `batch.size`
+    as given (exact), or with `batch.size=auto` the largest micro-batch that fits (`micro`, probed)."""
+    if cfg.size != "auto":
+        return geometry(int(cfg.size), cfg.global_size, world, exact=True)
+    assert micro is not None, "batch.size=auto: the probe gives the micro-batch"
+    return geometry(micro, cfg.global_size, world)

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from launcher.batch.geometry import Batch, geometry
+from launcher.batch.geometry import Batch, plan
 from launcher.dist.rng import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
-from launcher.dist.fsdp import default_resharding, is_sharded, reset_step, unshard_for_step
+from launcher.dist.fsdp import default_resharding, is_fsdp, reset_step
 from launcher.batch.memory import DeviceMemory
-from launcher.batch.recovery import Lockstep, cleanup, is_oom
+from launcher.batch.recovery import Lockstep, Recovery, StepOOM, cleanup, is_oom
 from launcher.errors import OutOfMemory
 from launcher.rundir import AutobatchRecord, RunDir
 
@@ -106,8 +106,8 @@ def _run(trial: Callable[[int], None], n: int, memory: DeviceMemory) -> Probe:
     try:
         headroom = trial(n)
         ok, error = True, ""
-    except Exception as e:  # noqa: BLE001 - only OOMs are expected; everything else is re-raised
-        if not is_oom(e):
+    except Exception as e:  # noqa: BLE001 - only OOMs (agreed: StepOOM) are expected; the rest is re-raised
+        if not (is_oom(e) or isinstance(e, StepOOM)):
             raise
         traceback.clear_frames(e.__traceback__)
         ok, error, headroom = False, str(e).splitlines()[0][:160], 0
@@ -160,60 +160,27 @@ def probe_batch(job, dataset, n: int, device: torch.device):
     return repeat_sample(dataset, n, device)
 
 
-def train_trial(model: nn.Module, job, dataset, device: torch.device, amp: Callable[[], Any],
-                make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], fp16: bool,
-                make_ema: Optional[Callable[[nn.Module], Any]], lockstep: Optional[Lockstep] = None
-                ) -> Callable[[int], int]:
-    """One full training step at size n, with a throwaway optimizer, scaler and EMA so their
-    memory is counted; the caller restores the weights and RNG afterwards. Returns the backward
-    headroom on CUDA (allocated peak so far minus allocated after the second forward: an upper
-    bound of what backward adds, which oom.Headroom checks before every last backward), else 0.
-    With `lockstep` (fsdp) the step is training's: parameters all-gathered up front, and the ranks
-    agree after forward (an OOM there on any rank fails the trial on all) before the backward's
-    reduce-scatter, as oom.py does."""
-    cuda = device.type == "cuda"
+def train_trial(trial: Callable[[int, Recovery], None], env, dist, model: nn.Module) -> Callable[[int], int]:
+    """The trainer's own step at size n (`trial(n, recovery)`: two optimizer steps with a throwaway
+    optimizer, scaler and EMA, so their memory is counted), under a probe Recovery: an OOM anywhere
+    in it, on any rank, fails the size on every rank (fsdp: in lockstep, nothing collective left
+    pending). The caller restores the weights and RNG afterwards. Returns the backward headroom on CUDA
+    (the peak allocated minus what the last forward left allocated: an upper bound of what a backward
+    adds, which recovery.Headroom checks before every last backward), else 0."""
+    cuda = env.device.type == "cuda"
 
-    def forward(x, y):
-        failed, loss = None, None
-        if lockstep is not None:
-            unshard_for_step(model)
+    def run(n: int) -> int:
+        recovery = Recovery.for_probe(env, dist, model, n)
         try:
-            with amp():
-                loss = job.loss(model(x), y)
-        except Exception as e:  # noqa: BLE001 - an OOM is agreed on under fsdp; anything else is raised
-            if lockstep is None or not is_oom(e):
-                raise
-            failed = e
-        if lockstep is not None and not lockstep.all(failed is None):
-            raise failed or torch.OutOfMemoryError("CUDA out of memory on another training rank (agreed)")
-        return loss
-
-    def trial(n: int) -> int:
-        opt = make_optimizer(model)
-        scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-        ema = make_ema(model) if make_ema else None
-        gate = torch.zeros((), dtype=torch.bool, device=device) if device.type == "cuda" else False
-        x, y = probe_batch(job, dataset, n, device)
-        try:
-            for _ in range(2):  # the second step runs with the optimizer state already allocated
-                loss = forward(x, y)
-                after_forward = torch.cuda.memory_allocated(device) if cuda else 0
-                scaler.scale(loss).backward()
-                headroom = torch.cuda.max_memory_allocated(device) - after_forward if cuda else 0
-                del loss
-                scaler.step(opt)
-                scaler.update()
-                if ema is not None:  # on a GPU training gates the EMA on a device flag: its temporaries count
-                    ema.update(model, skip=gate)
-                opt.zero_grad(set_to_none=True)
+            trial(n, recovery)
         finally:
             for p in model.parameters():
                 p.grad = None
-            if lockstep is not None:
+            if is_fsdp(model):
                 reset_step(model)
                 default_resharding(model)
-        return headroom
-    return trial
+        return torch.cuda.max_memory_allocated(env.device) - recovery.allocated_before_backward if cuda else 0
+    return run
 
 
 def eval_trial(model: nn.Module, job, dataset, device: torch.device, amp: Callable[[], Any]
@@ -226,7 +193,7 @@ def eval_trial(model: nn.Module, job, dataset, device: torch.device, amp: Callab
     return trial
 
 
-class Snapshot:
+class Rollback:
     """Weights (to host) and every RNG, so the run after probing is the run that started with the choice."""
 
     def __init__(self, model: nn.Module, device: Optional[torch.device] = None):
@@ -249,7 +216,7 @@ def probe_eval_batch(model: nn.Module, job, dataset, device: torch.device, cfg_a
     memory = memory or DeviceMemory(device, cfg_autobatch.fraction)
     if memory.limit is None and simulate is None:
         return Search(start, start, None)
-    snap = Snapshot(model, device)
+    snap = Rollback(model, device)
     model.eval()
     handle = oom_above(model, simulate)
     try:
@@ -274,73 +241,104 @@ def _signature(cfg, device: torch.device, precision: str) -> dict:
             "fraction": cfg.autobatch.fraction, "margin": cfg.autobatch.margin}
 
 
-def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: str,
-           amp: Callable[[], Any], make_optimizer, make_ema) -> tuple[Batch, dict]:
-    """The run's batch geometry and the `autobatch` event. Every training rank calls this, with
+@dataclass
+class Choice:
+    """The probe's answer: the batch geometry, each training rank's backward headroom (CUDA; else None),
+    and what to say about it (the `autobatch` event)."""
+    batch: Batch
+    headroom: Optional[List[Optional[int]]]
+    event: dict
+
+
+def _with_restarts(record: AutobatchRecord, events: List[dict]) -> AutobatchRecord:
+    """`record` with the reductions of OOM restarts (exit 75) not yet in it: the rank that ran out of
+    memory recorded them as `oom_restart` events on its way out."""
+    done = {(r["step"], tuple(r["ranks"])) for r in record.oom_retries if r.get("restart")}
+    for e in events:
+        if e.get("event") == "oom_restart" and "accum" in e and (e["step"], (e["rank"],)) not in done:
+            record = record.reduced(e["step"], e["phase"], [e["rank"]], e["micro_to"], e["accum"], restart=True)
+    return record
+
+
+def choose(cfg, env, dist, rundir: RunDir, model: nn.Module, job, dataset, precision: str,
+           trial: Callable[[int, Recovery], None]) -> Choice:
+    """The run's batch, agreed by every training rank, probed with `trial` (the trainer's own step) and
+    written to autobatch.json by training rank 0, or taken from it on a resume with the same devices and
+    settings (with any runtime reduction since). Every training rank calls this, with
     debug.simulate_oom_above already armed on `model` (faults.py)."""
-    rundir, device, world = RunDir.of(run_dir), env.device, env.train_world
-    limit = simulated_limit(cfg.debug.simulate_oom_above, env.train_rank)
+    device, world = env.device, env.train_world
     sig = dist.all_gather_object(_signature(cfg, device, precision))
     cached = rundir.read_autobatch() if env.is_main else None
+    if cached and cached.signature == sig:
+        record = _with_restarts(cached, rundir.read_events())
+        if record != cached:
+            rundir.write_autobatch(record)
+        cached = record
     cached = dist.broadcast_train(cached if cached and cached.signature == sig else None)
     if cached:  # a resume: the same devices and settings, and any runtime reduction, kept
         batch = Batch(cached.micro_batch, cached.step_batch, world)
-        return batch, {"cached": True, "micro_batch": batch.micro, "accum": batch.accum,
-                       "global_batch": batch.global_size, "backward_headroom_bytes": cached.backward_headroom_bytes}
+        return Choice(batch, cached.backward_headroom_bytes,
+                      {"cached": True, "micro_batch": batch.micro, "accum": batch.accum,
+                       "global_batch": batch.global_size})
     record = AutobatchRecord(signature=sig, requested=cfg.batch.size, global_size=cfg.batch.global_size,
                              train_world=world)
     if cfg.batch.size != "auto":
-        batch = geometry(int(cfg.batch.size), cfg.batch.global_size, world, exact=True)
+        batch = plan(cfg.batch, world)
         record.reason = "fixed"
-    elif device.type != "cuda" and limit is None:
-        batch = geometry(job.cfg.batch_size, cfg.batch.global_size, world)
+    elif device.type != "cuda" and simulated_limit(cfg.debug.simulate_oom_above, env.train_rank) is None:
+        batch = plan(cfg.batch, world, job.cfg.batch_size)
         record.reason = f"no device memory to probe on {device.type}: the job's default micro-batch"
         log.info("batch.size=auto on %s: no memory to probe, using the job's default micro-batch %d",
                  device.type, job.cfg.batch_size)
     else:
-        # Not in the trial step but on the device during training: DDP's gradient buckets (a copy of the
-        # gradients) and, with inline validation, rank 0's evaluation copy of the model.
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        if device.type == "cuda" and dist.distributed_training:  # NCCL's buffers exist before we measure
-            dist.all_reduce(torch.zeros(1, device=device))
-        # Under fsdp the trial runs the sharded step itself: its all-gather and reduce-scatter buffers are measured.
-        sharded = is_sharded(model)
-        copies = (world > 1 and not sharded) + (env.is_main and cfg.validation.mode == "inline")
-        memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
-        snap = Snapshot(model, device)
-        start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
-        try:
-            lockstep = Lockstep(dist) if sharded else None
-            mine = search(train_trial(model, job, dataset, device, amp, make_optimizer, precision == "fp16",
-                                      make_ema if env.is_main or sharded else None, lockstep),
-                          start, cfg.autobatch.max, cfg.autobatch.max_probes, memory, cfg.autobatch.margin, lockstep)
-        finally:
-            snap.restore()
-            cleanup(device)
-        per_rank = dist.all_gather_object({"rank": env.train_rank, "found": mine.found,
-                                           "largest_ok": mine.largest_ok, "limit_bytes": mine.limit_bytes,
-                                           "seconds": round(mine.seconds, 3),
-                                           "probes": [asdict(p) for p in mine.probes]})
-        found = min(r["found"] for r in per_rank)  # same on every rank: gathered from all
-        if found == 0:
-            worst = [r["rank"] for r in per_rank if r["found"] == 0]
-            raise OutOfMemory(f"batch.size=auto: not even a micro-batch of 1 trains on training rank(s) {worst} "
-                              f"of device {sig[worst[0]]['device']}; use a smaller model or more memory")
-        batch = geometry(found, cfg.batch.global_size, world)
-        record.reason, record.found, record.per_rank = "probed", found, per_rank
-        record.probes = max(len(r["probes"]) for r in per_rank)
-        record.backward_headroom_bytes = [backward_headroom(r["probes"], batch.micro) for r in per_rank]
-        record.seconds = max(r["seconds"] for r in per_rank)
-        log.info("autobatch: micro-batch %d on this rank (%d probes, %.1fs); all ranks agree on %d",
-                 mine.found, len(mine.probes), mine.seconds, found)
+        batch = _probe(cfg, env, dist, model, job, trial, record, sig)
     record.micro_batch, record.step_batch, record.accum, record.global_batch = \
         batch.micro, batch.step, batch.accum, batch.global_size
     if env.is_main:
         rundir.write_autobatch(record)
     data = record.to_dict()
-    event = {k: data[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes",
-                                  "seconds", "backward_headroom_bytes") if k in data}
+    event = {k: data[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes", "seconds")
+             if k in data}
     if record.per_rank:  # the curve: [size, peak bytes, ok, seconds] per probe, per rank
         event["curve"] = [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in r["probes"]]
                           for r in record.per_rank]
-    return batch, {"cached": False, **event}
+    return Choice(batch, record.backward_headroom_bytes, {"cached": False, **event})
+
+
+def _probe(cfg, env, dist, model: nn.Module, job, trial, record: AutobatchRecord, sig: List[dict]) -> Batch:
+    """Search on every training rank, then agree on the smallest answer; fills `record`."""
+    device, world = env.device, env.train_world
+    # Not in the trial step but on the device during training: DDP's gradient buckets (a copy of the
+    # gradients) and, with inline validation, rank 0's evaluation copy of the model.
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if device.type == "cuda" and dist.distributed_training:  # NCCL's buffers exist before we measure
+        dist.all_reduce(torch.zeros(1, device=device))
+    # Under fsdp the trial runs the sharded step itself: its all-gathers are measured.
+    sharded = is_fsdp(model)
+    copies = (world > 1 and not sharded) + (env.is_main and cfg.validation.mode == "inline")
+    memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
+    snap = Rollback(model, device)
+    start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
+    try:
+        lockstep = Lockstep(dist) if sharded else None
+        mine = search(train_trial(trial, env, dist, model), start, cfg.autobatch.max, cfg.autobatch.max_probes,
+                      memory, cfg.autobatch.margin, lockstep)
+    finally:
+        snap.restore()
+        cleanup(device)
+    per_rank = dist.all_gather_object({"rank": env.train_rank, "found": mine.found, "largest_ok": mine.largest_ok,
+                                       "limit_bytes": mine.limit_bytes, "seconds": round(mine.seconds, 3),
+                                       "probes": [asdict(p) for p in mine.probes]})
+    found = min(r["found"] for r in per_rank)  # same on every rank: gathered from all
+    if found == 0:
+        worst = [r["rank"] for r in per_rank if r["found"] == 0]
+        raise OutOfMemory(f"batch.size=auto: not even a micro-batch of 1 trains on training rank(s) {worst} "
+                          f"of device {sig[worst[0]]['device']}; use a smaller model or more memory")
+    batch = plan(cfg.batch, world, found)
+    record.reason, record.found, record.per_rank = "probed", found, per_rank
+    record.probes = max(len(r["probes"]) for r in per_rank)
+    record.backward_headroom_bytes = [backward_headroom(r["probes"], batch.micro) for r in per_rank]
+    record.seconds = max(r["seconds"] for r in per_rank)
+    log.info("autobatch: micro-batch %d on this rank (%d probes, %.1fs); all ranks agree on %d",
+             mine.found, len(mine.probes), mine.seconds, found)
+    return batch

@@ -35,8 +35,10 @@ import torch.distributed as tdist
 from torch import nn
 
 from launcher.batch.geometry import Batch
+from launcher.config.schema import AutobatchConfig
+from launcher.dist.fsdp import accumulate, is_fsdp, reset_step, stand_in_grads, unshard_for_step
 from launcher.errors import OutOfMemory
-from launcher.dist.fsdp import accumulate, is_sharded, reset_step, unshard_for_step
+from launcher.telemetry.off import OFF
 
 log = logging.getLogger(__name__)
 
@@ -99,104 +101,132 @@ class Headroom:
 class Recovery:
     """The policy: agree once per step, halve the micro-batch and redo the step, at most
     `autobatch.max_retries` times in place; an OOM inside the last backward on 2+ ranks ends this
-    attempt with EXIT_RESTART.
+    attempt with EXIT_RESTART. It owns the run's one current `batch` and is the only writer of its
+    reductions.
 
     The GradScaler needs no reset: an OOM in forward or backward comes before unscale_/step, so the
     scaler has recorded nothing for this step. Not covered: an OOM in the optimizer step (the probe ran
-    it); a non-OOM error ends that rank and torchrun the others."""
+    it); a non-OOM error ends that rank and torchrun the others.
 
-    def __init__(self, cfg, env, dist, rundir, ddp: nn.Module, tel, state, headroom: Headroom, guard):
+    `probe=True` (the batch probe's trial, `for_probe`): no backward synchronizes gradients, so nothing
+    collective runs between the agreements, and the one agreement comes after the last backward: an
+    OOM anywhere in the trial, fsdp's up-front all-gather included, is agreed on by every rank and
+    fails the trial on all, never leaving a collective pending (no restart, no halving)."""
+
+    def __init__(self, cfg: AutobatchConfig, env, dist, rundir, net: nn.Module, tel, batch: Batch,
+                 headroom: "Headroom | None" = None, guard=None, probe: bool = False):
         self.guard = guard  # its stop flags ride in the agreement: one collective per step, not two
-        self.enabled = cfg.autobatch.max_retries > 0
-        self.max_retries, self.retries = cfg.autobatch.max_retries, 0
-        self.env, self.dist, self.rundir, self.ddp, self.tel, self.state = env, dist, rundir, ddp, tel, state
-        self.distributed = dist.distributed_training
+        self.enabled = probe or cfg.max_retries > 0
+        self.max_retries, self.retries, self.probe = cfg.max_retries, 0, probe
+        self.env, self.dist, self.rundir, self.net, self.tel = env, dist, rundir, net, tel
+        self.batch = batch
+        self.distributed = dist.distributed_training and (not probe or is_fsdp(net))
         self.headroom = headroom
         self.phase = ""  # what this rank is doing in the current attempt (faults.py reads it)
+        self.allocated_before_backward = 0  # CUDA, probe: what forward left allocated (the backward headroom)
 
-    def attempt(self) -> "_Attempt":
+    @classmethod
+    def for_probe(cls, env, dist, model: nn.Module, n: int) -> "Recovery":
+        """The probe's trial at micro-batch n: the unwrapped model on its own (ddp), the sharded one in
+        lockstep with every training rank (fsdp)."""
+        return cls(AutobatchConfig(), env, dist, None, model, OFF, Batch(n, n, 1), probe=True)
+
+    def attempt(self, step: int) -> "_Attempt":
         """One try at the step's forwards and backwards (a context manager); see the module's docstring.
         Under fsdp on 2+ ranks, first the step's all-gathers, on every rank (fsdp.unshard_for_step);
         with recovery off (autobatch.max_retries=0) FSDP's own step instead: gather per block, reshard
         after its forward (the least memory)."""
-        if self.enabled and self.distributed and is_sharded(self.ddp):
+        if not self.enabled:
+            return _OFF
+        attempt = _Attempt(self, step)
+        if self.distributed and is_fsdp(self.net):
             try:
-                unshard_for_step(self.ddp)
-            except Exception as e:  # noqa: BLE001 - the others may be inside the all-gather: restart
-                if is_oom(e):
-                    self.restart(self.state.batch, "unshard")
-                raise
-        return _Attempt(self) if self.enabled else _OFF
+                unshard_for_step(self.net)
+            except Exception as e:  # noqa: BLE001 - the others may be inside the all-gather
+                if not is_oom(e):
+                    raise
+                if not self.probe:
+                    self.restart(step, "unshard")
+                attempt.failed = "unshard"  # the probe: nothing is pending after it, agree at once
+        return attempt
 
-    @staticmethod
-    def syncs(ddp: nn.Module, last: bool) -> bool:
-        """Whether DDP all-reduces in this micro-batch's backward: in the last one only, with or without
-        recovery; except before ddp.static_graph has recorded its graph, in a first backward that must sync
-        (DDP fails an unsynced one then). One process: the last, where the (local) agreement goes."""
-        recording = getattr(ddp, "static_graph", False) and not ddp._static_graph_delay_allreduce_enqueued
+    def syncs(self, last: bool) -> bool:
+        """Whether gradients are synchronized in this micro-batch's backward: in the last one only; except
+        before ddp.static_graph has recorded its graph, in a first backward that must sync (DDP fails an
+        unsynced one then); never in the probe's trial."""
+        if self.probe:
+            return False
+        recording = getattr(self.net, "static_graph", False) and not self.net._static_graph_delay_allreduce_enqueued
         return last or recording
 
-    @staticmethod
-    def no_sync(ddp: nn.Module, sync: bool):
+    def no_sync(self, sync: bool):
         """The micro-batch's forward runs in this. DDP: `no_sync()` unless it syncs. FSDP: the flags its
         backward reads (after this block), set by every micro-batch for its own (fsdp.accumulate)."""
-        if is_sharded(ddp):
-            accumulate(ddp, sync)
+        if is_fsdp(self.net):
+            accumulate(self.net, sync)
             return nullcontext()
-        return nullcontext() if sync or not hasattr(ddp, "no_sync") else ddp.no_sync()
+        return nullcontext() if sync or not hasattr(self.net, "no_sync") else self.net.no_sync()
 
-    def agree(self, failed: str = "") -> None:
+    def agree(self, step: int, failed: str = "") -> None:
         """The step's one agreement: per rank 0 (fine) or 1 + the index of its phase in PHASES, then the
         Guard's stop flags; MAX over the training group (a CPU tensor: gloo, no device sync). Raises
         StepOOM on every rank if any rank ran out of memory or would."""
-        world = self.env.train_world
-        mine = PHASES.index(failed) + 1 if failed else len(PHASES) * self.headroom.short(self.state.step)
-        flags = torch.zeros(world + 2, dtype=torch.int32)
-        flags[max(self.env.train_rank, 0)] = mine
-        flags[world:] = torch.tensor(self.guard.local(), dtype=torch.int32)
+        world = self.env.train_world if self.distributed else 1
+        short = self.headroom is not None and self.headroom.short(step)
+        mine = PHASES.index(failed) + 1 if failed else len(PHASES) * short
+        stops = self.guard.local() if self.guard is not None else []
+        flags = torch.tensor([0] * world + stops, dtype=torch.int32)
+        flags[max(self.env.train_rank, 0) if self.distributed else 0] = mine
         if self.distributed:
             tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self.dist.group)
         flags = flags.tolist()
-        self.guard.carried(flags[world:])
+        if self.guard is not None:
+            self.guard.carried(flags[world:])
         bad = {r: PHASES[v - 1] for r, v in enumerate(flags[:world]) if v}
         if bad:
             raise StepOOM(", ".join(sorted(set(bad.values()), key=PHASES.index)), sorted(bad))
+        if self.probe and is_fsdp(self.net):
+            stand_in_grads(self.net)  # no reduce-scatter ran: the optimizer state must still be allocated
 
-    def recover(self, batch: Batch, e: StepOOM, step: int) -> Batch:
-        """After every rank dropped the step's graph and gradients: the halved batch, or give up clearly."""
+    def recover(self, e: StepOOM, step: int) -> None:
+        """After every rank dropped the step's graph and gradients: halve the batch, or give up clearly."""
         cleanup(self.env.device)
-        self._reset_ddp()
-        self._check_can_halve(batch, e.phase, e.ranks, step, str(e))
+        self._reset_net()
+        batch = self.batch
+        self._check_can_halve(e.phase, e.ranks, step, str(e))
         self.retries += 1
-        smaller = batch.halved()
+        self.batch = batch.halved()
         log.warning("%s at step %d: redoing it with micro-batch %d -> %d, accumulation %d (same %d samples)",
-                    e, step + 1, batch.micro, smaller.micro, smaller.accum, smaller.step)
+                    e, step + 1, batch.micro, self.batch.micro, self.batch.accum, self.batch.step)
         self.tel.event("oom_retry", step=step, phase=e.phase, ranks=e.ranks, micro_from=batch.micro,
-                       micro_to=smaller.micro, accum=smaller.accum, step_batch=smaller.step, retry=self.retries)
+                       micro_to=self.batch.micro, accum=self.batch.accum, step_batch=self.batch.step,
+                       retry=self.retries)
         if self.env.is_main:  # a resume continues with the reduced micro-batch
-            self._record(step, e.phase, e.ranks, batch, smaller)
-        return smaller
+            record = self.rundir.read_autobatch()
+            if record is not None:
+                self.rundir.write_autobatch(record.reduced(step, e.phase, e.ranks, self.batch.micro, self.batch.accum))
 
-    def restart(self, batch: Batch, phase: str = "last backward") -> None:
+    def restart(self, step: int, phase: str = "last backward") -> None:
         """An OOM inside the last backward on 2+ ranks (or in fsdp's all-gather at the step's start): the
-        others wait in a collective, so nothing can be agreed. Record the halved micro-batch (this rank
-        writes autobatch.json and the event: rank 0 may be the one waiting) and exit with EXIT_RESTART;
-        torchrun ends the others."""
-        step, rank = self.state.step, self.env.train_rank
+        others wait in a collective, so nothing can be agreed. Record the halved micro-batch in an
+        `oom_restart` event (this rank's events; training rank 0 folds them in and applies the reduction
+        when the group restarts: rank 0 may be the one waiting) and exit with EXIT_RESTART; torchrun ends
+        the others."""
+        rank, batch = self.env.train_rank, self.batch
         what = f"out of memory in the {phase} on training rank {rank}"
-        self._check_can_halve(batch, phase, [rank], step, what, everywhere=False)
+        self._check_can_halve(phase, [rank], step, what, everywhere=False)
         smaller = batch.halved()
-        self._record(step, phase, [rank], batch, smaller, restart=True)
-        self.rundir.event("oom_restart", step=step, rank=rank, micro_from=batch.micro, micro_to=smaller.micro,
-                          exit_code=EXIT_RESTART)
+        self.rundir.rank_event(self.env.rank, "oom_restart", step=step, rank=rank, phase=phase,
+                               micro_from=batch.micro, micro_to=smaller.micro, accum=smaller.accum,
+                               exit_code=EXIT_RESTART)
         log.error("%s at step %d: exiting with status %d; torchrun --max-restarts (or a requeue) resumes from "
                   "the last checkpoint with micro-batch %d -> %d, accumulation %d", what, step + 1, EXIT_RESTART,
                   batch.micro, smaller.micro, smaller.accum)
         logging.shutdown()
         raise SystemExit(EXIT_RESTART)
 
-    def _check_can_halve(self, batch: Batch, phase: str, ranks: List[int], step: int, what: str,
-                         everywhere: bool = True) -> None:
+    def _check_can_halve(self, phase: str, ranks: List[int], step: int, what: str, everywhere: bool = True) -> None:
+        batch = self.batch
         if batch.micro > 1 and self.retries < self.max_retries:
             return
         why = "at micro-batch 1" if batch.micro == 1 else f"after autobatch.max_retries={self.max_retries}"
@@ -204,29 +234,23 @@ class Recovery:
                "lower batch.size, use a smaller model or free device memory")
         log.error(msg)
         fields = dict(step=step, phase=phase, ranks=ranks, micro_batch=batch.micro)
-        self.tel.event("oom_giveup", **fields) if everywhere else self.rundir.event("oom_giveup", **fields)
+        if everywhere:
+            self.tel.event("oom_giveup", **fields)
+        else:
+            self.rundir.rank_event(self.env.rank, "oom_giveup", **fields)
         raise OutOfMemory(msg) from None
 
-    def _record(self, step: int, phase: str, ranks: List[int], batch: Batch, smaller: Batch,
-                restart: bool = False) -> None:
-        record = self.rundir.read_autobatch()
-        if record is not None:
-            record.oom_retries.append({"step": step, "phase": phase, "ranks": ranks, "micro_from": batch.micro,
-                                       "micro_to": smaller.micro, **({"restart": True} if restart else {})})
-            record.micro_batch, record.accum = smaller.micro, smaller.accum
-            self.rundir.write_autobatch(record)
-
-    def _reset_ddp(self) -> None:
+    def _reset_net(self) -> None:
         """A redo after the agreement: ranks that ran the last (synced) forward expect its backward; clear
         DDP's reducer so the redo's no_sync backwards stay local, and have the redo's first forward
         broadcast rank 0's buffers on every rank (a rank that failed early would skip it otherwise).
         FSDP: drop the gradients accumulated unsharded before the OOM."""
-        if is_sharded(self.ddp):
-            reset_step(self.ddp)
-        reducer = getattr(self.ddp, "reducer", None)
+        if is_fsdp(self.net):
+            reset_step(self.net)
+        reducer = getattr(self.net, "reducer", None)
         if reducer is not None:
             reducer._reset_state()  # as DDP does itself when its process group changes
-            self.ddp.require_forward_param_sync = True
+            self.net.require_forward_param_sync = True
 
 
 class Lockstep:
@@ -237,7 +261,7 @@ class Lockstep:
         self.dist = dist
 
     def all(self, flag: bool) -> bool:
-        return self.dist.all_reduce(torch.tensor([float(not flag)]), "max").item() == 0
+        return not self.dist.any_rank(not flag)
 
     def min(self, n: int) -> int:
         return int(self.dist.all_reduce(torch.tensor([n], dtype=torch.int64), "min").item())
@@ -247,33 +271,41 @@ class _Attempt:
     """Catches an OOM in its block. Before the agreement (a forward, a non-last backward) this rank goes
     straight to the agreement and reports it; after it (the last backward) see Recovery.restart."""
 
-    def __init__(self, rec: Recovery):
-        self.rec, self.agreed = rec, False
+    def __init__(self, rec: Recovery, step: int):
+        self.rec, self.step, self.agreed, self.failed = rec, step, False, ""
 
     def __enter__(self) -> "_Attempt":
+        if self.failed:  # fsdp's up-front all-gather failed (the probe): straight to the agreement
+            self.agree()
         return self
 
     def phase(self, name: str):
         self.rec.phase = name
+        if self.rec.probe and name.endswith("backward") and self.rec.env.device.type == "cuda":
+            self.rec.allocated_before_backward = torch.cuda.memory_allocated(self.rec.env.device)
         return nullcontext()
 
     def agree(self) -> None:
-        """Before the first backward that all-reduces (the last): the attempt's one agreement."""
+        """Before the first backward that synchronizes (the last), or at the end of the trial's backwards
+        (the probe): the attempt's one agreement."""
         if not self.agreed:
             self.agreed = True
-            self.rec.agree()
+            self.rec.agree(self.step, self.failed)
 
     def __exit__(self, typ, exc, tb) -> bool:
         phase, self.rec.phase = self.rec.phase, ""
-        if exc is None or not is_oom(exc):
+        if exc is None:
+            self.agree()
+            return False
+        if not is_oom(exc):
             return False
         log.warning("out of memory in %s on this rank: %s", phase, str(exc).splitlines()[0][:200])
         traceback.clear_frames(tb)  # the failed frames hold activations
         if self.agreed and self.rec.distributed:
-            self.rec.restart(self.rec.state.batch)
+            self.rec.restart(self.step)
         if self.agreed:  # one rank: nothing runs a collective, the agreement is local
             raise StepOOM(phase, [0]) from None
-        self.rec.agree(failed=phase)
+        self.rec.agree(self.step, failed=phase)
         return False  # not reached: agree raises StepOOM on every rank
 
 

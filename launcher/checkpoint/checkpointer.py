@@ -9,14 +9,13 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from launcher.batch.geometry import Batch
 from launcher.checkpoint import dcp, store
-from launcher.dist import fsdp
-from launcher.dist.rng import rng_state, seed_everything, set_rng_state
+from launcher.config.schema import CheckpointConfig
+from launcher.dist.rng import rng_state, set_rng_state
 from launcher.errors import SaveError
 from launcher.files import read_json
 
@@ -25,15 +24,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainState:
-    """Where the loop is. `batch` changes only by OOM recovery; autobatch.json carries it across a resume."""
-    batch: Batch
+    """Where the loop is. (The micro-batch is not here: autobatch.json carries it across a resume.)"""
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "micro_batch": self.batch.micro, "accum": self.batch.accum}
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -52,33 +49,51 @@ class _RNG:
         set_rng_state(state, self.device)
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What `restore` found: the step, and whether every rank got its own per-rank parts (RNG, loss
+    meter) back, which needs the same number of training ranks as the saving run."""
+    step: int
+    per_rank: bool
+
+
 class Checkpointer:
-    """Save and restore of the whole training state.
+    """Save and restore of the whole training state, and when to save.
 
     `parts` (model, optimizer, scheduler, scaler, EMA) are training rank 0's, saved once and loaded
     by every rank; `state` (the loop's position) is stored at the top level. `per_rank` parts (RNG,
     the loss meter) are gathered from every training rank, and each rank takes its own back.
-    With a fully_shard-ed model (fsdp) every rank saves its own shards of every part into one .dcp
-    directory; restore loads either kind into either strategy."""
+    `sharded` (fsdp): every rank saves its own shards of every part into one .dcp directory; restore
+    loads either kind into either strategy."""
 
-    def __init__(self, cfg, env, dist, rundir, tel, state: TrainState, parts: Dict[str, Any],
-                 per_rank: Dict[str, Any]):
+    def __init__(self, cfg: CheckpointConfig, env, dist, rundir, tel, state: TrainState, parts: Dict[str, Any],
+                 per_rank: Dict[str, Any], sharded: bool = False):
         self.cfg, self.env, self.dist, self.rundir, self.tel = cfg, env, dist, rundir, tel
         self.state, self.parts, self.per_rank = state, parts, {"rng": _RNG(env.device), **per_rank}
+        self.sharded = sharded
 
-    def should_save(self, step: int, last: bool) -> bool:
-        every = self.cfg.checkpoint.every_steps
-        return last or bool(every and step % every == 0)
+    def step_end(self, step: int, force: bool, protect: Callable[[], Iterable[int]]) -> None:
+        """After every optimizer step, on every training rank: save every `checkpoint.every_steps` steps,
+        and whenever the loop says a checkpoint must exist (`force`: a validation step, a stop, the end).
+        `protect()`: steps retention must keep (the best, the ones still being validated)."""
+        every = self.cfg.every_steps
+        if force or (every and step % every == 0):
+            self.save(protect())
+
+    def prune(self, protect: Iterable[int] = ()) -> None:
+        """Retention again (rank 0), with what is known now: the last `keep_last`, and `protect`."""
+        if self.env.is_main:
+            store.prune(self.rundir.checkpoints, self.cfg.keep_last, protect)
 
     def save(self, protect: Iterable[int] = ()) -> None:
         """Every training rank calls this; rank 0 writes. If rank 0 cannot write (disk full, read-only),
         every rank raises SaveError together, so none is left waiting in a collective."""
-        if fsdp.is_sharded(self.parts["model"]):  # fsdp: checkpoints are directories
+        if self.sharded:  # fsdp: checkpoints are directories
             info = {"train": self.state.state_dict(), "train_world": self.env.train_world,
                     "wandb_id": self.tel.wandb_id}
             path = store.save_sharded(self.rundir.checkpoints, self.state.step, dcp.state_of(self.parts),
                                 {name: part.state_dict() for name, part in self.per_rank.items()}, info,
-                                self.dist, self.env.train_rank, self.cfg.checkpoint.keep_last, protect)
+                                self.dist, self.env.train_rank, self.cfg.keep_last, protect)
             self.tel.event("checkpoint", step=self.state.step, path=path.name)
             return
         buf = io.BytesIO()  # tensors travel as torch.save bytes: pickling them through gloo fails
@@ -89,17 +104,15 @@ class Checkpointer:
             data = {**{name: part.state_dict() for name, part in self.parts.items()}, **self.state.state_dict(),
                     "train_world": self.env.train_world, "ranks": ranks, "wandb_id": self.tel.wandb_id}
             try:
-                path = store.save(self.rundir.checkpoints, self.state.step, data, self.cfg.checkpoint.keep_last, protect)
+                path = store.save(self.rundir.checkpoints, self.state.step, data, self.cfg.keep_last, protect)
                 self.tel.event("checkpoint", step=self.state.step, path=path.name)
             except SaveError as e:
                 error = e
-        if self.dist.all_reduce(torch.tensor([float(error is not None)]), "max").item():
+        if self.dist.any_rank(error is not None):
             raise error or SaveError(f"training rank 0 could not save the step-{self.state.step} checkpoint")
 
-    def restore(self) -> bool:
-        """Rank 0 picks the newest checkpoint that loads; every rank loads that one. False: none."""
-        if self.cfg.run.resume == "never":
-            return False
+    def restore(self) -> Optional[Resumed]:
+        """Rank 0 picks the newest checkpoint that loads; every rank loads that one. None: there is none."""
         path, data, skipped = store.load_latest(self.rundir.checkpoints) if self.env.is_main else (None, None, [])
         for reason in skipped:
             self.tel.event("checkpoint_skipped", reason=reason)
@@ -110,7 +123,7 @@ class Checkpointer:
                             self.rundir.checkpoints, "; ".join(skipped))
                 self.tel.truncate_after(0)
                 self.tel.event("restart_from_scratch", skipped=len(skipped))
-            return False
+            return None
         found = Path(found)
         data, own, saved_world = self._load_dir(found) if found.is_dir() else self._load_pt(found, data)
         self.state.load_state_dict(data)
@@ -118,13 +131,12 @@ class Checkpointer:
         if own is not None:
             for name, part in self.per_rank.items():
                 part.load_state_dict(own[name])
-        else:  # another number of ranks: continue, but per-rank randomness starts afresh
-            seed_everything(self.cfg.run.seed + self.env.rank + 1000 * step)
+        else:  # another number of ranks: the caller reseeds per-rank randomness
             self.tel.event("resume_world_changed", saved=saved_world, now=self.env.train_world)
         self.tel.truncate_after(step, wandb_id=data.get("wandb_id"))
         self.tel.event("resume", step=step, epoch=self.state.epoch, checkpoint=found.name,
                        restart_count=self.env.restart_count)
-        return True
+        return Resumed(step, own is not None)
 
     def _load_dir(self, found: Path) -> Tuple[dict, Optional[dict], int]:
         """A sharded checkpoint, into either strategy: each rank reads what its template needs (its rows of
@@ -142,7 +154,7 @@ class Checkpointer:
         its rows of the full tensors."""
         if not self.env.is_main:
             data = store.load(found)
-        if fsdp.is_sharded(self.parts["model"]):  # fsdp: checkpoints are directories
+        if self.sharded:  # each rank keeps its rows of the full tensors
             dcp.apply(self.parts, data, full=True)
         else:
             for name, part in self.parts.items():

@@ -134,7 +134,7 @@ def save(directory: Path, step: int, state: Dict[str, Any], own: dict, info: dic
         dcp.save(state, checkpoint_id=str(tmp), process_group=dist.group, no_dist=dist.group is None)
     except Exception as e:  # noqa: BLE001 - DCP wraps OSErrors in CheckpointException
         error = error or e
-    failed = _failed(dist, error)
+    failed = dist.any_rank(error is not None)
     if rank == 0 and not failed:
         try:
             write_json(tmp / MANIFEST, {**info, "step": step, "files": checksums(tmp)})
@@ -150,13 +150,9 @@ def save(directory: Path, step: int, state: Dict[str, Any], own: dict, info: dic
     return final
 
 
-def _failed(dist, error: Optional[BaseException]) -> bool:
-    """Whether any training rank failed (collective)."""
-    return bool(dist.all_reduce(torch.tensor([float(error is not None)]), "max").item())
-
-
 def _agree(dist, error: Optional[BaseException], other: str) -> None:
-    if _failed(dist, error):
+    """Raise on every rank together when any training rank failed (collective)."""
+    if dist.any_rank(error is not None):
         if isinstance(error, OSError):
             raise error
         raise OSError(f"{type(error).__name__}: {error}" if error else other)

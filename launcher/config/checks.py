@@ -5,11 +5,11 @@ line and exit status 2 (the CLI turns ConfigError into that).
 """
 from __future__ import annotations
 
-from typing import Any
+import signal
+from typing import Any, Iterable, List
 
-from launcher.config.schema import Config, get
+from launcher.config.schema import Config, get, validation_mode
 from launcher.errors import ConfigError
-from launcher.dist.signals import parse as parse_signals
 
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last", "optim.lr",
             "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
@@ -20,6 +20,26 @@ NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps",
 FSDP_FP16 = ("train.precision=fp16 is not supported with train.strategy=fsdp (the GradScaler's overflow check would "
              "see each rank's shards only); use train.precision=bf16 or fp32, or train.strategy=ddp")
 
+
+
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+def parse_signals(names: Iterable[str]) -> List[signal.Signals]:
+    """`["SIGTERM", "USR1", 15]` -> signals; a ValueError names the bad one."""
+    out = []
+    for name in names:
+        text = str(name).upper()
+        text = text if text.isdigit() or text.startswith("SIG") else "SIG" + text
+        try:
+            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text]
+        except (KeyError, ValueError):
+            raise ValueError(f"run.stop_signals: {name!r} is not a signal; use names like SIGTERM, SIGINT, "
+                             "SIGUSR1, SIGUSR2, SIGHUP") from None
+        if sig.name in UNCATCHABLE:
+            raise ValueError(f"run.stop_signals: {sig.name} cannot be caught; use SIGTERM, SIGINT, SIGUSR1, ...")
+        out.append(sig)
+    return out
 
 
 def _size_or_auto(key: str, value: Any) -> None:
@@ -40,7 +60,7 @@ def check_global_size(cfg: Config, world_size: int) -> None:
     size = cfg.batch.global_size
     if size is None or size <= 0 or world_size < 2:
         return
-    validator = cfg.validation.mode == "rank" or cfg.validation.mode == "auto"
+    validator = validation_mode(cfg.validation.mode, world_size) == "rank"
     train_world = world_size - 1 if validator else world_size
     if size % train_world == 0:
         return

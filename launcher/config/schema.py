@@ -227,6 +227,14 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
+def validation_mode(mode: str, world_size: int) -> str:
+    """What `validation.mode=auto` means for `world_size` processes (the one place that says it): the
+    last rank validates with N >= 2 (`rank`), a local child process with N == 1 (`process`)."""
+    if mode == "auto":
+        return "rank" if world_size >= 2 else "process"
+    return str(mode)
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

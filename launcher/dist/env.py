@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import torch
 
+from launcher.config.schema import validation_mode
 from launcher.errors import ConfigError
 
 
@@ -51,13 +52,6 @@ class Env:
 
 def _int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
-
-
-def validation_mode(mode: str, world_size: int) -> str:
-    """What `auto` means here: the last rank validates with N >= 2, a local child process with N == 1."""
-    if mode == "auto":
-        return "rank" if world_size >= 2 else "process"
-    return mode
 
 
 def detect(validation_mode_: str = "off", validation_rank: int = -1, device: str = "auto",

@@ -133,9 +133,19 @@ def reset_step(model: nn.Module) -> None:
                 p._unsharded_param.grad = None
 
 
-def is_sharded(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether `model` was sharded by `shard` (fsdp with 2+ training ranks): the one answer to "is this
+    run sharded?" that the hand-off, checkpoints and the EMA follow."""
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
+
+
+def stand_in_grads(model: nn.Module) -> None:
+    """The batch probe's trial skips the reduce-scatter (nothing collective between its agreements):
+    zero gradients in their place, so the optimizer step still allocates its sharded state."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def full_state(state: Dict[str, torch.Tensor], keep: bool = True) -> Dict[str, torch.Tensor]:

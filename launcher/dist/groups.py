@@ -66,6 +66,10 @@ class Dist:
             dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=self.group)
         return t
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any training rank (a CPU tensor: gloo even on CUDA, no device sync)."""
+        return bool(self.all_reduce(torch.tensor([float(flag)]), "max").item())
+
     def all_gather_object(self, obj: Any) -> list:
         if not self.distributed_training:
             return [obj]

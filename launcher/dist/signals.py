@@ -25,34 +25,17 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 
+from launcher.config.checks import parse_signals
+from launcher.config.schema import RunConfig
+
 log = logging.getLogger(__name__)
-UNCATCHABLE = ("SIGKILL", "SIGSTOP")
-
-
-def parse(names: Iterable[str]) -> List[signal.Signals]:
-    """`["SIGTERM", "USR1", 15]` -> signals; a ValueError names the bad one."""
-    out = []
-    for name in names:
-        text = str(name).upper()
-        text = text if text.isdigit() or text.startswith("SIG") else "SIG" + text
-        try:
-            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text]
-        except (KeyError, ValueError):
-            raise ValueError(f"run.stop_signals: {name!r} is not a signal; use names like SIGTERM, SIGINT, "
-                             "SIGUSR1, SIGUSR2, SIGHUP") from None
-        if sig.name in UNCATCHABLE:
-            raise ValueError(f"run.stop_signals: {sig.name} cannot be caught; use SIGTERM, SIGINT, SIGUSR1, ...")
-        out.append(sig)
-    return out
-
-
 class StopFlag:
     """Remembers the first stop signal received; `signum` is 0 until then."""
 
     def __init__(self, names: Iterable[str]):
         self.signum = 0
         self.received_at: Optional[float] = None
-        for sig in parse(names):
+        for sig in parse_signals(names):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -83,9 +66,9 @@ class Guard:
     `local()` is this rank's [signal, early stop]; a step's OOM agreement carries it (`carried()`),
     else `step_end()` all-reduces it itself."""
 
-    def __init__(self, cfg, dist, tel, early_stop: Callable[[], bool] = lambda: False):
+    def __init__(self, cfg: RunConfig, dist, tel, early_stop: Callable[[], bool] = lambda: False):
         self.dist, self.tel, self.early_stop = dist, tel, early_stop
-        self.flag = StopFlag(cfg.run.stop_signals)
+        self.flag = StopFlag(cfg.stop_signals)
         self._carried: Optional[List[int]] = None
 
     def local(self) -> List[int]:

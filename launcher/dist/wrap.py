@@ -25,10 +25,10 @@ def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
-def shard(model: nn.Module, cfg: Config, group, device: torch.device, precision: str, job) -> nn.Module:
+def shard(model: nn.Module, strategy: str, group, device: torch.device, precision: str, job) -> nn.Module:
     """train.strategy=fsdp with a training group of 2+ ranks: `model` sharded in place by FSDP2
     (fsdp.py), before the batch probe, so the probe measures the sharded step; else `model`."""
-    if cfg.train.strategy != "fsdp":
+    if strategy != "fsdp":
         return model
     if precision == "fp16":  # train.precision=auto on a GPU without bf16
         raise ConfigError(FSDP_FP16)

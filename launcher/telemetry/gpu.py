@@ -120,5 +120,7 @@ def node_cuda_indices(env: Any, cfg: Any) -> List[int]:
         return []
     import torch
 
-    extra = int(env.world_size == 1 and cfg.validation.mode in ("auto", "process"))
+    from launcher.config.schema import validation_mode
+
+    extra = int(validation_mode(cfg.validation.mode, env.world_size) == "process")
     return list(range(min(max(env.local_world_size, 1) + extra, torch.cuda.device_count())))

@@ -1,7 +1,8 @@
 """The trainer's side of validation: off, inline (the blocking baseline) or asynchronous.
 
-One object from `for_training()`, the same interface for all: `should_validate`,
-`submit`, `poll`, `stop_requested`, `protected_steps`, `finish`. Asynchronous
+One object from `for_training()` on every training rank, the same interface for all: `due`
+(the one validation cadence: every training rank checkpoints at validation steps), `submit`,
+`poll`, `fence`, `flush`, `stop_requested`, `protected_steps`, `finish`. Asynchronous
 validation hands snapshots to a validator elsewhere (a child process it spawns, the
 validator rank, or `launcher validate` started by hand) and reads its results from
 the run directory without blocking; it never imports the validator. Under
@@ -14,13 +15,13 @@ import copy
 import logging
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
-from launcher.checkpoint import store
 from launcher.validation import control
 from launcher.validation import handoff
 from launcher.validation.supervisor import child_device, spawn
-from launcher.dist.env import validation_mode
+from launcher.config.schema import validation_mode
 from launcher.validation.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
 from launcher.faults import handoff_fault
 from launcher.files import JsonlTail
@@ -30,20 +31,29 @@ from launcher.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def due(cfg, world_size: int, step: int, epoch: int, end_of_epoch: bool, last: bool) -> bool:
-    """Whether `step` is a validation step: the same answer on every training rank, so all of them
-    checkpoint there too (the best step always has a full checkpoint for retention to keep)."""
-    v = cfg.validation
-    if validation_mode(v.mode, world_size) == "off":
-        return False
-    return last or (step % v.every_steps == 0 if v.every_steps else end_of_epoch and (epoch + 1) % v.every_epochs == 0)
+@dataclass(frozen=True)
+class Cadence:
+    """Which steps validate: `validation.every_steps`, else every `validation.every_epochs` epochs, and the
+    last step; none with validation off."""
+    on: bool = False
+    every_steps: int = 0
+    every_epochs: int = 1
 
 
 class NoValidation:
-    """validation.mode=off, and every training rank but 0: nothing to do."""
+    """Nothing to validate here (validation.mode=off, or a training rank that hands nothing off); `due`
+    still answers, so that every training rank checkpoints at the validation steps (the best step always
+    has a full checkpoint for retention to keep)."""
 
-    def should_validate(self, step: int, epoch: int, end_of_epoch: bool, last: bool) -> bool:
-        return False
+    def __init__(self, cadence: Cadence = Cadence()):
+        self.cadence = cadence
+
+    def due(self, step: int, epoch: int, end_of_epoch: bool, last: bool) -> bool:
+        """Whether `step` is a validation step: the same answer on every training rank."""
+        c = self.cadence
+        if not c.on:
+            return False
+        return last or (step % c.every_steps == 0 if c.every_steps else end_of_epoch and (epoch + 1) % c.every_epochs == 0)
 
     def submit(self, step: int, epoch: int) -> None:
         pass
@@ -70,10 +80,8 @@ class NoValidation:
 
 class _Validation(NoValidation):
     def __init__(self, cfg, rundir: RunDir, tel):
+        super().__init__(cadence(cfg))
         self.cfg, self.rundir, self.tel = cfg, rundir, tel
-
-    def should_validate(self, step: int, epoch: int, end_of_epoch: bool, last: bool) -> bool:
-        return due(self.cfg, 1, step, epoch, end_of_epoch, last)
 
 
 class InlineValidation(_Validation):
@@ -235,8 +243,7 @@ class AsyncValidation(_Handoff):
             except subprocess.TimeoutExpired:
                 self.child.terminate()
                 self.child.wait()
-        # Retention again, now that the results are in: last K, the true best, what is still unvalidated.
-        store.prune(self.rundir.checkpoints, self.cfg.checkpoint.keep_last, self.protected_steps())
+        self.poll()  # the last results
         return {**best_summary(self.rundir.read_best()),
                 "validated_steps": len(self.validated & set(self.writer.submitted)),
                 "unvalidated_steps": [s for s in self.writer.submitted
@@ -246,23 +253,24 @@ class AsyncValidation(_Handoff):
                 "drain_s": round(time.perf_counter() - t0, 2)}
 
 
-def sharded(cfg) -> bool:
-    """train.strategy=fsdp: the EMA and the model are sharded over the training ranks."""
-    return cfg.train.strategy == "fsdp"
+def cadence(cfg) -> Cadence:
+    v = cfg.validation
+    return Cadence(v.mode != "off", v.every_steps, v.every_epochs)
 
 
-def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int, tel) -> NoValidation:
-    """Rank 0's validation; under fsdp with an asynchronous mode, every training rank's hand-off too."""
+def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int, tel,
+                 sharded: bool = False) -> NoValidation:
+    """This training rank's validation: rank 0's, and with a `sharded` model (fsdp) and an asynchronous
+    mode every rank's hand-off of its own shards."""
     mode = validation_mode(cfg.validation.mode, env.world_size)
-    fsdp = sharded(cfg)
-    if mode == "off" or env.train_rank < 0 or not (env.is_main or fsdp):
-        return NoValidation()
+    if mode == "inline" and cfg.train.strategy == "fsdp" and env.train_world >= 2:  # checks.py says so first
+        raise ConfigError("validation.mode=inline is not supported with train.strategy=fsdp on 2+ processes "
+                          "(rank 0 alone would evaluate a sharded model); use validation.mode=auto, process or off")
+    if mode == "off" or env.train_rank < 0 or not (env.is_main or sharded) or (mode == "inline" and not env.is_main):
+        return NoValidation(cadence(cfg))
     if mode == "inline":
-        if fsdp and env.train_world >= 2:  # checks.py says so first; this guards direct callers
-            raise ConfigError("validation.mode=inline is not supported with train.strategy=fsdp on 2+ processes "
-                              "(rank 0 alone would evaluate a sharded model); use validation.mode=auto, process or off")
         return InlineValidation(cfg, rundir, job, val_set, model, ema, micro, env.device, tel)
-    world = env.train_world if fsdp else None
+    world = env.train_world if sharded else None
     if not env.is_main:
         return ShardHandoff(cfg, rundir, model, ema, env.device, tel, rank=env.train_rank, world=world)
     child = spawn(rundir, child_device(env)) if mode == "process" else None  # rank/external: started elsewhere

@@ -22,7 +22,6 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from launcher.batch.geometry import Batch
 from launcher.checkpoint.checkpointer import Checkpointer, TrainState
 from launcher.errors import SaveError
 from launcher.checkpoint.export import save_weights
@@ -131,12 +130,16 @@ def main() -> int:
     opt = build_optimizer(model, optim, torch.device("cpu"))
     sched = build_scheduler(opt, SimpleNamespace(min_lr=0.1, warmup_bias_lr=None), optim.lr, args.steps, 0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state, meter = TrainState(Batch(12 // env.train_world, 12 // env.train_world, env.train_world)), Meter()
-    ckpt = Checkpointer(cfg, env, dist, rundir, Tel(rundir, env.is_main), state, per_rank={"meter": meter},
-                        parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema})
-    resumed = ckpt.restore()
-    if not resumed:
+    state, meter = TrainState(), Meter()
+    ckpt = Checkpointer(cfg.checkpoint, env, dist, rundir, Tel(rundir, env.is_main), state, per_rank={"meter": meter},
+                        parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema},
+                        sharded=fsdp.is_fsdp(model))
+    found = ckpt.restore() if cfg.run.resume != "never" else None
+    resumed = found is not None
+    if found is None:
         seed_everything(env.rank)
+    elif not found.per_rank:  # as the Trainer does after a resume on another number of ranks
+        seed_everything(cfg.run.seed + env.rank + 1000 * found.step)
     if args.loaded:
         loaded = full_state(model, opt, ema)
         if env.is_main:
@@ -151,7 +154,7 @@ def main() -> int:
         ema.update(model)
         meter.sum += loss.detach()
         state.step += 1
-        if ckpt.should_save(state.step, state.step == args.steps):
+        if state.step == args.steps or state.step % cfg.checkpoint.every_steps == 0:
             try:
                 ckpt.save()
             except SaveError as e:

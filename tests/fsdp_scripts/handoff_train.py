@@ -44,13 +44,13 @@ def main() -> None:
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     ema = SimpleNamespace(shadow=model.state_dict())  # DTensors, as part A's sharded EMA
     tel = Telemetry(rundir, cfg, env, a.steps, enabled=rank == 0)
-    val = trainer_side.for_training(cfg, env, rundir, job, None, model, ema, 8, tel)
+    val = trainer_side.for_training(cfg, env, rundir, job, None, model, ema, 8, tel, sharded=True)
     dist.barrier()  # rank 0's Writer is set up before any rank hands off
     for step in range(1, a.steps + 1):
         val.fence()
         time.sleep(0.01)  # a training step
         val.poll()
-        if val.should_validate(step, 0, False, step == a.steps):
+        if val.due(step, 0, False, step == a.steps):
             val.submit(step, 0)
         dist.barrier()  # the training steps' collectives
     summary = val.finish(a.steps, 0)
