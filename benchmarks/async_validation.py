@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 from common import print_rows, row, write  # noqa: E402
 from launcher.files import read_jsonl  # noqa: E402
+from tests.support.handoff import idle  # noqa: E402
 
 
 def run(args: list, run_dir: Path, nproc: int) -> dict:
@@ -93,7 +94,7 @@ def handoff_stall(quick: bool) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(w.put(i, 0, {"ema": state}) * 1e3)
-            while not w.idle:  # measure the put alone, not waiting for a busy writer
+            while not idle(w):  # measure the put alone, not waiting for a busy writer
                 time.sleep(0.01)
             for p in Path(tmp, "handoff").glob("*"):
                 p.unlink()
@@ -142,7 +143,7 @@ def writer_stall(quick: bool) -> dict:
         for i in range(2 if quick else 4):  # interleaved: idle, new writer, old writer
             out["idle"] += _step_loop(lambda: True, 200)
             w.put(i, 0, {"ema": state})  # on the CPU the copy happens here; the timing starts after it
-            out["writer"] += _step_loop(lambda: w.idle)
+            out["writer"] += _step_loop(lambda: idle(w))
             t = threading.Thread(target=old_write, args=(i,))
             t.start()
             out["bytes_copy"] += _step_loop(lambda: not t.is_alive())

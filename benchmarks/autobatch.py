@@ -263,7 +263,7 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     from launcher.dist.signals import Guard
     from launcher.rundir import RunDir
     from launcher.step import forward_backward
-    from launcher.telemetry import OFF
+    from launcher.telemetry.off import OFF
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))

@@ -40,6 +40,7 @@ def worker(strategy: str, layers: int, puts: int) -> None:
     """One rank under torchrun: one step, then count and time; rank 0 prints every rank's figures."""
     from launcher.dist import wrap
     from launcher.validation import handoff
+    from tests.support.handoff import idle
     from launcher.dist.groups import Dist
     from launcher.ema import EMA
     from launcher.dist.env import Env
@@ -77,7 +78,7 @@ def worker(strategy: str, layers: int, puts: int) -> None:
         writer = handoff.Writer(run, "all", 0, device, rank=rank, world=world if sharded else None)
         writer.prepare({"ema": ema.shadow})
         for i in range(puts + 1):
-            while not writer.idle:  # validations are further apart than one write
+            while not idle(writer):  # validations are further apart than one write
                 time.sleep(0.01)
             writer.put(i + 1, 0, {"ema": ema.shadow})
         writer.flush()

@@ -1,4 +1,4 @@
-"""launcher: DDP training with an EMA on rank 0 and validation that never blocks training."""
+"""launcher: DDP or FSDP2 training with an EMA of the weights and validation that never blocks training."""
 import os as _os
 
 __version__ = "0.1.0"

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf, open_dict
 
 from launcher.config import checks, schema
-from launcher.config.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_context, hydra_keys, hydra_main, \
-    one_line, split_config_dir
+from launcher.config.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_keys, hydra_main, one_line, split_config_dir
 from launcher.rundir import RunDir
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
@@ -68,8 +65,6 @@ def load_config(overrides: List[str]) -> Tuple[Config, str]:
 
 def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
     """A run's own config (its config.yaml) with `overrides` on top: what `launcher validate` uses."""
-    from hydra import compose
-
     from launcher.config import history
 
     schema.register()
@@ -77,8 +72,7 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
         saved = OmegaConf.load(rundir.config)
         group = saved.job.get("name")
         group = group if (CONF_DIR / "job" / f"{group}.yaml").exists() else "custom"
-        with hydra_context(None):
-            cfg = compose("config", overrides=[f"job={group}"])
+        cfg = compose_config([f"job={group}"])
         with open_dict(cfg):  # the saved config was valid when it ran (custom jobs add job.params.*)
             cfg = OmegaConf.merge(cfg, saved)
         for key, value in history.current(rundir).items():  # what resumes changed since
@@ -92,9 +86,9 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
 def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
     """Everything that can be rejected without a process group."""
     from launcher import jobs
-    import torch
     from launcher.jobs.base import declared_metrics
     from launcher.batch.geometry import plan
+    from launcher.dist.env import require_cuda
 
     checks.check(cfg, world_size)
     try:
@@ -112,9 +106,7 @@ def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
         raise ConfigError(f"validation.metric={cfg.validation.metric!r} is not a metric of job.target={cfg.job.target}; "
                           f"choose one of {', '.join(names)}")
     for key in ("train.device", "validation.device"):
-        if str(schema.get(cfg, key)).startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"{key}={schema.get(cfg, key)} but CUDA is not available on this machine; "
-                              f"use {key}=cpu or auto")
+        require_cuda(key, schema.get(cfg, key))
     _check_writable(Path(cfg.run.dir or cfg.run.root), "run.dir" if cfg.run.dir else "run.root")
     if cfg.batch.size != "auto":
         plan(cfg.batch, train_world)
@@ -135,11 +127,10 @@ def _make_run_dir(cfg: Config, config_text: str, overrides: List[str]) -> Tuple[
     from launcher.checkpoint import store
     from launcher.config import history
     from launcher.validation import control
-    from launcher.dist.env import run_id_from_env
+    from launcher.dist.env import run_id
     from launcher.files import atomic_write
 
-    run_id = cfg.run.id or run_id_from_env() or f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    rundir = RunDir(Path(cfg.run.dir or Path(cfg.run.root) / run_id).resolve())
+    rundir = RunDir(Path(cfg.run.dir or Path(cfg.run.root) / run_id(cfg.run.id)).resolve())
     if cfg.run.resume == "must" and store.load_latest(rundir.checkpoints)[0] is None:
         raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
                           "use run.resume=auto to start fresh, or point run.dir at an existing run")
@@ -239,7 +230,7 @@ def train_command(overrides: List[str]) -> int:
     from launcher.errors import SaveError
     from launcher.dist.groups import Dist
     from launcher.faults import fail_at_start
-    from launcher.telemetry import setup_logging
+    from launcher.telemetry.logs import setup_logging
     from launcher.train import Trainer
 
     from launcher.validation.supervisor import run_validator_rank
@@ -284,7 +275,7 @@ def validate_command(argv: List[str]) -> int:
     import torch
 
     from launcher.validation import control, handoff
-    from launcher.telemetry import setup_logging
+    from launcher.telemetry.logs import setup_logging
     from launcher.validation.validator import serve, validator_device
 
     try:

@@ -136,11 +136,6 @@ class Faults:
                     return out * float("nan")
             model.register_forward_hook(hook)
 
-    def _backward_oom(self, _module, _grad):
-        if self.state.step + 1 == self.oom_at and self.env.train_rank == self.env.train_world - 1:
-            at, self.oom_at = self.oom_at, None  # once
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated in backward: debug.simulate_oom_at_step={at})")
-
     def step_end(self, step: int, tel, dist) -> None:
         """After every optimizer step: debug.step_delay_s, then debug.fail_at_step (every training
         rank dies hard, no cleanup, once per run)."""

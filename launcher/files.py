@@ -12,7 +12,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -59,6 +59,27 @@ def write_safetensors(f, tensors: Dict[str, torch.Tensor], metadata: Dict[str, s
         digest.update(chunk)
         total += len(chunk)
     return digest.hexdigest(), total
+
+
+class Corrupt(ValueError):
+    """A file that fails its manifest: missing, truncated or changed. Readers report it and skip it."""
+
+
+def verify(data: bytes, sha256: str, size: Optional[int], what: str) -> None:
+    """Raise Corrupt unless `data` has the manifest's size and sha256 (the one checksum check of every reader)."""
+    if size is not None and len(data) != size:
+        raise Corrupt(f"{what}: size {len(data)} != {size} bytes (truncated?)")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise Corrupt(f"{what}: sha256 checksum mismatch (file corrupt or truncated)")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

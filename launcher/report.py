@@ -69,12 +69,6 @@ class Run:
                 out.setdefault((r.get("weights", "?"), k), []).append((r["step"], v))
         return {key: ([s for s, _ in sorted(pts)], [v for _, v in sorted(pts)]) for key, pts in out.items()}
 
-    def primary_metric(self) -> Optional[str]:
-        if self.best:
-            return self.best.get("metric")
-        keys = sorted({k for r in self.val for k in r.get("metrics", {})})
-        return keys[0] if keys else None
-
 
 def _plt():
     import matplotlib

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -89,15 +88,13 @@ def expand(overrides: List[str]) -> Tuple[List[List[str]], List[str]]:
 
 def sweep_root(cfg: Any) -> Path:
     """run.dir, else <run.root>/<run.id, SLURM_JOB_ID, TORCHELASTIC_RUN_ID..., else sweep-<time>>."""
-    from launcher.dist.env import run_id_from_env
+    from launcher.dist.env import run_id, run_id_from_env
 
     if cfg.run.dir:
         return Path(cfg.run.dir).resolve()
-    run_id = cfg.run.id or run_id_from_env()
-    if run_id is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if not (cfg.run.id or run_id_from_env()) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ConfigError("a sweep under torchrun needs a directory every rank agrees on: set run.dir=<dir>")
-    return (Path(cfg.run.root) / (run_id or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
-            ).resolve()
+    return (Path(cfg.run.root) / run_id(cfg.run.id, prefix="sweep-")).resolve()
 
 
 def multirun(args: List[str], check: Callable[[List[str], bool], Any]) -> int:

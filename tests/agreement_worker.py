@@ -19,7 +19,7 @@ from launcher.batch.recovery import Headroom, Recovery
 from launcher.rundir import RunDir
 from launcher.config.schema import Config
 from launcher.dist.signals import Guard
-from launcher.telemetry import OFF
+from launcher.telemetry.off import OFF
 
 
 CALLS = [0]

@@ -14,6 +14,7 @@ import torch
 
 from conftest import FAST, child_env, command, launch, read_jsonl
 from launcher.validation import control
+from tests.support.handoff import idle
 from launcher.validation import handoff
 from launcher.files import JsonlTail
 
@@ -63,7 +64,7 @@ def test_queue_policies_and_retention(tmp_path):
     w = handoff.Writer(tmp_path, "latest", keep=2, device=torch.device("cpu"))
     for step in (40, 50, 60):
         assert w.put(step, 0, {"raw": state}) is not None
-        while not w.idle:
+        while not idle(w):
             time.sleep(0.01)
     w.flush()
     assert handoff.pending(q) == [50, 60]

@@ -15,7 +15,7 @@ from torch import nn
 from conftest import FAST, final_weights, launch, read_jsonl
 from launcher.batch import probe
 from launcher.batch.geometry import geometry
-from support.simulated_device import SimulatedDevice
+from tests.support.simulated_device import SimulatedDevice
 from launcher.batch.recovery import is_oom
 from launcher.config.schema import AutobatchConfig
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAST, child_env, free_port, launch, read_jsonl
+from launcher.files import Corrupt
 from launcher.validation import handoff, handoff_shards
 
 SCRIPT = Path(__file__).parent / "fsdp_scripts" / "handoff_put.py"
@@ -80,7 +81,7 @@ def test_snapshot_appears_only_once_every_piece_is_in(tmp_path, nproc, state):
 
     handoff_shards.piece_path(q, 20, nproc - 1, nproc).unlink()
     snap = handoff.claim(q, "all")
-    with pytest.raises(handoff.Corrupt, match=f"piece of rank {nproc - 1} missing"):
+    with pytest.raises(Corrupt, match=f"piece of rank {nproc - 1} missing"):
         snap.load()
     snap.reject("missing piece")
     assert handoff.settled(q, 20) and handoff.manifest_path(q, 20, "bad").exists()

@@ -140,7 +140,8 @@ def test_gpu_monitor_is_off_without_nvml():
     """The real pynvml on a machine with no driver: start() returns the no-op sink, no thread."""
     import threading
 
-    from launcher.telemetry import OFF, GpuMonitor
+    from launcher.telemetry.gpu import GpuMonitor
+    from launcher.telemetry.off import OFF
 
     if torch.cuda.is_available():
         pytest.skip("a GPU driver is present here")
@@ -154,7 +155,7 @@ def test_gpu_monitor_is_off_without_nvml():
 def test_gpu_monitor_samples_by_uuid():
     import time
 
-    from launcher.telemetry import GpuMonitor
+    from launcher.telemetry.gpu import GpuMonitor
 
     mon = GpuMonitor.start([0], every_s=0.05)
     time.sleep(0.3)
@@ -210,7 +211,7 @@ def test_broken_wandb_never_stops_training(run_dir, tmp_path):
 
 def test_progress_modes_and_results_tail(tmp_path):
     from launcher.files import JsonlTail
-    from launcher.telemetry import PlainProgress, RichProgress, make_progress
+    from launcher.telemetry.progress import PlainProgress, RichProgress, make_progress
 
     assert type(make_progress("auto", 10, isatty=False)) is PlainProgress
     assert make_progress("off", 10).console is False

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -97,33 +97,15 @@ def hydra_keys(overrides: List[str]) -> Tuple[List[str], List[str]]:
     return loggers, rest
 
 
-@contextlib.contextmanager
-def hydra_context(config_dir: Optional[Path]) -> Iterator[None]:
-    """What `initialize_config_dir(conf/)` does, plus `--config-dir` where `hydra.main` puts it."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.initialize import get_gh_backup, restore_gh_from_backup
-    from hydra.version import setbase
+def compose_config(overrides: List[str], config_dir: Optional[Path] = None) -> DictConfig:
+    """The config `hydra.main` would compose, through Hydra's public Compose API: conf/ as the primary
+    config directory and `--config-dir` as a search-path entry (after conf/, before the schemas, where
+    hydra.main puts it); no output directory, no change of the working directory."""
+    from hydra import compose, initialize_config_dir
 
-    backup = get_gh_backup()
-    setbase(None)
-    search_path = create_config_search_path(str(CONF_DIR))
-    if config_dir is not None:
-        search_path.prepend(provider="command-line", path=f"file://{config_dir}",
-                            anchor=SearchPathQuery(provider="schema"))
-    try:
-        Hydra.create_main_hydra2(task_name="launcher", config_search_path=search_path)
-        yield
-    finally:
-        restore_gh_from_backup(backup)
-
-
-def compose_config(overrides: List[str], config_dir: Optional[Path]) -> DictConfig:
-    from hydra import compose
-
-    with hydra_context(config_dir):
-        cfg = compose("config", overrides=overrides)
+    search = [f"hydra.searchpath=[file://{config_dir}]"] if config_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=[*overrides, *search])
     apply_wandb_env(cfg, overrides)
     return cfg
 

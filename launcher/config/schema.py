@@ -1,9 +1,10 @@
 """The structured config: every key a user can set, its type and default.
 
 Hydra composes `conf/config.yaml` on top of these dataclasses, so an unknown key
-or a value of the wrong type is rejected before anything runs. `check()` adds the
-rules a type cannot express (choices, ranges, combinations). Only this module and
-`cli.py` know about Hydra; everything else receives a plain `Config` object.
+or a value of the wrong type is rejected before anything runs. `checks.py` adds the
+rules a type cannot express (ranges, combinations). Hydra itself is met only in this
+package (compose.py) and by sweeps (sweep.py); everything else receives a plain
+`Config` object.
 Choices are Enums (str-valued, so they compare equal to their names): the schema
 itself rejects a bad value, naming the valid ones. Each shipped job's own config
 dataclass lives beside the job in jobs/.

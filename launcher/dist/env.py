@@ -7,6 +7,7 @@ starts talking to another.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -87,10 +88,7 @@ def assign_device(local_rank: int, local_world_size: int, device_count: int, dev
     if device == "cpu" or (device == "auto" and device_count == 0):
         return torch.device("cpu")
     if device_count == 0:
-        build = "this torch is a CPU-only build" if torch.version.cuda is None else \
-            f"torch built for CUDA {torch.version.cuda}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}"
-        raise ConfigError(f"train.device={device} but no CUDA GPU is visible ({build}); "
-                          "use train.device=auto or train.device=cpu")
+        require_cuda("train.device", device, visible=0)
     if local_world_size <= device_count:
         return torch.device("cuda", local_rank)
     trainers = local_world_size - (validator_local_rank is not None)
@@ -117,6 +115,24 @@ def oversubscribed(processes: int, gpus: int, validator_here: bool, share_gpu: b
                 f"the validator on GPU {gpus - 1}), or launch torchrun --nproc_per_node={gpus}{auto}{process}")
     return (msg + auto + process + f", or --nproc_per_node={gpus + 1} with validation.share_gpu=true "
             f"(all {gpus} GPUs train, the validator shares GPU {gpus - 1})")
+
+
+def require_cuda(key: str, value: str, visible: Optional[int] = None) -> None:
+    """A device key asking for CUDA (cuda, cuda:<n>) where no GPU is visible: one ConfigError that says why
+    (the one place that refuses it; `visible`: the device count where the caller knows it)."""
+    if not str(value).startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if visible is None else visible
+    if count:
+        return
+    build = "this torch is a CPU-only build" if torch.version.cuda is None else \
+        f"torch built for CUDA {torch.version.cuda}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}"
+    raise ConfigError(f"{key}={value} but no CUDA GPU is visible ({build}); use {key}=auto or {key}=cpu")
+
+
+def run_id(configured: Optional[str], prefix: str = "") -> str:
+    """The run's id: run.id, else the scheduler's (run_id_from_env), else `<prefix><time>-<4 hex>`."""
+    return configured or run_id_from_env() or f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def run_id_from_env() -> Optional[str]:

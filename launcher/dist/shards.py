@@ -8,7 +8,7 @@ by its `Layout`, so a piece written by one world size can be placed by any reade
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -71,15 +71,3 @@ def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     `full` itself for a plain `like`. Loads a full (ddp) state into sharded tensors."""
     _, lay = local_and_layout(like)
     return full if lay is None else full[lay.offset:lay.offset + lay.rows]
-
-
-def split_state(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Layout], List[str]]:
-    """(local tensors, layouts of the sharded ones, names of the replicated ones) of a state dict."""
-    local, layouts, replicated = {}, {}, []
-    for k, v in state.items():
-        local[k], lay = local_and_layout(v)
-        if lay is None:
-            replicated.append(k)
-        else:
-            layouts[k] = lay
-    return local, layouts, replicated

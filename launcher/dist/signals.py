@@ -12,8 +12,9 @@ The loop then writes one checkpoint, flushes, and the process exits with
 reports for death by that signal, so schedulers and scripts keep treating the run as
 interrupted, while the checkpoint makes the next launch lose no step.
 
-The validator (rank or process) uses `StopFlag` alone: it never takes part in a
-training collective, so it checks `flag.signum` between validations and returns.
+The validator side never takes part in a training collective: the validator rank's
+supervisor (validation/supervisor.py) passes a stop signal on to its child and exits with
+128 + signal.
 """
 from __future__ import annotations
 

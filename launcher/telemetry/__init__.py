@@ -1,9 +1,8 @@
 """Where numbers go: metrics.jsonl, events.jsonl, progress, wandb, NVML.
 
-Only rank 0 of the training group writes; every other rank gets the same object
+`Telemetry` writes on training rank 0 only; every other rank gets the same object
 made of no-op sinks (`OFF`), so the training loop never branches on rank to log.
-Validation results reach it from the trainer's side of validation (`validation()`),
-which is the one reader of val/results.jsonl.
+Validation results reach it from the trainer's side of validation (`validation()`).
 """
 from __future__ import annotations
 
@@ -15,13 +14,10 @@ from typing import Any, Dict, List, Optional
 from launcher.files import append_jsonl, truncate_jsonl
 from launcher.rundir import RunDir, ValResult
 from launcher.telemetry.gpu import GpuMonitor, node_cuda_indices
-from launcher.telemetry.logs import setup_logging
 from launcher.telemetry.off import OFF
-from launcher.telemetry.progress import PlainProgress, RichProgress, make_progress, progress_line
+from launcher.telemetry.progress import make_progress
 from launcher.telemetry.wandb_sink import Wandb
 
-__all__ = ["Telemetry", "RunFiles", "OFF", "GpuMonitor", "PlainProgress", "RichProgress", "make_progress",
-           "progress_line", "setup_logging"]
 log = logging.getLogger("launcher")
 
 

@@ -22,7 +22,6 @@ Skipped snapshots go to val/skipped.jsonl.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -37,7 +36,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from launcher.validation import handoff_shards
-from launcher.files import atomic_write, read_json, write_json, write_safetensors
+from launcher.files import Corrupt, atomic_write, read_json, verify, write_json, write_safetensors
 from launcher.batch.recovery import is_oom
 from launcher.rundir import Manifest, RunDir
 
@@ -250,11 +249,6 @@ class Writer:
         handoff_shards.sweep(self.dir, below=step)  # every rank is past the older steps: incomplete ones stay so
         return True
 
-    @property
-    def idle(self) -> bool:
-        """Nothing queued or being written."""
-        return self.free.qsize() == 2
-
     def flush(self) -> None:
         """Wait until every snapshot is on disk (used once, after training)."""
         self.jobs.put(None)
@@ -263,17 +257,13 @@ class Writer:
 
 # ---------------------------------------------------------------- validator side
 
-class Corrupt(Exception):
-    """A snapshot that fails its manifest, size or checksum."""
-
-
 @dataclass
 class Snapshot:
     directory: Path
     step: int
 
     def load(self) -> tuple[Manifest, Dict[str, Dict[str, torch.Tensor]]]:
-        """(manifest, {kind: state_dict}), verified; raises Corrupt."""
+        """(manifest, {kind: state_dict}), verified; raises files.Corrupt."""
         try:
             raw = read_json(manifest_path(self.directory, self.step, "claimed"))
             manifest = Manifest(**{f.name: raw[f.name] for f in fields(Manifest)})
@@ -282,10 +272,7 @@ class Snapshot:
             data = data_path(self.directory, self.step).read_bytes()
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise Corrupt(str(e) if isinstance(e, ValueError) else f"unreadable: {type(e).__name__}: {e}") from None
-        if len(data) != manifest.bytes:
-            raise Corrupt(f"size {len(data)} != {manifest.bytes} bytes (truncated?)")
-        if hashlib.sha256(data).hexdigest() != manifest.sha256:
-            raise Corrupt("sha256 mismatch")
+        verify(data, manifest.sha256, manifest.bytes, data_path(self.directory, self.step).name)
         try:
             flat = st_load(data)
         except Exception as e:

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import load as st_load
 
-from launcher.files import atomic_write, fsync_dir, read_json, write_json, write_safetensors
+from launcher.files import atomic_write, fsync_dir, read_json, verify, write_json, write_safetensors
 from launcher.dist.shards import Layout, assemble, is_sharded, local_and_layout
 
 PIECE = re.compile(r"^(\d+)\.(shard-\d+-of-\d+\.safetensors|ticket-\d+-of-\d+)$")
@@ -114,7 +114,7 @@ def _layouts(data: bytes) -> Dict[str, Layout]:
 
 def load(directory: Path, manifest: dict, device: "torch.device | str" = "cpu") -> Dict[str, torch.Tensor]:
     """The full flat state of a sharded snapshot from all its pieces, each verified against the
-    manifest (size, sha256). Raises ValueError (or OSError) with a one-line reason."""
+    manifest (size, sha256). Raises files.Corrupt (a ValueError) or OSError with a one-line reason."""
     world, pieces = int(manifest["world"]), manifest["pieces"]
     missing = sorted(set(range(world)) - {int(p["rank"]) for p in pieces})
     if missing or len(pieces) != world:
@@ -126,10 +126,7 @@ def load(directory: Path, manifest: dict, device: "torch.device | str" = "cpu") 
             data = (Path(directory) / p["file"]).read_bytes()
         except FileNotFoundError:
             raise ValueError(f"piece of rank {p['rank']} missing: {p['file']}") from None
-        if len(data) != p["bytes"]:
-            raise ValueError(f"piece of rank {p['rank']}: size {len(data)} != {p['bytes']} bytes (truncated?)")
-        if hashlib.sha256(data).hexdigest() != p["sha256"]:
-            raise ValueError(f"piece of rank {p['rank']} ({p['file']}): sha256 mismatch")
+        verify(data, p["sha256"], p["bytes"], f"piece of rank {p['rank']} ({p['file']})")
         try:
             tensors, layouts = st_load(data), _layouts(data)
         except Exception as e:

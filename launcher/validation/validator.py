@@ -18,9 +18,10 @@ from launcher.checkpoint import store
 from launcher.validation import control
 from launcher.validation import handoff
 from launcher.validation.evaluation import Tracker, fmt, kinds, val_batch_size, validate_state
+from launcher.files import Corrupt
 from launcher.rundir import RunDir, ValResult
 from launcher.config.checks import check_device
-from launcher.errors import ConfigError
+from launcher.dist.env import require_cuda
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,7 @@ def validator_device(spec: str) -> torch.device:
     check_device("validation.device", spec)
     if spec == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"validation.device={spec} but CUDA is not available here; use cpu or auto")
+    require_cuda("validation.device", spec)
     return torch.device(spec)
 
 
@@ -108,7 +108,7 @@ def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -
                 continue
             try:
                 manifest, states = snap.load()
-            except handoff.Corrupt as e:
+            except Corrupt as e:
                 log.warning("snapshot %d is corrupt (%s): moved aside as .bad, skipped", snap.step, e)
                 snap.reject(str(e))
                 continue

@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from launcher.validation import handoff
+from tests.support.handoff import idle
 
 
 def build(kind: str, mesh) -> dict:
@@ -70,7 +71,7 @@ def main() -> None:
             while not (run / "release").exists():
                 time.sleep(0.05)
         assert w.put(step, 0, {"ema": snap}) is not None
-        while not w.idle:  # in step order, one at a time: the test looks at each step's files
+        while not idle(w):  # in step order, one at a time: the test looks at each step's files
             time.sleep(0.01)
     w.flush()
     print(f"rank {rank}: blocked_ms {[round(b * 1e3, 3) for b in w.blocked_s]}", flush=True)

@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--ddp", action="store_true")
     a = p.parse_args()
     from launcher.validation import handoff
+    from tests.support.handoff import idle
     run = a.run_dir or tempfile.mkdtemp()
     os.makedirs(os.path.join(run, "val"), exist_ok=True)
     torch.manual_seed(0)
@@ -54,7 +55,7 @@ def main() -> None:
     w = handoff.Writer(run, "latest", 1, torch.device("cpu"), rank=rank, world=world)
     w.prepare({"ema": state})
     for i in range(a.puts):
-        while not w.idle:  # the interval between validations is longer than a write
+        while not idle(w):  # the interval between validations is longer than a write
             time.sleep(0.01)
         if world:
             dist.barrier()
