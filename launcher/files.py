@@ -16,9 +16,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+# safetensors' dtype names (safetensors.torch keeps the same table privately); what this torch lacks is skipped.
+_ST_DTYPES = {getattr(torch, name): code for name, code in (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"), ("uint16", "U16"),
+    ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2", "F8_E5M2"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("complex64", "C64")) if hasattr(torch, name)}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -43,7 +46,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
 def write_safetensors(f, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> Tuple[str, int]:
     """Write contiguous CPU `tensors` to the open binary file `f` in the safetensors format, straight
     from their memory (no bytes object per tensor, no whole-file buffer: `write` and sha256 release
-    the GIL while they work), and return (sha256 hex digest, bytes written)."""
+    the GIL while they work), and return (sha256 hex digest, bytes written). Hashing while writing is
+    why this is not safetensors.torch.save_file: save_file plus a second pass to hash took 2.7 s
+    against 1.0-1.7 s for this, for 350 MB on the 2-core CPU (2026-12-06)."""
     header: Dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, t in tensors.items():

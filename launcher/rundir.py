@@ -202,7 +202,7 @@ class RunDir:
         give-up on another rank), folded into events.jsonl by rank 0 (`fold_rank_events`)."""
         return self.logs / f"events-rank-{rank}.jsonl"
 
-    def rank_event(self, rank: int, kind: str, **fields: Any) -> dict:
+    def rank_event(self, rank: int, kind: str, /, **fields: Any) -> dict:
         """An event of global rank `rank`: events.jsonl for rank 0, else its own file."""
         if rank == 0:
             return self.event(kind, **fields)

@@ -154,7 +154,8 @@ def main() -> int:
         ema.update(model)
         meter.sum += loss.detach()
         state.step += 1
-        if state.step == args.steps or state.step % cfg.checkpoint.every_steps == 0:
+        every = cfg.checkpoint.every_steps
+        if state.step == args.steps or (every and state.step % every == 0):
             try:
                 ckpt.save()
             except SaveError as e:
