@@ -5,8 +5,10 @@ processes through the launcher, PyTorch Lightning, HF Accelerate and a plain PyT
     python benchmarks/peers.py --quick                  # CI sizes, one round (a few minutes on 2 cores)
     python benchmarks/peers.py --device cuda --nproc 1  # one GPU: everyone trains on it, the launcher's
                                                         # validator process shares it
-    python benchmarks/peers.py --device cuda --nproc 8  # 8 GPUs for everyone: the peers train on 8, the
-                                                        # launcher on 7 plus its validator rank
+    python benchmarks/peers.py --device cuda --nproc 2 --launcher-layout rank   # 2 GPUs for everyone: the
+                                                        # launcher trains on 1 (batch 128), validates on the other
+    python benchmarks/peers.py --device cuda --nproc 8  # 8 GPUs: 512 does not split over 7 trainers, so the
+                                                        # launcher trains on 8 with its validator rank sharing one
     pip install -e ".[peers]"                           # the pinned peers (a missing one is reported, skipped)
 
 Systems (each a subprocess, timed from outside, interleaved round by round):
@@ -149,9 +151,11 @@ def make_recipe(cfg: dict, device: str, nproc: int) -> dict:
 def command(system: str, s: argparse.Namespace, overrides: List[str], run_dir: Path, recipe_path: Path,
             out: Path) -> List[str]:
     if system == "launcher":
-        return common.python_cmd(s.nproc, "-m", "launcher", "train", *overrides, *s.layout, f"run.dir={run_dir}")
+        return common.python_cmd(s.launcher_nproc, "-m", "launcher", "train", *overrides, *s.layout,
+                                 f"run.dir={run_dir}")
     script, args = str(PEERS / SCRIPTS[system]), ["--recipe", str(recipe_path), "--out", str(out)]
-    if system != "accelerate":
+    # `accelerate launch` starts several CPU processes only through mpirun; torchrun starts them as well.
+    if system != "accelerate" or (s.device == "cpu" and s.nproc > 1):
         return common.python_cmd(s.nproc, script, *args)
     where = ["--cpu", "--num_cpu_threads_per_process", os.environ.get("OMP_NUM_THREADS", "1")] if s.device == "cpu" \
         else ["--multi_gpu"] * (s.nproc > 1)
@@ -315,17 +319,26 @@ def table(task: str, res: Dict[str, dict], metric: str, goal: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def launcher_layout(s: argparse.Namespace, batch: int) -> List[str]:
-    """The launcher's processes: one (a validator process beside it) or, with N >= 2, the default validator
-    rank and N - 1 training ranks, each with a larger micro-batch so the global batch is the peers'.
-    `--launcher-layout process` (or a batch that does not divide) keeps N training ranks instead and runs
-    the validator as a process sharing the first GPU."""
-    n = s.nproc
+def launcher_layout(s: argparse.Namespace, batch: int) -> tuple:
+    """(extra overrides, processes) of the launcher on `s.nproc` GPUs, at the peers' global batch:
+    - one GPU: one training process, its validator process beside it on the same GPU (the default);
+    - `rank`: the default validator rank on a GPU of its own, N - 1 training ranks with the micro-batch
+      raised to N/(N-1) of the peers' (only where that divides: 2 or 3 GPUs at batch 64);
+    - `share`: N + 1 processes, N training ranks and the validator rank sharing the last GPU;
+    - `process`: N training ranks, the validator a process sharing the first GPU;
+    - `auto`: rank where it divides, else share."""
+    n, layout = s.nproc, s.launcher_layout
     if n == 1:
-        return []
-    if s.launcher_layout == "rank" and (batch * n) % (n - 1) == 0:
-        return [f"batch.size={batch * n // (n - 1)}", f"batch.global_size={batch * n}"]
-    return ["validation.mode=process"]
+        return [], 1
+    divides = (batch * n) % (n - 1) == 0
+    if layout == "rank" and not divides:
+        raise SystemExit(f"peers: --launcher-layout rank: a global batch of {batch * n} does not split over {n - 1} "
+                         "training ranks; use --launcher-layout share or process")
+    if layout == "rank" or (layout == "auto" and divides):
+        return [f"batch.size={batch * n // (n - 1)}", f"batch.global_size={batch * n}"], n
+    if layout == "process":
+        return ["validation.mode=process"], n
+    return ["validation.share_gpu=true"], n + 1
 
 
 def run_once(system: str, task: str, rec: dict, overrides: List[str], s: argparse.Namespace, env: dict,
@@ -345,7 +358,7 @@ def run_task(task: str, systems: List[str], s: argparse.Namespace, env: dict, tm
     """Every system, `s.repeat` interleaved rounds: (the best figures per system, the raw runs)."""
     overrides = [*TASKS[task][s.size], *FIXED]
     rec = make_recipe(launcher_config(overrides, env), s.device, s.nproc)
-    s.layout = launcher_layout(s, rec["batch"])
+    s.layout, s.launcher_nproc = launcher_layout(s, rec["batch"])
     runs: Dict[str, List[dict]] = {n: [] for n in systems}
     for i in range(s.repeat):
         for system in list(runs):
@@ -364,6 +377,11 @@ def run_task(task: str, systems: List[str], s: argparse.Namespace, env: dict, tm
                   f"{m['train_s']:6.1f} s, {m['rate'] or 0:7.0f} samples/s, final {rec['metric']} {m['final']}, "
                   f"best {m['best']}", flush=True)
     results = {n: best(r) for n, r in runs.items()}
+    for system, mine in runs.items():  # how much the machine moved the comparison from round to round
+        if system != "launcher" and len(mine) > 1:
+            per_round = [m["wall_s"] / ours["wall_s"] for m, ours in zip(mine, runs["launcher"])]
+            notes.append(f"{task}: {LABELS[system]} / launcher wall time per round: "
+                         + ", ".join(f"{q:.2f}" for q in per_round))
     tau = results["launcher"].get("ema_tau")
     if tau is not None and abs(tau - rec["ema_tau"]) > 1e-6 * tau:
         notes.append(f"{task}: the launcher's ema_tau {tau:.1f} differs from the peers' {rec['ema_tau']:.1f}")
@@ -375,9 +393,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="CI sizes, one round")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for every system")
-    ap.add_argument("--launcher-layout", default="rank", choices=["rank", "process"],
-                    help="with --nproc >= 2: the launcher's validator as a rank of its own (default) or a process "
-                         "sharing the first GPU")
+    ap.add_argument("--launcher-layout", default="auto", choices=["auto", "rank", "share", "process"],
+                    help="with --nproc >= 2, where the launcher's validator runs (see launcher_layout)")
     ap.add_argument("--repeat", type=int, default=0, help="interleaved rounds, the best kept (default 1 quick, 3 full)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--systems", default=",".join(LABELS))
@@ -402,7 +419,7 @@ def main() -> None:
               f"{s.nproc} process(es) per system on {s.device}; " + (
                   "OMP_NUM_THREADS=1 for every training process; the launcher's validator process takes the second "
                   "core, the peers validate inline" if s.device == "cpu" else
-                  f"launcher layout: {' '.join(s.layout) or 'one process, its validator process beside it'}"),
+                  f"launcher: {s.launcher_nproc} process(es), {' '.join(s.layout) or 'its validator process beside'}"),
               f"best of {s.repeat} interleaved round(s); load average {min(load):.1f}-{max(load):.1f} during the runs",
               "ratio > 1: the launcher is better (peer time / launcher time, launcher rate or metric / peer's)"]
     rows = [r for task, res in results.items() for r in rows_for(task, res, *goals[task])]

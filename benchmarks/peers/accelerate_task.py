@@ -4,6 +4,7 @@ at the end of every epoch, and `save_state` at every validation and every `ckpt_
 
     accelerate launch --num_processes 1 --cpu benchmarks/peers/accelerate_task.py --recipe R.json --out M.json
     accelerate launch --num_processes N [--multi_gpu] --mixed_precision bf16 benchmarks/peers/accelerate_task.py ...
+    torchrun --nproc_per_node=N benchmarks/peers/accelerate_task.py ...   # several CPU processes (no mpirun)
 
 The scheduler is registered for checkpointing rather than prepared: a prepared scheduler steps once per
 process on every call, which would run the recipe's schedule N times too fast.

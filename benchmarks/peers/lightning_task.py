@@ -1,8 +1,8 @@
 """PyTorch Lightning 2.x: a LightningModule with the recipe's model, optimizer and per-step schedule;
 Lightning's own weight-averaging callback (`WeightAveraging`: it keeps the average, swaps it in for
 validation and saves it in checkpoints) with the recipe's EMA ramp as its averaging function; validation
-every epoch in the fit loop; ModelCheckpoint on the validation metric (best kept, last.ckpt at every
-validation) plus one every `ckpt_every` steps.
+every epoch in the fit loop; ModelCheckpoint on the validation metric (the best kept), Lightning's default
+one (the latest, at every validation) and one every `ckpt_every` steps: the launcher's cadence.
 
     python benchmarks/peers/lightning_task.py --recipe R.json --out M.json        # one process
     torchrun --nproc_per_node=N benchmarks/peers/lightning_task.py ...            # DDP: Lightning reads torchrun's env
@@ -118,8 +118,8 @@ class TimedCheckpoint(ModelCheckpoint):
 L.seed_everything(r.seed, verbose=False)
 task = Task()
 ckpt_dir = f"{r.run_dir}/checkpoints"
-callbacks = [RampedEMA(), Timing(),
-             TimedCheckpoint(dirpath=ckpt_dir, monitor=f"val_{r.metric}", mode=r.goal, save_top_k=1, save_last=True)]
+callbacks = [RampedEMA(), Timing(), TimedCheckpoint(dirpath=ckpt_dir, filename="latest-{step}"),
+             TimedCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=f"val_{r.metric}", mode=r.goal)]
 if r.ckpt_every:
     callbacks.append(TimedCheckpoint(dirpath=ckpt_dir, every_n_train_steps=r.ckpt_every, filename="step-{step}"))
 trainer = L.Trainer(accelerator="gpu" if dev.type == "cuda" else "cpu", devices=world_size,
