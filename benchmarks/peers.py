@@ -164,33 +164,79 @@ def command(system: str, s: argparse.Namespace, overrides: List[str], run_dir: P
             "--main_process_port", str(free_port()), script, *args]
 
 
-def execute(cmd: List[str], env: dict, timeout: float) -> tuple:
-    """(wall seconds from launch to exit, CPU seconds of the whole process tree)."""
+class Tail:
+    """The rows appended to a JSON-lines file since the last call (none while it does not exist)."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path, self.offset, self.partial = path, 0, ""
+
+    def new_rows(self) -> List[dict]:
+        if self.path is None or not self.path.exists():
+            return []
+        with open(self.path) as f:
+            f.seek(self.offset)
+            data = f.read()
+            self.offset = f.tell()
+        *lines, self.partial = (self.partial + data).split("\n")
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def own_cpu(pid: int) -> Optional[float]:
+    """utime + stime of one process (all its threads, none of its children), from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def execute(cmd: List[str], env: dict, timeout: float, follow: Optional[Path] = None) -> tuple:
+    """(wall seconds from launch to exit, CPU seconds of the whole process tree, CPU marks). With `follow`
+    (a launcher's metrics.jsonl), the launched process's own CPU time is sampled as each row appears:
+    {step: CPU seconds}, late by the 10 ms poll at most."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=common.ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
+    cpu_marks: Dict[int, float] = {}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=out, stderr=err, text=True)
+        tail = Tail(follow)
+        while proc.poll() is None:
+            if time.perf_counter() - t0 > timeout:
+                proc.kill()
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            rows = tail.new_rows()
+            cpu = own_cpu(proc.pid) if rows else None
+            for row in rows:
+                cpu_marks.setdefault(row["step"], cpu)
+            time.sleep(0.01 if follow is not None else 0.1)
+        wall = time.perf_counter() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"exit {proc.returncode}: {tail[0][:300]}\n{' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
+        tail = (stderr.strip() or stdout.strip()).splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"exit {proc.returncode}: {tail[0][:300]}\n{' '.join(cmd)}\n{stdout[-3000:]}\n"
+                           f"{stderr[-3000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, cpu_marks
 
 
 def measures(marks: List[list], global_batch: int, val_ms: List[float], ckpt_ms: Dict[int, float],
              results: List[dict], metric: str, goal: str) -> dict:
-    """The same figures for every system, from its (step, time) marks, stalls and EMA results."""
-    rates = [(s1 - s0) * global_batch / (t1 - t0) for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if t1 > t0]
+    """The same figures for every system, from its (step, time[, process CPU time]) marks, stalls and EMA
+    results. `train_cpu_s`: the training process's CPU time from the first to the last mark (for one
+    single-threaded process, what that span takes on an idle core, whatever the machine's load)."""
+    rates = [(b[0] - a[0]) * global_batch / (b[1] - a[1]) for a, b in zip(marks, marks[1:]) if b[1] > a[1]]
     values = [row["metrics"][metric] for row in sorted(results, key=lambda row: row["step"])]
+    cpu = [m[2] for m in marks if len(m) > 2 and m[2] is not None]
     return {"rate": statistics.median(rates) if rates else None,
+            "train_cpu_s": cpu[-1] - cpu[0] if len(cpu) == len(marks) > 1 else None,
             "val_stall_ms": statistics.mean(val_ms) if val_ms else None,
             "ckpt_stall_ms": statistics.mean(ckpt_ms.values()) if ckpt_ms else None,
             "validations": len(values), "checkpoints": len(ckpt_ms), "final": values[-1] if values else None,
             "best": (max if goal == "max" else min)(values) if values else None}
 
 
-def read_launcher(run_dir: Path, metric: str, goal: str) -> dict:
+def read_launcher(run_dir: Path, metric: str, goal: str, cpu_marks: Dict[int, float]) -> dict:
     """From the run directory: metrics.jsonl marks, `handoff` stalls, checkpoint stalls (`blocked_ms` where the
     event has it, else the time from the step's hand-off event to its checkpoint event, which is the save),
     the EMA results of val/results.jsonl, and the training time from the `start` to the `end` event."""
@@ -206,7 +252,7 @@ def read_launcher(run_dir: Path, metric: str, goal: str) -> dict:
             ckpt[e["step"]], estimated = (e["time"] - handoff[e["step"]]["time"]) * 1e3, True
     rows = [{"step": r["step"], "metrics": r["metrics"]} for r in jsonl(run_dir / "val" / "results.jsonl")
             if r.get("weights") == "ema" and not r.get("source")]
-    marks = [[r["step"], r["time"]] for r in jsonl(run_dir / "metrics.jsonl")]
+    marks = [[r["step"], r["time"], cpu_marks.get(r["step"])] for r in jsonl(run_dir / "metrics.jsonl")]
     out = measures(marks, start["global_batch"], [e["blocked_ms"] for e in handoff.values()], ckpt, rows, metric, goal)
     threads = (kind("threads") or [{}])[0]
     return {**out, "train_s": end["time"] - start["time"], "threads": threads.get("trainer"),
@@ -252,7 +298,8 @@ def best(runs: List[dict]) -> dict:
     the metrics and counts of the fastest run."""
     fastest = min(runs, key=lambda r: r["wall_s"])
     pick = lambda key, f: f([r[key] for r in runs if r[key] is not None], default=None)  # noqa: E731
-    return {**fastest, **{k: pick(k, min) for k in ("wall_s", "cpu_s", "train_s", "val_stall_ms", "ckpt_stall_ms")},
+    return {**fastest, **{k: pick(k, min) for k in ("wall_s", "cpu_s", "train_s", "train_cpu_s", "val_stall_ms",
+                                                      "ckpt_stall_ms")},
             "rate": pick("rate", max), "repeats": len(runs)}
 
 
@@ -265,6 +312,7 @@ def ratio(ours: Optional[float], theirs: Optional[float], higher_is_better: bool
 FIGURES = [  # (key, label, unit, higher is better, format)
     ("wall_s", "wall time to the end", "s", False, "{:.1f} s"),
     ("train_s", "training time", "s", False, "{:.1f} s"),
+    ("train_cpu_s", "training-process CPU", "s", False, "{:.1f} s"),
     ("rate", "throughput between validations", "samples/s", True, "{:.0f}/s"),
     ("val_stall_ms", "stall per validation", "ms", False, "{:.1f} ms"),
     ("ckpt_stall_ms", "stall per checkpoint", "ms", False, "{:.1f} ms"),
@@ -347,8 +395,10 @@ def run_once(system: str, task: str, rec: dict, overrides: List[str], s: argpars
     work.mkdir()
     recipe_path, out = work / "recipe.json", work / "measures.json"
     recipe_path.write_text(json.dumps({**rec, "run_dir": str(work)}))
-    wall, cpu = execute(command(system, s, overrides, work / "run", recipe_path, out), env, s.timeout)
-    m = read_launcher(work / "run", rec["metric"], rec["goal"]) if system == "launcher" else \
+    follow = work / "run" / "metrics.jsonl" if system == "launcher" and s.launcher_nproc == 1 else None
+    wall, cpu, cpu_marks = execute(command(system, s, overrides, work / "run", recipe_path, out), env, s.timeout,
+                                   follow)
+    m = read_launcher(work / "run", rec["metric"], rec["goal"], cpu_marks) if system == "launcher" else \
         read_peer(out, rec["batch"] * s.nproc, rec["metric"], rec["goal"])
     return {**m, "wall_s": wall, "cpu_s": cpu}
 

@@ -6,9 +6,9 @@ and checkpoint cadence are the launcher's defaults rather than a copy of them. T
 come from the launcher's shipped jobs (`launcher.jobs`, the job API only), so the network is literally
 the same. Nothing else of the launcher is imported: a peer script is what a user of that peer writes.
 
-Every script records the same things the same way (`Recorder`): a (step, wall time) mark every
-`log_every` optimizer steps after a device sync (the launcher's metrics.jsonl rows), the seconds each
-validation and each checkpoint held the training loop, and each validation's EMA metrics.
+Every script records the same things the same way (`Recorder`): a (step, wall time, process CPU time)
+mark every `log_every` optimizer steps after a device sync (the launcher's metrics.jsonl rows), the
+seconds each validation and each checkpoint held the training loop, and each validation's EMA metrics.
 """
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ class Recorder:
         """After optimizer step `step` (and its EMA update): a mark every log_every steps."""
         if step % self.r.log_every == 0 or step == self.r.total_steps:
             sync(self.dev)
-            self.marks.append([step, time.time()])
+            self.marks.append([step, time.time(), time.process_time()])
 
     def validation(self, step: int) -> Span:
         """Times a validation as the training loop sees it: from leaving the loop to coming back."""
