@@ -25,9 +25,11 @@ time) and `val-heavy`, the synthetic job (a small ResNet, random images) with a 
 of the training set, validated every epoch, where a blocking validation shows.
 
 Per system: wall time from launch to exit, training time (first step to the end, from the run's own
-records), training throughput between validations (the median over windows of `log_every` steps, so a
-window holding a validation or a checkpoint drops out), the training loop's stall per validation and per
-checkpoint, and the final and best EMA metric. On this 2-core CPU every training process runs one
+records), the training process's CPU time from the first to the last logged step (on one CPU core, what
+that span takes whatever the machine's load), training throughput between validations (the median over
+windows of `log_every` steps, so a window holding a validation or a checkpoint drops out), the training
+loop's stall per validation and per checkpoint, the final and best EMA metric, and the CPU time of the
+whole process tree. On this 2-core CPU every training process runs one
 thread (OMP_NUM_THREADS=1); the launcher's validator process takes the second core, the peers validate
 inline. Ratios compare each peer with the launcher of the same round: > 1 means the launcher is better
 (peer time / launcher time, launcher rate / peer rate, launcher metric / peer metric). Writes
@@ -263,7 +265,7 @@ def read_launcher(run_dir: Path, metric: str, goal: str, cpu_marks: Dict[int, fl
 def read_peer(out: Path, global_batch: int, metric: str, goal: str) -> dict:
     data = json.loads(out.read_text())
     ckpt: Dict[int, float] = {}
-    for c in data["checkpoints"]:  # files written at the same step (Lightning's best and last) add up
+    for c in data["checkpoints"]:  # files written at the same step (Lightning's latest and best) add up
         ckpt[c["step"]] = ckpt.get(c["step"], 0.0) + c["seconds"] * 1e3
     res = measures(data["marks"], global_batch, [v["seconds"] * 1e3 for v in data["validations"]], ckpt,
                    data["results"], metric, goal)

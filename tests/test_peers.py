@@ -36,7 +36,7 @@ def test_peers_quick_gives_every_system_a_finite_row(tmp_path):
         results = data["results"][task]
         assert tuple(results) == SYSTEMS
         for system, r in results.items():
-            for key in ("wall_s", "train_s", "rate", "val_stall_ms", "final", "best", "cpu_s"):
+            for key in ("wall_s", "train_s", "train_cpu_s", "rate", "val_stall_ms", "final", "best", "cpu_s"):
                 assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0, (task, system, key, r)
             assert r["validations"] >= 1 and r["threads"] == 1, (task, system, r)
             if system != "launcher":  # the launcher's is estimated from event times, null where it cannot be
