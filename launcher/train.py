@@ -29,8 +29,8 @@ from launcher.ema import EMA, NoEMA, auto_tau
 from launcher.dist.env import Env
 from launcher.faults import Faults
 from launcher.batch.recovery import Headroom, Recovery, StepOOM
-from launcher.optim import build_optimizer, build_scheduler, warmup_steps
-from launcher.precision import autocast, resolve_precision
+from launcher.optim import Settings, build_optimizer, build_scheduler, warmup_steps
+from launcher.precision import GradScaler, autocast, resolve_precision
 from launcher.rundir import RunDir
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
@@ -77,7 +77,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
 
     opt = build_optimizer(model, cfg.optim, device)
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = GradScaler(device.type, enabled=precision == "fp16")
     ema = make_ema(model, total // cfg.ema.every) if env.is_main or sharded else NoEMA()
     log.info(ema.describe())
     ddp = wrap.wrap(model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
@@ -87,7 +87,10 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     state, meter = TrainState(batch), LossMeter(device)
     ckpt = Checkpointer(cfg, env, dist, rundir, tel, state, per_rank={"meter": meter},
                         parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema})
-    if not ckpt.restore():
+    settings = Settings.of(opt, sched)  # the config's: a restore brings back the previous launch's
+    if ckpt.restore():
+        settings.apply(opt, sched)  # a resume that changed optim.* applies it
+    else:
         if cfg.run.resume == "must":
             raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
                               "use run.resume=auto to start fresh")
