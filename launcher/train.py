@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from launcher import jobs
 from launcher import data
 from launcher.batch import probe
+from launcher.batch.geometry import steps_per_epoch as epoch_steps
 from launcher.dist import fsdp
 from launcher.dist import wrap
 from launcher.checkpoint.checkpointer import Checkpointer, TrainState
@@ -26,7 +27,7 @@ from launcher.checkpoint.export import save_weights
 from launcher.dist.groups import Dist
 from launcher.dist.rng import seed_everything
 from launcher.ema import EMA, NoEMA, auto_tau
-from launcher.dist.env import Env
+from launcher.dist.env import Env, layout, validation_mode
 from launcher.faults import Faults
 from launcher.batch.recovery import Headroom, Recovery, StepOOM
 from launcher.optim import Settings, build_optimizer, build_scheduler, warmup_steps
@@ -35,9 +36,10 @@ from launcher.rundir import RunDir
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
 from launcher.dist.signals import Guard, Stop
-from launcher.telemetry import Telemetry
+from launcher.telemetry import FILE_ONLY, Telemetry
 from launcher.validation.evaluation import best_by_weights
 from launcher.step import LossMeter, forward_backward, optimizer_step
+from launcher.summary import whole_run
 from launcher.validation.trainer_side import due, for_training
 
 log = logging.getLogger("launcher.train")
@@ -52,7 +54,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     group = dist.group if dist.distributed_training else None
     model = wrap.shard(model, cfg, group, device, precision, job)  # fsdp: FSDP2 in place; ddp: as is
     sharded = fsdp.is_sharded(model)  # every training rank keeps the EMA of its own shards (else rank 0 alone)
-    train_set, val_set = job.datasets()
+    train_set, val_set = jobs.datasets(job)  # built once: the start-up checks already did
     faults = Faults(cfg.debug, env, rundir)
     faults.arm_forward(model)
 
@@ -66,10 +68,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
         lambda m: build_optimizer(m, cfg.optim, device), make_ema)
     sampler = DistributedSampler(train_set, num_replicas=env.train_world, rank=env.train_rank,
                                  shuffle=True, seed=cfg.run.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // batch.step
-    if steps_per_epoch == 0:
-        raise ConfigError(f"the effective batch {batch.global_size} is larger than the training set "
-                          f"({len(train_set)} samples); lower batch.size or batch.global_size")
+    steps_per_epoch = epoch_steps(len(train_set), batch)  # batch.size=auto: checked here, after the probe
     total = steps_per_epoch * cfg.train.epochs if cfg.train.epochs else cfg.train.max_steps
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
@@ -79,7 +78,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     sched = build_scheduler(opt, cfg.sched, cfg.optim.lr, total, warmup)
     scaler = GradScaler(device.type, enabled=precision == "fp16")
     ema = make_ema(model, total // cfg.ema.every) if env.is_main or sharded else NoEMA()
-    log.info(ema.describe())
+    log.info(ema.describe(), extra=FILE_ONLY)
     ddp = wrap.wrap(model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
     tel = Telemetry(rundir, cfg, env, total, enabled=env.is_main)
     tel.event("autobatch", **autobatch_event)
@@ -90,6 +89,8 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     settings = Settings.of(opt, sched)  # the config's: a restore brings back the previous launch's
     if ckpt.restore():
         settings.apply(opt, sched)  # a resume that changed optim.* applies it
+        log.info("resuming %s from step %d (epoch %d); %d steps left", rundir, state.step, state.epoch,
+                 max(0, total - state.step))
     else:
         if cfg.run.resume == "must":
             raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
@@ -108,9 +109,10 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
               precision=precision, device=str(device), start_step=state.step, strategy="fsdp" if sharded else "ddp")
     validation = for_training(cfg, env, rundir, job, val_set, model, ema, batch.micro, tel)
 
-    log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
-             total, env.train_world, batch.micro, batch.accum, batch.global_size, precision, device)
-    t_start, stopped_early, stop = time.time(), False, Stop()
+    log.info("training %d steps on %s: micro-batch %d x accum %d x %d = batch %d, %s on %s", total,
+             layout(env, validation_mode(cfg.validation.mode, env.world_size), sharded), batch.micro, batch.accum,
+             env.train_world, batch.global_size, precision, device)
+    stopped_early, stop = False, Stop()
     ddp.train()
     indices = data.EpochIndices()  # one loader for the run: its workers persist across epochs
     loader = DataLoader(train_set, batch_size=batch.step, sampler=indices, drop_last=True,
@@ -171,7 +173,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     # The end: deployable EMA weights, the summary.
     summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": stopped_early,
                "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
-               "wall_time_s": round(time.time() - t_start, 2)}
+               "wall_time_s": round(state.wall_time_s, 2)}
     final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers; ddp: rank 0's
     summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
     if cfg.validation.weights == "both":  # best and final raw and EMA side by side
@@ -180,6 +182,7 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
         if cfg.ema.enabled:
             save_weights(rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})
         summary.update(ema.stats(), **({"ema_tau": ema.tau} if cfg.ema.enabled else {}))
+        summary = whole_run(rundir, summary)  # the whole run, every launch
         rundir.write_summary(summary)
         tel.event("end", **summary)
         best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \

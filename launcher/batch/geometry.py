@@ -50,3 +50,13 @@ def geometry(micro: int, global_size: Optional[int], world: int, exact: bool = F
     step = global_size // world
     accum = -(-step // micro)
     return Batch(-(-step // accum), step, world)
+
+
+def steps_per_epoch(samples: int, batch: Batch) -> int:
+    """Optimizer steps in one pass over a training set of `samples` (each rank drops its remainder); a
+    ConfigError when the effective batch does not fit even once."""
+    steps = samples // batch.world // batch.step
+    if steps == 0:
+        raise ConfigError(f"the effective batch {batch.global_size} is larger than the training set "
+                          f"({samples} samples); lower batch.size or batch.global_size")
+    return steps

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -25,18 +26,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainState:
-    """Where the loop is. `batch` changes only by OOM recovery; autobatch.json carries it across a resume."""
+    """Where the loop is. `batch` changes only by OOM recovery; autobatch.json carries it across a resume.
+    `wall_time_s` counts every launch: the earlier ones' up to the checkpoint this one resumed from."""
     batch: Batch
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    earlier_s: float = 0.0  # wall time of the launches before this one (restored)
+    started: float = field(default_factory=time.time)  # this launch
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.earlier_s + time.time() - self.started
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "micro_batch": self.batch.micro, "accum": self.batch.accum}
+                "micro_batch": self.batch.micro, "accum": self.batch.accum, "wall_time_s": self.wall_time_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.earlier_s = float(state.get("wall_time_s", 0.0))  # checkpoints before issue 27 lack it
 
 
 class _RNG:

@@ -90,5 +90,5 @@ def record(rundir: RunDir, changes: Dict[str, Dict[str, Any]], breaking: List[st
     rundir.event("config_changed", changes=changes, allowed_breaking=breaking, command=entry["command"])
     note = f" (run.allow_changes=true: {', '.join(breaking)} changed, the resume is not exact)" if breaking else ""
     lines = [f"  {k}: {c['old']} -> {c['new']}" for k, c in changes.items()]
-    print(f"launcher: resuming {rundir} with changed options{note}; config.yaml keeps the first launch's, "
-          f"{rundir.config_history.name} each resume's:", *lines, sep="\n", file=sys.stderr, flush=True)
+    print(f"launcher: options changed since the last launch of {rundir}{note}; config.yaml keeps the first "
+          f"launch's, {rundir.config_history.name} each resume's:", *lines, sep="\n", file=sys.stderr, flush=True)

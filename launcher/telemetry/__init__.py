@@ -15,18 +15,19 @@ from typing import Any, Dict, List, Optional
 from launcher.files import append_jsonl, truncate_jsonl
 from launcher.rundir import RunDir, ValResult
 from launcher.telemetry.gpu import GpuMonitor, node_cuda_indices
-from launcher.telemetry.logs import setup_logging
+from launcher.telemetry.logs import FILE_ONLY, setup_logging
 from launcher.telemetry.off import OFF
 from launcher.telemetry.progress import PlainProgress, RichProgress, make_progress, progress_line
 from launcher.telemetry.wandb_sink import Wandb
 
-__all__ = ["Telemetry", "RunFiles", "OFF", "GpuMonitor", "PlainProgress", "RichProgress", "make_progress",
+__all__ = ["Telemetry", "RunFiles", "OFF", "FILE_ONLY", "GpuMonitor", "PlainProgress", "RichProgress", "make_progress",
            "progress_line", "setup_logging"]
 log = logging.getLogger("launcher")
 
 
 class RunFiles:
-    """metrics.jsonl and events.jsonl."""
+    """metrics.jsonl and events.jsonl (each event in the log file too; the console gets the human lines the
+    components log themselves: resume, OOM recovery, validator restart, early stop, preemption)."""
 
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
@@ -36,7 +37,7 @@ class RunFiles:
 
     def event(self, kind: str, fields: dict) -> None:
         self.rundir.event(kind, **fields)
-        log.info("event %s %s", kind, fields)
+        log.info("event %s %s", kind, fields, extra=FILE_ONLY)
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget what was logged past the checkpoint, so it is logged once."""
@@ -93,8 +94,8 @@ class Telemetry:
         step (raw and EMA side by side)."""
         metric, by_step = self.cfg.validation.metric, {}
         for row in rows:
-            log.info(f"val step={row.step} weights={row.weights} " +
-                     " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items()))
+            log.info(f"val step={row.step} weights={row.weights} " +  # the console has them in the progress
+                     " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items()), extra=FILE_ONLY)
             if metric in row.metrics and row.weights == self.primary:
                 self.last_val = {"metric": f"{row.weights}_{metric}", "value": row.metrics[metric], "step": row.step}
             elif row.weights == self.primary and not self.warned_metric:
