@@ -43,6 +43,9 @@ HYDRA_INSTEAD = {
     "hydra.job_logging": "logs go to <run.dir>/logs/rank-<r>.log; use hydra.verbose=true for debug logging",
     "hydra.hydra_logging": "use hydra.verbose=true for debug logging",
 }
+# Keys without a default (`???`), and the form of the value they need.
+REQUIRED = {"job.target": "job.target=<package.module>:<Class>, the import path of your Job subclass "
+                          "(e.g. job.target=my_job:Spirals; README 'Your own job')"}
 # wandb's environment variables and the config keys they fill when not given on the command line.
 WANDB_ENV = {"WANDB_MODE": "mode", "WANDB_PROJECT": "project", "WANDB_ENTITY": "entity", "WANDB_NAME": "name",
              "WANDB_RUN_GROUP": "group", "WANDB_TAGS": "tags"}
@@ -199,6 +202,8 @@ def one_line(e: BaseException) -> str:
         options = [o for o in options if not o.endswith("_schema") and "provider=" not in o]
         return first + (f"; available: {', '.join(options)}" if options else "")
     msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    if key and type(cause).__name__ == "MissingMandatoryValue":
+        return f"{key} is required and not set; set it: {REQUIRED.get(key, f'{key}=<value>')}"
     if key:
         return f"{key}: {msg}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]
