@@ -9,6 +9,11 @@ import sys
 
 def main(argv: list) -> int:
     try:
+        from launcher.config import completion  # the standard library only
+
+        asked = completion.asked(argv)
+        if asked and asked[0] == "query":  # a TAB: answered without torch or Hydra
+            return completion.query(asked[1])
         from launcher import cli  # torch, Hydra: seconds
 
         return cli.main(argv)

@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 from omegaconf import OmegaConf, open_dict
 
-from launcher.config import checks, schema
+from launcher.config import checks, completion, schema
 from launcher.config.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_context, hydra_keys, hydra_main, \
     one_line, split_config_dir
 from launcher import startup
@@ -45,6 +45,8 @@ def load_config(overrides: List[str]) -> Tuple[Config, str]:
                               "an existing key, or use +job.params.<name>=... for a custom job")
     config_dir, overrides = split_config_dir(overrides)
     if any(a.split("=")[0] in HYDRA_FLAGS for a in overrides):
+        if (completion.asked(overrides) or ("",))[0] == "install":
+            completion.warm(config_dir)  # the first TAB reads the cache too
         hydra_main(overrides, config_dir)
         raise SystemExit(0)
     _, overrides = hydra_keys(overrides)

@@ -7,8 +7,8 @@
   directory) and are refused, naming what to use instead.
 - wandb's own environment variables (WANDB_MODE, WANDB_PROJECT, ...) win over the config's
   defaults and lose to an explicit `logger.wandb.*=` on the command line, as with `wandb.init`.
-- Hydra's flags (--cfg, --help, --info, -sc) run `hydra.main`, with the internal `*_schema`
-  configs hidden from help and completion and refused as options.
+- Hydra's flags (--cfg, --help, --info, -sc install=...) run `hydra.main`, with the internal `*_schema`
+  configs hidden from help and refused as options; a TAB (-sc query=...) is answered by completion.py.
 """
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ from typing import Iterator, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from launcher.config import CONF_DIR
 from launcher.config.schema import Config, get
 from launcher.errors import ConfigError
 
-# Installed from a wheel the configs are package data (launcher/conf); in a checkout, the top-level conf/.
-CONF_DIR = next(d for d in (Path(__file__).resolve().parents[1] / "conf", Path(__file__).resolve().parents[2] / "conf")
-                if (d / "config.yaml").exists())
 HYDRA_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
                "--shell-completion", "-sc"}
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
@@ -148,26 +146,16 @@ def apply_wandb_env(cfg: DictConfig, overrides: List[str]) -> None:
                              [t.strip() for t in value.split(",") if t.strip()] if key == "tags" else value)
 
 
-def completion_line(line: str) -> str:
-    """`launcher train jo` / `python -m launcher train jo` -> `launcher jo`, which Hydra's completer reads."""
-    words = line.split(" ")
-    for i, w in enumerate(words):
-        if w == "train" or (w == "launcher" and (i + 1 >= len(words) or words[i + 1] != "train")):
-            return " ".join(["launcher", *words[i + 1:]])
-    return line
-
-
 def _hide_schemas(text: str) -> str:
     text = re.sub(r"\b\w+_schema, ", "", text)
     return re.sub(r", \w+_schema\b", "", text)
 
 
 def hydra_main(args: List[str], config_dir: Optional[Path]) -> None:
-    """Hydra's own flags (--cfg job, --help, -sc query=bash, ...), with the internal schemas hidden."""
+    """Hydra's own flags (--cfg job, --help, -sc install=bash, ...), with the internal schemas hidden. (A TAB's
+    `-sc query=<shell>` never gets here: launcher/config/completion.py answers it.)"""
     import hydra
 
-    if "COMP_LINE" in os.environ:
-        os.environ["COMP_LINE"] = completion_line(os.environ["COMP_LINE"])
     sys.argv = ["launcher", *args, *(["--config-dir", str(config_dir)] if config_dir else [])]
     out = io.StringIO()
     try:
@@ -175,12 +163,7 @@ def hydra_main(args: List[str], config_dir: Optional[Path]) -> None:
             hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(lambda _: None)()
     finally:
         text = out.getvalue()
-        if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=") for a in args):
-            if "query=" in " ".join(args):
-                text = " ".join(w for w in text.split() if not w.endswith("_schema")) + "\n"
-        else:
-            text = _hide_schemas(text)
-        sys.stdout.write(text)
+        sys.stdout.write(_hide_schemas(text))
         sys.stdout.flush()
 
 
