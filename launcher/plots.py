@@ -55,12 +55,16 @@ def plot_loss(runs: List[Run], out: Path) -> Optional[str]:
     if not runs:
         return None
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    lrs = {r.get("lr") for run in runs for r in run.train}
+    constant = len(lrs) == 1  # one value: a panel of a flat line says less than the title does
+    fig, axes = plt.subplots(1 if constant else 2, 1, figsize=(8, 3.5 if constant else 6), sharex=True, squeeze=False)
+    ax1, ax2 = axes[0, 0], None if constant else axes[1, 0]
     resumed, planned = False, []
     for run in runs:
         steps = [r["step"] for r in run.train]
         line, = ax1.plot(steps, [r["loss"] for r in run.train], label=run.name)
-        ax2.plot(steps, [r.get("lr", float("nan")) for r in run.train], label=run.name)
+        if ax2 is not None:
+            ax2.plot(steps, [r.get("lr", float("nan")) for r in run.train], label=run.name)
         resumed |= _mark_resumes(ax1, run)
         if not run.finished and run.planned_steps:  # in progress: where it is heading
             ax1.axvline(run.planned_steps, color=line.get_color(), ls="-.", lw=1)
@@ -70,12 +74,14 @@ def plot_loss(runs: List[Run], out: Path) -> Optional[str]:
     losses = [r["loss"] for run in runs for r in run.train if r["loss"] > 0]
     if losses and max(losses) / min(losses) > 20:
         ax1.set_yscale("log")
-    ax2.set_ylabel("learning rate")
-    ax2.set_xlabel("optimizer step")
+    if ax2 is not None:
+        ax2.set_ylabel("learning rate")
+    (ax2 or ax1).set_xlabel("optimizer step")
     ax1.legend()
     notes = (["dotted: resume"] if resumed else []) + ([f"dash-dot: planned end, {', '.join(planned)}"]
                                                         if planned else [])
-    ax1.set_title("loss and learning rate" + (f" ({'; '.join(notes)})" if notes else ""))
+    notes = ([f"learning rate constant at {lrs.pop():.3g}"] if constant else []) + notes
+    ax1.set_title(("loss" if constant else "loss and learning rate") + (f" ({'; '.join(notes)})" if notes else ""))
     return _save(fig, out / "loss_lr.png")
 
 
@@ -93,8 +99,11 @@ def plot_val(runs: List[Run], out: Path) -> Optional[str]:
             for (weights, m), (steps, values) in sorted(run.val_series().items()):
                 if m == metric:
                     label = f"{weights}" if len(runs) == 1 else f"{run.name} {weights}"
-                    ax.plot(steps, values, marker="o", ms=3, ls="--" if weights == "raw" else "-", label=label,
-                            **({"color": colour} if len(runs) > 1 else {}))
+                    drawn, = ax.plot(steps, values, marker="o", ms=3, ls="--" if weights == "raw" else "-",
+                                     label=label, **({"color": colour} if len(runs) > 1 else {}))
+                    again = run.val_series(revalidated=True).get((weights, m))
+                    if again:  # `launcher validate` on the finished run: the checkpoints, validated again
+                        ax.plot(*again, "x", ms=7, color=drawn.get_color(), label=f"{label} re-validated")
             b = run.best
             if b and b.get("metric") == metric:
                 ax.plot([b["step"]], [b["value"]], marker="*", ms=16, color=colour, mec="black", zorder=5, ls="",
@@ -102,8 +111,10 @@ def plot_val(runs: List[Run], out: Path) -> Optional[str]:
         ax.set_ylabel(metric)
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
-    axes[0, 0].set_title("validation: raw (dashed) vs EMA (solid)" if plotted >= {"raw", "ema"}
-                         else f"validation of the {' and '.join(sorted(plotted))} weights")
+    title = "validation: raw (dashed) vs EMA (solid)" if plotted >= {"raw", "ema"} \
+        else f"validation of the {' and '.join(sorted(plotted))} weights"
+    again = any(run.revalidated for run in runs)
+    axes[0, 0].set_title(title + ("; x: re-validated from checkpoints" if again else ""))
     return _save(fig, out / "validation.png")
 
 
@@ -120,7 +131,7 @@ def plot_throughput(runs: List[Run], out: Path) -> Optional[str]:
         windows = [values[max(0, j - k + 1):j + 1] for j in range(len(values))]
         smooth = [sum(w) / len(w) for w in windows]
         ax.plot(steps, values, color=f"C{i}", alpha=0.3, lw=1, label=f"{run.name} (each log line)")
-        ax.plot(steps, smooth, color=f"C{i}", lw=2, label=f"{run.name} (mean of {k})")
+        ax.plot(steps, smooth, color=f"C{i}", lw=2, label=f"{run.name} (mean of the last {k} log lines)")
     ax.set_title("training throughput")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("samples/s (all ranks)")

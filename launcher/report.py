@@ -3,8 +3,8 @@
 Reads only files of the run directory (metrics.jsonl, val/results.jsonl,
 best/best.json, summary.json, events.jsonl, autobatch.json), so it works on a
 finished run, a run still in progress (possibly from another machine) and a
-partial run: a missing file skips its plot with a note. `--compare A B` overlays
-two runs. matplotlib runs on the Agg backend: no display needed.
+partial run: a missing file is noted with what it leaves out. `--compare A B`
+overlays two runs. The plots: launcher/plots.py.
 """
 from __future__ import annotations
 
@@ -23,36 +23,39 @@ USAGE = "python -m launcher report <run_dir> [--out DIR] | report --compare <run
 
 
 class Run:
-    """Everything the report needs from one run directory; absent files are empty and noted."""
+    """Everything the report needs from one run directory; absent files are empty and noted with what they
+    leave out. `val` holds the validations of the run; `revalidated` the rows `launcher validate` added later
+    from a finished run's checkpoints (`source: checkpoint`), shown apart."""
 
     def __init__(self, path: Path):
         self.path, rundir = path, RunDir(path)
         self.name = path.name if path.name not in ("", ".") else str(path)
         self.notes: List[str] = []
-        self.metrics = self._jsonl(rundir.metrics)
+        self.metrics = self._jsonl(rundir.metrics, "no loss, learning rate or throughput plots")
         self.train = [r for r in self.metrics if "loss" in r]
-        self.val = self._jsonl(rundir.results)
-        self.events = self._jsonl(rundir.events)
-        self.best = self._json(rundir.best_json)
-        self.summary = self._json(rundir.summary)
+        rows = self._jsonl(rundir.results, "no validation plot")
+        self.val, self.revalidated = [r for r in rows if not r.get("source")], [r for r in rows if r.get("source")]
+        self.events = self._jsonl(rundir.events, "no resumes marked, no event counts")
+        self.best = self._json(rundir.best_json, "no best marked")
+        self.summary = self._json(rundir.summary, "the run is in progress or was stopped")
         self.autobatch = rundir.read_autobatch()
 
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.path).as_posix()
 
-    def _jsonl(self, path: Path) -> List[dict]:
+    def _jsonl(self, path: Path, without: str) -> List[dict]:
         if not path.exists():
-            self.notes.append(f"`{self._rel(path)}` not found")
+            self.notes.append(f"`{self._rel(path)}` not found: {without}")
             return []
         return list(iter_jsonl(path))
 
-    def _json(self, path: Path) -> Optional[dict]:
+    def _json(self, path: Path, without: str) -> Optional[dict]:
         try:
             return read_json(path)
         except FileNotFoundError:
-            self.notes.append(f"`{self._rel(path)}` not found")
+            self.notes.append(f"`{self._rel(path)}` not found: {without}")
         except ValueError as e:
-            self.notes.append(f"`{self._rel(path)}` unreadable ({e})")
+            self.notes.append(f"`{self._rel(path)}` unreadable ({e}): {without}")
         return None
 
     @property
@@ -64,10 +67,10 @@ class Run:
         """The total the latest session set out to train (its `start` event)."""
         return next((e.get("steps") for e in reversed(self.events) if e.get("event") == "start"), None)
 
-    def val_series(self) -> Dict[Tuple[str, str], Tuple[List[int], List[float]]]:
-        """(weights, metric) -> (steps, values), sorted by step."""
+    def val_series(self, revalidated: bool = False) -> Dict[Tuple[str, str], Tuple[List[int], List[float]]]:
+        """(weights, metric) -> (steps, values), sorted by step: of the run's validations, or of the re-validations."""
         out: Dict[Tuple[str, str], List[Tuple[int, float]]] = {}
-        for r in self.val:
+        for r in self.revalidated if revalidated else self.val:
             for k, v in r.get("metrics", {}).items():
                 out.setdefault((r.get("weights", "?"), k), []).append((r["step"], v))
         return {key: ([s for s, _ in sorted(pts)], [v for _, v in sorted(pts)]) for key, pts in out.items()}
@@ -96,11 +99,12 @@ def summary_rows(run: Run) -> List[Tuple[str, str]]:
     counts: Dict[str, int] = {}
     for e in run.events:
         counts[e.get("event", "?")] = counts.get(e.get("event", "?"), 0) + 1
-    interesting = {k: v for k, v in counts.items() if k not in ("checkpoint", "start", "end")}
-    if interesting:
-        rows.append(("events", ", ".join(f"{k} x{v}" for k, v in sorted(interesting.items()))))
-    if run.val:
-        rows.append(("validations", str(len(run.val))))
+    if counts:
+        rows.append(("events", ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))))
+    for label, rows_of in (("validated steps", run.val), ("re-validated steps (checkpoints, marked x)", run.revalidated)):
+        if rows_of:  # steps, not rows: `both` validates two sets of weights per step
+            weights = sorted({r.get("weights", "?") for r in rows_of})
+            rows.append((label, f"{len({r['step'] for r in rows_of})} ({' and '.join(weights)} weights)"))
     return rows
 
 
@@ -114,7 +118,7 @@ def write_report(runs: List[Run], out: Path) -> Path:
         lines += [f"| {k} | {v} |" for k, v in summary_rows(run)]
         lines.append("")
         if run.notes:
-            lines += ["Skipped: " + "; ".join(run.notes) + ".", ""]
+            lines += ["Missing: " + "; ".join(run.notes) + ".", ""]
     plots = [("Loss and learning rate", plot_loss(runs, out)), ("Validation", plot_val(runs, out)),
              ("Throughput", plot_throughput(runs, out))]
     if len(runs) == 1:
@@ -150,7 +154,7 @@ def main(argv: List[str]) -> int:
     if len(runs) == 2 and runs[0].name == runs[1].name:
         for r in runs:
             r.name = f"{r.path.parent.name}/{r.name}"
-    if not any(r.metrics or r.val for r in runs):
+    if not any(r.metrics or r.val or r.revalidated for r in runs):
         print(f"launcher: error: {', '.join(map(str, dirs))}: no metrics.jsonl or val/results.jsonl; "
               "is this a run directory?", file=sys.stderr)
         return 2
@@ -159,6 +163,6 @@ def main(argv: List[str]) -> int:
     path = write_report(runs, out)
     for r in runs:
         for note in r.notes:
-            print(f"report: {r.name}: {note.replace('`', '')}; its plots are skipped")
+            print(f"report: {r.name}: {note.replace('`', '')}")
     print(f"report: {path}")
     return 0

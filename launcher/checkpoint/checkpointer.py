@@ -48,6 +48,13 @@ class TrainState:
         self.earlier_s = float(state.get("wall_time_s", 0.0))  # checkpoints before issue 27 lack it
 
 
+def step_epoch(state: dict) -> int:
+    """The epoch a checkpoint's step belongs to, as metrics.jsonl and the hand-off record it. The checkpoint holds
+    where the *next* step starts: after an epoch's last step that is the next epoch, at batch 0."""
+    done_an_epoch = state["batch_in_epoch"] == 0 and state["step"] > 0
+    return state["epoch"] - 1 if done_an_epoch else state["epoch"]
+
+
 class _RNG:
     """Every RNG of this process (of its own CUDA device only), as a part."""
 
