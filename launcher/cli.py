@@ -22,7 +22,7 @@ from launcher.rundir import RunDir
 from launcher.config.schema import Config
 from launcher.errors import ConfigError, NothingToDo, fail, say
 
-USAGE = """usage: python -m launcher {train,validate,report} [args]
+USAGE = """usage: python -m launcher {train,validate,report,sweep} [args]
 
   train [overrides]           train (torchrun --nproc_per_node=N -m launcher train for DDP)
   train -m key=a,b [...]      a sweep: one run per point, <sweep dir>/<n> (README "Sweeps")

@@ -8,7 +8,8 @@
 - wandb's own environment variables (WANDB_MODE, WANDB_PROJECT, ...) win over the config's
   defaults and lose to an explicit `logger.wandb.*=` on the command line, as with `wandb.init`.
 - Hydra's flags (--cfg, --help, --info, -sc install=...) run `hydra.main`, with the internal `*_schema`
-  configs hidden from help and refused as options; a TAB (-sc query=...) is answered by completion.py.
+  configs hidden from help and refused as options, and `--cfg` printing each key's meaning as a comment;
+  a TAB (-sc query=...) is answered by completion.py.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from typing import Iterator, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launcher.config import CONF_DIR
-from launcher.config.schema import Config, get
+from launcher.config.meanings import annotate, meanings
+from launcher.config.schema import JOBS, Config, get
+from launcher.jobs.base import JobConfig
 from launcher.errors import ConfigError
 
 HYDRA_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
@@ -146,6 +149,13 @@ def apply_wandb_env(cfg: DictConfig, overrides: List[str]) -> None:
                              [t.strip() for t in value.split(",") if t.strip()] if key == "tags" else value)
 
 
+def _meanings(yaml_text: str) -> dict:
+    """Every key's meaning for a printed config: the schema's, and those of the job it names (job.name)."""
+    name = re.search(r"^job:\n(?:[ ]{2}.*\n)*?[ ]{2}name: (\S+)", yaml_text, re.M)
+    job = JOBS.get(name.group(1) if name else "", JobConfig)
+    return {**meanings(Config), **meanings(job, "job.")}
+
+
 def _hide_schemas(text: str) -> str:
     text = re.sub(r"\b\w+_schema, ", "", text)
     return re.sub(r", \w+_schema\b", "", text)
@@ -162,8 +172,10 @@ def hydra_main(args: List[str], config_dir: Optional[Path]) -> None:
         with contextlib.redirect_stdout(out):
             hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(lambda _: None)()
     finally:
-        text = out.getvalue()
-        sys.stdout.write(_hide_schemas(text))
+        text = _hide_schemas(out.getvalue())
+        if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in args):
+            text = annotate(text, _meanings(text))  # each key's one-line meaning, as a YAML comment
+        sys.stdout.write(text)
         sys.stdout.flush()
 
 
