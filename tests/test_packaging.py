@@ -31,7 +31,7 @@ def test_the_wheel_trains_from_another_directory(tmp_path):
     work.mkdir()
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(ROOT / ".cache"),
            "OMP_NUM_THREADS": "1"}
-    where = subprocess.run([str(python), "-c", "import launcher.jobs, launcher.compose as c; "
+    where = subprocess.run([str(python), "-c", "import launcher.jobs, launcher.config.compose as c; "
                             "print(launcher.jobs.__file__); print(c.CONF_DIR)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(p.startswith(str(site)) for p in where), where  # the wheel's jobs and configs, not the checkout's

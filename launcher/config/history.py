@@ -6,6 +6,9 @@ resolved configs, against the config the run last ran with) are printed on the c
 `config_changed` event. A change that breaks exact resume is refused with one line (exit 2) unless
 `run.allow_changes=true`: the job (model and data), the batch geometry, the seed (data order and
 initial weights), the optimizer's kind and the EMA on/off (their checkpointed state would not fit).
+Every other change is applied by the resumed run: the optimizer's and the scheduler's settings are the
+config's, not the checkpoint's (optim.Settings); the EMA keeps its configured decay, ramp and tau; the
+rest is read from the config as the run goes. tests/test_resume_changes.py reads the effects back.
 `launcher validate` reads config.yaml with the recorded changes on top (`current`).
 """
 from __future__ import annotations
