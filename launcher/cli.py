@@ -1,4 +1,4 @@
-"""Command line: compose the Hydra config, check it, agree on the run directory, pick a role.
+"""Command line: compose the Hydra config, check it, agree on the run directory (startup.py), pick a role.
 
 The normal path uses Hydra's Compose API, so no rank creates Hydra output
 directories or changes the working directory, and a bad override becomes one
@@ -31,7 +31,7 @@ USAGE = """usage: python -m launcher {train,validate,report,sweep} [args]
   sweep <dir>                 the summary of a sweep (sweep.md, sweep.json)
 
 Overrides are Hydra's: key=value, group=option (job=synthetic, optim=sgd).
-`python -m launcher train --help` lists every key; `--cfg job` prints the config."""
+`python -m launcher train --help` lists every key; `--cfg job` prints the config, each key's meaning too."""
 
 log = logging.getLogger("launcher")
 

@@ -5,6 +5,7 @@ import pytest
 from conftest import launch
 
 
+@pytest.mark.slow
 def test_a_bad_key_under_torchrun_is_one_line_and_the_root_cause(tmp_path):
     proc = launch(["train", "train.epoch=3", f"run.dir={tmp_path}/run"], nproc=2, check=False, timeout=180)
     assert proc.returncode == 1  # torchrun's own status when a worker fails (the worker exited 2); see README
@@ -18,10 +19,8 @@ def test_a_bad_key_under_torchrun_is_one_line_and_the_root_cause(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("rank", ["5", "-2"])
-def test_validation_rank_is_checked_for_one_process_too(rank, tmp_path):
-    proc = launch(["train", f"validation.rank={rank}", f"run.dir={tmp_path}/run"], check=False, timeout=120)
+def test_validation_rank_is_checked_for_one_process_too(tmp_path):
+    proc = launch(["train", "validation.rank=5", f"run.dir={tmp_path}/run"], check=False, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [f"launcher: error: validation.rank={rank} is not valid for 1 process; "
-                                        "use -1..0"]
+    assert proc.stderr.splitlines() == ["launcher: error: validation.rank=5 is not valid for 1 process; use -1..0"]
     assert not (tmp_path / "run").exists()
