@@ -109,10 +109,10 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
               precision=precision, device=str(device), start_step=state.step, strategy="fsdp" if sharded else "ddp")
     validation = for_training(cfg, env, rundir, job, val_set, model, ema, batch.micro, tel)
 
-    log.info("training %d steps on %s: micro-batch %d x accum %d x %d = batch %d, %s on %s", total,
+    log.info("training %d steps on %s: micro-batch %d x accum %d = batch %d, %s on %s", total,
              layout(env, validation_mode(cfg.validation.mode, env.world_size), sharded), batch.micro, batch.accum,
-             env.train_world, batch.global_size, precision, device)
-    stopped_early, stop = False, Stop()
+             batch.global_size, precision, device)
+    state.started, stopped_early, stop = time.time(), False, Stop()  # wall_time_s counts training, not set-up
     ddp.train()
     indices = data.EpochIndices()  # one loader for the run: its workers persist across epochs
     loader = DataLoader(train_set, batch_size=batch.step, sampler=indices, drop_last=True,

@@ -33,7 +33,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     earlier_s: float = 0.0  # wall time of the launches before this one (restored)
-    started: float = field(default_factory=time.time)  # this launch
+    started: float = field(default_factory=time.time)  # this launch's training (the loop resets it)
 
     @property
     def wall_time_s(self) -> float:
