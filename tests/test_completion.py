@@ -64,6 +64,7 @@ def test_a_config_dir_is_read_and_an_edit_is_seen(tmp_path, monkeypatch):
     (tmp_path / "optim").mkdir()
     mine = tmp_path / "optim" / "mine.yaml"
     mine.write_text("name: sgd\nlr: 0.5\n")
+    assert candidates("launcher train --config-dir ") == []  # a directory: the shell completes it
     line = f"launcher train --config-dir {tmp_path} "
     assert "optim=mine" in candidates(line + "optim=")
     assert candidates(line + "optim=mine optim.lr=") == ["optim.lr=0.5"]

@@ -61,7 +61,7 @@ def candidates(line: str) -> List[str]:
     args = words[_program_end(words):]
     if not args:  # the command itself
         return [c for c in COMMANDS if c.startswith(current)]
-    if args[0] != "train":  # validate/report/sweep take a directory: the shell's own file completion
+    if args[0] != "train" or args[-1] in ("--config-dir", "-cd"):  # a directory: the shell's own completion
         return []
     given = dict(a.split("=", 1) for a in args[1:] if "=" in a and a.split("=", 1)[0] in GROUPS)
     config_dir = _config_dir(args[1:])
@@ -96,7 +96,7 @@ def _config_dir(args: List[str]) -> Optional[Path]:
         if flag in ("--config-dir", "-cd"):
             value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
             path = Path(value).expanduser()
-            return path.resolve() if path.is_dir() else None
+            return path.resolve() if value and path.is_dir() else None
     return None
 
 
@@ -124,7 +124,7 @@ def _cache_file(job: Optional[str], optim: Optional[str], config_dir: Optional[P
 
 def table(job: Optional[str] = None, optim: Optional[str] = None, config_dir: Optional[Path] = None) -> Table:
     """Every key `train` accepts for this job and optimizer, with its value and choices: from the cache, or
-    composed (once, seconds) and cached. An option that does not compose offers nothing."""
+    composed (once, seconds) and cached. An option that does not compose (a typo) offers nothing, cached too."""
     path = _cache_file(job, optim, config_dir)
     try:
         return json.loads(path.read_text())
@@ -133,7 +133,7 @@ def table(job: Optional[str] = None, optim: Optional[str] = None, config_dir: Op
     try:
         keys = {**_compose(job, optim, config_dir), **EXTRA}
     except Exception:  # noqa: BLE001 - a typo in job=/optim= on the line: nothing to offer, never a traceback
-        return {}
+        keys = {}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
