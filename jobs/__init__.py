@@ -2,15 +2,20 @@
 
 `load(cfg)` imports `cfg.target` ("package.module:Class") and builds it with the
 job's config, so a user's job lives in their own package, not in this one.
+`datasets(job)` builds its data sets once per process: the start-up check of the batch
+against the training set and the training itself share them.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Dict, Tuple
+
+from torch.utils.data import Dataset
 
 from launcher.jobs.base import Job
 
-__all__ = ["Job", "load", "resolve"]
+__all__ = ["Job", "datasets", "load", "resolve"]
+_BUILT: Dict[str, Tuple[Dataset, Dataset]] = {}
 
 
 def resolve(target: str) -> type:
@@ -26,3 +31,12 @@ def resolve(target: str) -> type:
 
 def load(cfg: Any) -> Job:
     return resolve(cfg.target)(cfg)
+
+
+def datasets(job: Job) -> Tuple[Dataset, Dataset]:
+    """`job.datasets()`, built once per process for the same job config (the last one only)."""
+    key = repr(job.cfg)
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = job.datasets()
+    return _BUILT[key]

@@ -26,8 +26,8 @@ class Choice(str, Enum):
 @dataclass
 class JobConfig:
     """Which task to train. `target` is `module:Class`; any importable path works."""
-    name: str = MISSING
-    target: str = MISSING
+    name: str = MISSING  # the job's name (set by the group: job=<name>)
+    target: str = MISSING  # `package.module:Class` of the job; any importable path
     batch_size: int = 64  # the job's default micro-batch (used by batch.size=auto on CPU)
 
 
@@ -35,7 +35,7 @@ class JobConfig:
 class CustomJob(JobConfig):
     """A user's own job: `job=custom job.target=my_pkg.my_job:MyJob +job.params.k=v`."""
     name: str = "custom"
-    params: Dict[str, Any] = field(default_factory=dict)
+    params: Dict[str, Any] = field(default_factory=dict)  # free-form, for your job: +job.params.<name>=<value>
 
 
 class Job:

@@ -28,11 +28,11 @@ class Mnist1dJob(JobConfig):
     name: str = "mnist1d"
     target: str = "launcher.jobs.mnist1d:Mnist1D"
     batch_size: int = 64
-    model: Mnist1dModel = Mnist1dModel.cnn
-    hidden: int = 100
-    channels: int = 25
+    model: Mnist1dModel = Mnist1dModel.cnn  # the paper's two models: its MLP or its ConvBase CNN
+    hidden: int = 100  # mlp hidden width
+    channels: int = 25  # cnn channels
     samples: int = 5000  # train + test, 80/20 split as in the paper
-    data_seed: int = 42
+    data_seed: int = 42  # seed of the generated data set
 
 
 def _cache_dir() -> Path:

@@ -26,17 +26,17 @@ class SyntheticJob(JobConfig):
     name: str = "synthetic"
     target: str = "launcher.jobs.synthetic:Synthetic"
     batch_size: int = 32
-    model: SyntheticModel = SyntheticModel.resnet
+    model: SyntheticModel = SyntheticModel.resnet  # resnet: ResNet-50-shaped; vit: ViT-B/16-shaped
     width: int = 64  # resnet: stem channels (64 = ResNet-50 widths); vit: ignored
     depth: List[int] = field(default_factory=lambda: [3, 4, 6, 3])  # resnet stages
     dim: int = 768  # vit
     layers: int = 12  # vit
     heads: int = 12  # vit
     patch: int = 16  # vit
-    image_size: int = 224
-    num_classes: int = 1000
-    train_samples: int = 4096
-    val_samples: int = 1024
+    image_size: int = 224  # input resolution
+    num_classes: int = 1000  # number of classes
+    train_samples: int = 4096  # synthetic training samples
+    val_samples: int = 1024  # synthetic validation samples
 
 
 class RandomImages(Dataset):

@@ -1,4 +1,4 @@
-"""Command line: compose the Hydra config, check it, agree on the run directory, pick a role.
+"""Command line: compose the Hydra config, check it, agree on the run directory (startup.py), pick a role.
 
 The normal path uses Hydra's Compose API, so no rank creates Hydra output
 directories or changes the working directory, and a bad override becomes one
@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from omegaconf import OmegaConf, open_dict
 
-from launcher.config import checks, schema
+from launcher.config import checks, completion, schema
 from launcher.config.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_keys, hydra_main, one_line, split_config_dir
+from launcher import startup
 from launcher.rundir import RunDir
 from launcher.config.schema import Config
-from launcher.errors import ConfigError
-USAGE = """usage: python -m launcher {train,validate,report} [args]
+from launcher.errors import ConfigError, NothingToDo, fail, say
+
+USAGE = """usage: python -m launcher {train,validate,report,sweep} [args]
 
   train [overrides]           train (torchrun --nproc_per_node=N -m launcher train for DDP)
   train -m key=a,b [...]      a sweep: one run per point, <sweep dir>/<n> (README "Sweeps")
@@ -30,14 +30,9 @@ USAGE = """usage: python -m launcher {train,validate,report} [args]
   sweep <dir>                 the summary of a sweep (sweep.md, sweep.json)
 
 Overrides are Hydra's: key=value, group=option (job=synthetic, optim=sgd).
-`python -m launcher train --help` lists every key; `--cfg job` prints the config."""
+`python -m launcher train --help` lists every key; `--cfg job` prints the config, each key's meaning too."""
 
 log = logging.getLogger("launcher")
-
-
-def fail(message: str) -> int:
-    print(f"launcher: error: {message}", file=sys.stderr)
-    return 2
 
 
 def load_config(overrides: List[str]) -> Tuple[Config, str]:
@@ -49,6 +44,8 @@ def load_config(overrides: List[str]) -> Tuple[Config, str]:
                               "an existing key, or use +job.params.<name>=... for a custom job")
     config_dir, overrides = split_config_dir(overrides)
     if any(a.split("=")[0] in HYDRA_FLAGS for a in overrides):
+        if (completion.asked(overrides) or ("",))[0] == "install":
+            completion.warm(config_dir)  # the first TAB reads the cache too
         hydra_main(overrides, config_dir)
         raise SystemExit(0)
     _, overrides = hydra_keys(overrides)
@@ -83,109 +80,6 @@ def load_run_config(rundir: RunDir, overrides: List[str]) -> Config:
         raise ConfigError(one_line(e)) from None
 
 
-def _precheck(cfg: Config, world_size: int, train_world: int) -> None:
-    """Everything that can be rejected without a process group."""
-    from launcher import jobs
-    from launcher.jobs.base import declared_metrics
-    from launcher.batch.geometry import plan
-    from launcher.dist.env import require_cuda
-
-    checks.check(cfg, world_size)
-    try:
-        target = jobs.resolve(cfg.job.target)
-        getattr(target, "check", lambda _: None)(cfg.job)  # the job's own checks (data dir, extras)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    missing = [m for m in ("model", "datasets") if getattr(target, m, None) in (None, getattr(jobs.Job, m))]
-    if missing:
-        lacks = " and ".join(f"{m}()" for m in missing)
-        raise ConfigError(f"job.target={cfg.job.target}: the job does not define {lacks}; "
-                          "a job subclasses launcher.jobs.base.Job and defines model() and datasets()")
-    names = declared_metrics(target)
-    if names is not None and cfg.validation.metric not in names:
-        raise ConfigError(f"validation.metric={cfg.validation.metric!r} is not a metric of job.target={cfg.job.target}; "
-                          f"choose one of {', '.join(names)}")
-    for key in ("train.device", "validation.device"):
-        require_cuda(key, schema.get(cfg, key))
-    _check_writable(Path(cfg.run.dir or cfg.run.root), "run.dir" if cfg.run.dir else "run.root")
-    if cfg.batch.size != "auto":
-        plan(cfg.batch, train_world)
-
-
-def _check_writable(path: Path, key: str) -> None:
-    """The nearest existing folder of `path` must be a writable directory."""
-    parent = path.resolve()
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path}: cannot create it, {parent} is not a writable directory; "
-                          f"choose a writable place with {key}=<dir>")
-
-
-def _make_run_dir(cfg: Config, config_text: str, overrides: List[str]) -> Tuple[RunDir, bool]:
-    """Rank 0: (the run directory, whether this call created it); run.resume=must is checked first."""
-    from launcher.checkpoint import store
-    from launcher.config import history
-    from launcher.validation import control
-    from launcher.dist.env import run_id
-    from launcher.files import atomic_write
-
-    rundir = RunDir(Path(cfg.run.dir or Path(cfg.run.root) / run_id(cfg.run.id)).resolve())
-    if cfg.run.resume == "must" and store.load_latest(rundir.checkpoints)[0] is None:
-        raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
-                          "use run.resume=auto to start fresh, or point run.dir at an existing run")
-    existed, changes, breaking = rundir.root.exists(), {}, []
-    resuming = cfg.run.resume != "never" and rundir.config.exists() and bool(store.steps(rundir.checkpoints))
-    try:  # resuming: config.yaml stays the first launch's; changes are recorded, or refused (history.py)
-        changes, breaking = history.check(rundir, config_text, cfg.run.allow_changes) if resuming else ({}, [])
-    except ConfigError:
-        if store.load_latest(rundir.checkpoints)[0] is not None:
-            raise
-        resuming = False  # no checkpoint loads: a fresh start with this config
-    try:
-        rundir.make()
-        control.reset(rundir)  # before any validator can see a previous session's stop/done markers
-        header = "# launcher train " + " ".join(overrides) + "\n"
-        if not resuming:
-            atomic_write(rundir.config, lambda f: f.write(header + config_text), mode="w")
-        elif changes:
-            history.record(rundir, changes, breaking, overrides)
-    except OSError as e:
-        raise ConfigError(f"run.dir={rundir}: cannot write there ({e.strerror or e}); "
-                          "choose a writable place with run.dir=<dir>") from None
-    return rundir, not existed
-
-
-def agree_run_dir(cfg: Config, dist, config_text: str, overrides: List[str]) -> Tuple[RunDir, bool]:
-    """Rank 0 chooses (run.dir, else runs/<id>), creates it and writes config.yaml; all ranks receive it
-    (or rank 0's ConfigError, so every rank exits 2). Also: whether this session created it."""
-    answer = None
-    if dist.env.rank == 0:
-        try:
-            rundir, created = _make_run_dir(cfg, config_text, overrides)
-            answer = ("ok", str(rundir), created)
-        except ConfigError as e:
-            answer = ("error", str(e), False)
-    kind, value, created = dist.broadcast_object(answer)
-    if kind == "error":
-        raise ConfigError(value)
-    return RunDir(value), created
-
-
-def _interrupted(rundir: Optional[RunDir], created: bool) -> int:
-    """Ctrl-C before the stop-signal handlers exist (start-up): no traceback; a run directory this
-    session created and that holds no checkpoint yet is removed, as if the run never started."""
-    from launcher.checkpoint import store
-
-    note = ""
-    if rundir is not None and created and rundir.root.exists() and not store.steps(rundir.checkpoints):
-        logging.shutdown()
-        shutil.rmtree(rundir.root, ignore_errors=True)
-        note = f"; removed {rundir}, which held no checkpoint yet"
-    print(f"launcher: interrupted during start-up{note}", file=sys.stderr)
-    return 130
-
-
 def _debug_logging(loggers: List[str]) -> None:
     """hydra.verbose=true (every logger) or hydra.verbose=<name>[,...]: DEBUG, on the console too."""
     for name in loggers:
@@ -201,11 +95,11 @@ def _check_point(overrides: List[str], here: bool) -> Config:
 
     cfg, _ = load_config(overrides)
     if not here:
-        checks.check(cfg)
+        checks.check(cfg, world_size=None)  # its processes are known where it runs
         return cfg
     env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device,
                  cfg.validation.share_gpu)
-    _precheck(cfg, env.world_size, env.train_world)
+    startup.precheck(cfg, env.world_size, env.train_world, data=False)  # each point's launch checks its data
     return cfg
 
 
@@ -222,7 +116,7 @@ def train_command(overrides: List[str]) -> int:
         debug, _ = hydra_keys(split_config_dir(overrides)[1])
         env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device,
                      cfg.validation.share_gpu)
-        _precheck(cfg, env.world_size, env.train_world)
+        startup.precheck(cfg, env.world_size, env.train_world, data=not env.is_validator)
     except ConfigError as e:
         return fail(str(e))
 
@@ -230,7 +124,7 @@ def train_command(overrides: List[str]) -> int:
     from launcher.errors import SaveError
     from launcher.dist.groups import Dist
     from launcher.faults import fail_at_start
-    from launcher.telemetry.logs import setup_logging
+    from launcher.telemetry.logs import FILE_ONLY, setup_logging
     from launcher.train import Trainer
 
     from launcher.validation.supervisor import run_validator_rank
@@ -242,26 +136,30 @@ def train_command(overrides: List[str]) -> int:
     finished = False
     try:
         dist = Dist(env, cfg.dist.timeout_s)
-        rundir, created = agree_run_dir(cfg, dist, text, overrides)
+        rundir, created = startup.agree_run_dir(cfg, dist, text, overrides)
         setup_logging(rundir.log(env.rank), env.rank, console=env.is_main or env.is_validator)
         _debug_logging(debug)
         log.debug("the resolved config:\n%s", text)
         if env.is_main:
             log.info("CPU threads: %(trainer)d per training process, %(validator)d for the validator process "
-                     "(%(cores)d cores; %(source)s)", cpu)
+                     "(%(cores)d cores; %(source)s)", cpu, extra=FILE_ONLY)
             rundir.event("threads", **cpu)
         if env.is_validator:
             run_validator_rank(env, rundir)
         else:
             Trainer(cfg, env, dist, rundir).build().run()
         finished = True
-    except KeyboardInterrupt:
-        return _interrupted(rundir if env.rank == 0 else None, created)
-    except ConfigError as e:
+    except NothingToDo as e:  # a finished run: it says so, changes nothing, exits 0
+        say(f"launcher: {e}")
+        finished = True
+    except KeyboardInterrupt:  # before the stop-signal handlers exist: no traceback, nothing left behind
+        say(f"launcher: interrupted during start-up{startup.abandon(rundir if env.rank == 0 else None, created)}")
+        return 130
+    except ConfigError as e:  # found only by training (batch.size=auto larger than the data): nothing left behind
+        startup.abandon(rundir if env.rank == 0 else None, created)
         return fail(str(e))
     except SaveError as e:  # disk full, read-only: one clear line, status 1, the old checkpoints intact
-        print(f"launcher: error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), status=1)
     finally:
         if rundir is not None and env.is_main and not finished:
             rundir.fold_rank_events()  # what the other ranks said on their way out
@@ -308,11 +206,8 @@ def _world() -> int:
 
 
 def main(argv: List[str]) -> int:
-    try:
-        return _dispatch(argv)
-    except KeyboardInterrupt:  # Ctrl-C while importing or composing: nothing was created yet
-        print("launcher: interrupted", file=sys.stderr)
-        return 130
+    """The commands; launcher/__main__.py catches a Ctrl-C during start-up (before train's own handler)."""
+    return _dispatch(argv)
 
 
 def _dispatch(argv: List[str]) -> int:
@@ -339,7 +234,3 @@ def _dispatch(argv: List[str]) -> int:
             return fail(str(e))
     return fail(f"unknown command {cmd!r}; use train, validate, report or sweep")
 
-
-def console() -> None:
-    """The `launcher` console script."""
-    sys.exit(main(sys.argv[1:]))

@@ -3,10 +3,13 @@
 The schedule is a `LambdaLR` with one factor per parameter group, so the YOLO-style
 bias-LR warmup is just another group's lambda and the whole schedule resumes from
 the scheduler's own state dict. Momentum warmup is a pure function of the step.
+A checkpoint restores the optimizer's and the scheduler's *settings* along with their state;
+`Settings` puts the config's back, so a resume that changes `optim.*` applies it.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List
 
 import torch
@@ -76,3 +79,26 @@ def set_momentum(opt: torch.optim.Optimizer, cfg: SchedConfig, target: float, st
             group["betas"] = (m, group["betas"][1])
         else:
             group["momentum"] = m
+
+
+@dataclass
+class Settings:
+    """The hyperparameters the config gave the optimizer (per group: lr, weight decay, betas or momentum, eps,
+    nesterov, fused, ...) and the scheduler (base LRs). `load_state_dict` brings back the previous launch's;
+    taken before a restore and applied after it, the config wins: a resume with a changed `optim.*` trains with
+    it (config/history.py announces the change). Unchanged, the values equal the checkpoint's: exact resume."""
+    groups: List[dict]
+    base_lrs: List[float]
+
+    @classmethod
+    def of(cls, opt: torch.optim.Optimizer, sched: LambdaLR) -> "Settings":
+        return cls([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups], list(sched.base_lrs))
+
+    def apply(self, opt: torch.optim.Optimizer, sched: LambdaLR) -> None:
+        """After a restore: the config's settings, and the LR in force at the restored step recomputed from them
+        (the expression LambdaLR.get_lr uses, so an unchanged LR is bit-identical)."""
+        sched.base_lrs = list(self.base_lrs)
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, settings, lr in zip(opt.param_groups, self.groups, lrs):
+            group.update(settings, lr=lr)
+        sched._last_lr = lrs

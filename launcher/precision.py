@@ -23,3 +23,12 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class GradScaler(torch.amp.GradScaler):
+    """torch's GradScaler, resumable into fp16 from a run that did not use it: a checkpoint saved without fp16
+    holds an empty scaler state, and this scaler then starts at its default scale instead of refusing it."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            super().load_state_dict(state_dict)

@@ -19,24 +19,26 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from launcher import jobs
 from launcher.batch import probe
+from launcher.batch.geometry import steps_per_epoch
 from launcher.batch.recovery import Headroom, Recovery, StepOOM
 from launcher.checkpoint.checkpointer import Checkpointer, TrainState
 from launcher.checkpoint.export import save_weights
-from launcher.config.schema import Config
+from launcher.config.schema import Config, validation_mode
 from launcher.data import EpochIndices, train_loader_options
 from launcher.dist import fsdp, wrap
-from launcher.dist.env import Env
+from launcher.dist.env import Env, layout
 from launcher.dist.groups import Dist
 from launcher.dist.rng import seed_everything
 from launcher.dist.signals import Guard, Stop
 from launcher.ema import EMA, NoEMA, auto_tau
-from launcher.errors import ConfigError
 from launcher.faults import Faults
-from launcher.optim import build_optimizer, build_scheduler, warmup_steps
-from launcher.precision import resolve_precision
+from launcher.optim import Settings, build_optimizer, build_scheduler, warmup_steps
+from launcher.precision import GradScaler, resolve_precision
 from launcher.rundir import RunDir
 from launcher.step import LossMeter, StepParts, forward_backward, optimizer_step
+from launcher.summary import whole_run
 from launcher.telemetry import Telemetry
+from launcher.telemetry.logs import FILE_ONLY
 from launcher.validation.evaluation import best_by_weights
 from launcher.validation.trainer_side import for_training
 
@@ -64,7 +66,7 @@ class Trainer:
         self.model = wrap.shard(model, cfg.train.strategy, group, device, self.precision, self.job)
         self.sharded = fsdp.is_fsdp(self.model)  # every training rank keeps its shards (of the EMA too)
         self.keeps_ema = cfg.ema.enabled and (env.is_main or self.sharded)
-        self.train_set, self.val_set = self.job.datasets()
+        self.train_set, self.val_set = jobs.datasets(self.job)  # built once: the start-up checks already did
         self.faults = Faults(cfg.debug, env, self.rundir)
         self.faults.arm_forward(self.model)
 
@@ -74,19 +76,16 @@ class Trainer:
         batch = choice.batch
         self.sampler = DistributedSampler(self.train_set, num_replicas=env.train_world, rank=env.train_rank,
                                           shuffle=True, seed=cfg.run.seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // batch.step
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"the effective batch {batch.global_size} is larger than the training set "
-                              f"({len(self.train_set)} samples); lower batch.size or batch.global_size")
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), batch)  # batch.size=auto: checked after the probe
         total = self.steps_per_epoch * cfg.train.epochs if cfg.train.epochs else cfg.train.max_steps
         self.total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         self.warmup = warmup_steps(cfg.sched, self.steps_per_epoch)
 
         opt = build_optimizer(self.model, cfg.optim, device)
         self.parts = StepParts(opt, build_scheduler(opt, cfg.sched, cfg.optim.lr, self.total, self.warmup),
-                               torch.amp.GradScaler(device.type, enabled=self.precision == "fp16"),
+                               GradScaler(device.type, enabled=self.precision == "fp16"),
                                self._ema(self.model, self.total // cfg.ema.every), self.warmup)
-        log.info(self.parts.ema.describe())
+        log.info(self.parts.ema.describe(), extra=FILE_ONLY)
         self.net = wrap.wrap(self.model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
         self.tel = Telemetry(self.rundir, cfg, env, self.total, enabled=env.is_main)
         self.tel.event("autobatch", **choice.event)
@@ -103,7 +102,12 @@ class Trainer:
                                  parts={"model": self.model, "optimizer": opt, "scheduler": self.parts.sched,
                                         "scaler": self.parts.scaler, "ema": self.parts.ema},
                                  per_rank={"meter": self.meter}, sharded=self.sharded)
+        settings = Settings.of(opt, self.parts.sched)  # the config's: a restore brings back the previous launch's
         resumed = self.ckpt.restore() if cfg.run.resume != "never" else None
+        if resumed is not None:
+            settings.apply(opt, self.parts.sched)  # a resume that changed optim.* applies it
+            log.info("resuming %s from step %d (epoch %d); %d steps left", self.rundir, self.state.step,
+                     self.state.epoch, max(0, self.total - self.state.step))
         if resumed is None:
             seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
         elif not resumed.per_rank:  # another number of ranks: per-rank randomness starts afresh
@@ -131,7 +135,7 @@ class Trainer:
         (ddp: each rank alone) or the sharded one (fsdp: every rank in lockstep)."""
         opt = build_optimizer(self.model, self.cfg.optim, self.device)
         parts = StepParts(opt, build_scheduler(opt, self.cfg.sched, self.cfg.optim.lr, 2, 0),
-                          torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16"),
+                          GradScaler(self.device.type, enabled=self.precision == "fp16"),
                           self._ema(self.model))
         x, y = probe.probe_batch(self.job, self.train_set, n, self.device)
         for step in range(2):
@@ -141,10 +145,11 @@ class Trainer:
     def run(self) -> dict:
         """The loop. Returns the summary (rank 0's is complete; other ranks' is the loop's part)."""
         cfg, state = self.cfg, self.state
-        log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s", self.total,
-                 self.env.train_world, self.recovery.batch.micro, self.recovery.batch.accum,
-                 self.recovery.batch.global_size, self.precision, self.device)
-        t_start, early, stop = time.time(), False, Stop()
+        batch, env = self.recovery.batch, self.env
+        log.info("training %d steps on %s: micro-batch %d x accum %d = batch %d, %s on %s", self.total,
+                 layout(env, validation_mode(cfg.validation.mode, env.world_size), self.sharded), batch.micro,
+                 batch.accum, batch.global_size, self.precision, self.device)
+        state.started, early, stop = time.time(), False, Stop()  # wall_time_s counts training, not set-up
         step_batch = self.recovery.batch.step
         indices = EpochIndices()  # one loader for the run: its workers persist across epochs
         loader = DataLoader(self.train_set, batch_size=step_batch, sampler=indices, drop_last=True,
@@ -186,7 +191,7 @@ class Trainer:
         if stop and state.step < self.total:  # preempted: checkpointed, not finished; exit 128 + signal
             self.validation.flush()  # snapshots already handed off reach the disk
             self.guard.exit(stop, state.step)
-        return self.finish(early, time.time() - t_start)
+        return self.finish(early)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, parts: StepParts, net, recovery: Recovery,
                    step: int) -> torch.Tensor:
@@ -211,12 +216,13 @@ class Trainer:
                 self.recovery.recover(e, self.state.step)
 
     # ----------------------------------------------------------------------------------- finish
-    def finish(self, early: bool, wall_s: float) -> dict:
+    def finish(self, early: bool) -> dict:
         """Deployable EMA weights, the final validation, retention, the summary."""
         cfg, env, state, ema = self.cfg, self.env, self.state, self.parts.ema
         batch = self.recovery.batch
         summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": early, "micro_batch": batch.micro,
-                   "accum": batch.accum, "global_batch": batch.global_size, "wall_time_s": round(wall_s, 2)}
+                   "accum": batch.accum, "global_batch": batch.global_size,
+                   "wall_time_s": round(state.wall_time_s, 2)}
         final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers
         summary.update(self.validation.finish(state.step, state.epoch))  # drains: the final weights validated
         self.ckpt.prune(self.validation.protected_steps())  # retention again: the true best, the unvalidated
@@ -226,6 +232,7 @@ class Trainer:
             if self.keeps_ema:
                 save_weights(self.rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})
                 summary.update(ema.stats(), ema_tau=ema.tau)
+            summary = whole_run(self.rundir, summary)  # the whole run, every launch
             self.rundir.write_summary(summary)
             self.tel.event("end", **summary)
             best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \

@@ -94,9 +94,31 @@ def reference(tmp_path_factory) -> dict:
     default validation (one trainer + the validator rank); "ddp": two training ranks (validation inline)."""
     root = tmp_path_factory.mktemp("reference")
     launch(["train", *FAST, f"run.dir={root / 'one'}"])
-    launch(["train", *FAST, f"run.dir={root / 'two'}"], nproc=2)
+    two = launch(["train", *FAST, f"run.dir={root / 'two'}"], nproc=2)
+    (root / "two.stdout").write_text(two.stdout)  # what the console showed (tests/test_console.py)
     launch(["train", *FAST, "validation.mode=inline", f"run.dir={root / 'ddp'}"], nproc=2)
     return {1: root / "one", 2: root / "two", "ddp": root / "ddp"}
+
+
+def files_of(run: Path) -> dict:
+    """Every file of a directory: path -> (size, mtime_ns), to tell that a launch changed nothing."""
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def relaunched(tmp_path_factory) -> dict:
+    """One run over three launches: 20 steps; resumed to 40 (train.max_steps raised); the same command again,
+    with nothing left to do. Each launch's process, and the run's files before and after the third."""
+    run = tmp_path_factory.mktemp("relaunched") / "run"
+    args = ["train", *FAST, "validation.every_steps=10", "validation.policy=all", f"run.dir={run}"]
+    first = launch([*args, "train.max_steps=20"])
+    first_summary = (run / "summary.json").read_bytes()
+    second = launch([*args, "train.max_steps=40"])
+    before = files_of(run)
+    third = launch([*args, "train.max_steps=40"])
+    return {"run": run, "procs": [first, second, third], "first_summary": first_summary, "before": before,
+            "after": files_of(run)}
 
 
 @pytest.fixture

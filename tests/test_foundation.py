@@ -29,7 +29,7 @@ def test_torchrun_ranks_share_one_run_directory(tmp_path):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, runs
     assert sorted(p.name for p in (runs[0] / "logs").iterdir()) == ["rank-0.log", "rank-1.log"]
-    assert "2 rank(s)" in (runs[0] / "logs" / "rank-1.log").read_text()
+    assert "on 2 training ranks (DDP)" in (runs[0] / "logs" / "rank-1.log").read_text()
     assert not (tmp_path / "outputs").exists(), "Hydra must not create per-rank output dirs"
     events = read_jsonl(runs[0] / "events.jsonl")
     assert sum(e["event"] == "start" for e in events) == 1  # only rank 0 writes run files

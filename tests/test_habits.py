@@ -113,12 +113,12 @@ from torch.utils.data import TensorDataset
 from launcher.jobs.base import Job
 
 class SlowData(Job):
-    def model(self):
+    def model(self):  # built after the run directory exists (the data sets are built before it, at the checks)
+        open(os.environ["SLOW_MARKER"], "w").close()
+        time.sleep(60)
         return torch.nn.Linear(40, 10)
 
     def datasets(self):
-        open(os.environ["SLOW_MARKER"], "w").close()
-        time.sleep(60)
         x = torch.randn(100, 40)
         return TensorDataset(x, x[:, 0].long()), TensorDataset(x, x[:, 0].long())
 """
@@ -134,7 +134,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_no_run_dir(tmp_path):
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    assert run.exists(), "the run directory exists while the job builds its data"
+    assert run.exists(), "the run directory exists while the job builds its model"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -56,7 +56,8 @@ def test_report_of_a_partial_run_in_progress(finished, tmp_path):
     assert all(data.startswith(PNG) for data in images.values())
     md = (partial / "report" / "report.md").read_text()
     assert "in progress" in md and "| last logged step | 20 |" in md
-    assert "`val/results.jsonl` not found" in md and "`summary.json` not found" in md
+    assert "`val/results.jsonl` not found: no validation plot" in md
+    assert "`summary.json` not found: the run is in progress or was stopped" in md
 
 
 def test_report_compare_overlays_two_runs(finished, tmp_path):
@@ -133,13 +134,45 @@ def said(png: Path) -> dict:
     return json.loads(Image.open(png).info["Description"])
 
 
-def test_report_and_validate_take_the_run_directory_in_both_forms(finished, tmp_path):
-    run = tmp_path / "both"
+@pytest.fixture(scope="module")
+def revalidated(finished, tmp_path_factory) -> Path:
+    """A copy of the finished run, re-validated from its checkpoints by `launcher validate <dir>`."""
+    run = tmp_path_factory.mktemp("revalidated") / "run"
     shutil.copytree(finished, run, ignore=shutil.ignore_patterns("report"))
-    assert report_main([f"run.dir={run}"]) == 0 and (run / "report" / "report.md").exists()
-    before = len((run / "val" / "results.jsonl").read_text().splitlines())
     launch(["validate", str(run), "validation.device=cpu"], timeout=240)
-    assert len((run / "val" / "results.jsonl").read_text().splitlines()) > before
+    return run
+
+
+def test_report_and_validate_take_the_run_directory_in_both_forms(finished, revalidated):
+    rows = [json.loads(x) for x in (revalidated / "val" / "results.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r.get("source") == "checkpoint"]) > 0  # validate <dir> re-validated the run
+    assert report_main([f"run.dir={revalidated}"]) == 0 and (revalidated / "report" / "report.md").exists()
+
+
+def test_a_step_has_one_epoch_in_every_row(revalidated):
+    """Issue 27, item 3: a re-validation row from a checkpoint names the step's epoch, as the live row does (the
+    checkpoint after an epoch's last step holds the next epoch's start)."""
+    rows = [json.loads(x) for x in (revalidated / "val" / "results.jsonl").read_text().splitlines()]
+    epochs = {}
+    for r in rows:
+        epochs.setdefault(r["step"], set()).add(r["epoch"])
+    assert {r["step"] for r in rows if r.get("source")} & {62, 124}  # epoch ends are among the checkpoints
+    assert all(len(e) == 1 for e in epochs.values()), epochs
+    metrics = {m["step"]: m["epoch"] for m in map(json.loads, (revalidated / "metrics.jsonl").read_text().splitlines())}
+    assert all(epochs[s] == {metrics[s]} for s in epochs if s in metrics)
+
+
+def test_the_report_counts_steps_and_shows_re_validations_apart(revalidated):
+    assert report_main([str(revalidated)]) == 0
+    md = (revalidated / "report" / "report.md").read_text()
+    rows = [json.loads(x) for x in (revalidated / "val" / "results.jsonl").read_text().splitlines()]
+    live = {r["step"] for r in rows if not r.get("source")}
+    again = {r["step"] for r in rows if r.get("source")}
+    assert f"| validated steps | {len(live)} (ema and raw weights) |" in md
+    assert f"| re-validated steps (checkpoints, marked x) | {len(again)} (ema and raw weights) |" in md
+    val = said(revalidated / "report" / "validation.png")
+    assert "x: re-validated from checkpoints" in val["titles"][0]
+    assert {"ema re-validated", "raw re-validated"} <= {label for label, _ in val["legend"]}
 
 
 def test_report_titles_and_legends_say_only_what_is_plotted(finished, tmp_path):
@@ -182,3 +215,21 @@ def test_report_compare_marks_each_best_in_its_runs_colour(finished, tmp_path):
     assert set(bests) == {"finished", "other"} and len(set(bests.values())) == 2
     for name, colour in bests.items():
         assert {c for lb, c in legend if lb.startswith(f"{name} ")} == {colour}  # its ema and raw lines
+
+
+def test_the_report_says_what_it_draws_and_what_is_missing(finished, tmp_path, capsys):
+    """Issue 27, item 8: no LR panel for a constant LR (the title says it), the smoothing's window named, every
+    event counted (checkpoints too), and a missing file noted with what it leaves out, not 'plots skipped'."""
+    run = tmp_path / "stopped"
+    shutil.copytree(finished, run, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    (run / "summary.json").unlink()
+    assert report_main([str(run)]) == 0
+    loss, speed = said(run / "report" / "loss_lr.png"), said(run / "report" / "throughput.png")
+    assert loss["titles"] == ["loss (learning rate constant at 0.01; dash-dot: planned end, step 124 of 124)"]
+    assert any(label.endswith("(mean of the last 2 log lines)") for label, _ in speed["legend"]), speed
+    md = (run / "report" / "report.md").read_text()
+    events = next(line for line in md.splitlines() if line.startswith("| events |"))
+    saved = sum(json.loads(x)["event"] == "checkpoint" for x in (run / "events.jsonl").read_text().splitlines())
+    assert f"checkpoint x{saved}" in events and "start x1" in events
+    out = capsys.readouterr().out
+    assert "summary.json not found: the run is in progress or was stopped" in out and "skipped" not in out

@@ -60,3 +60,13 @@ def plan(cfg: BatchConfig, world: int, micro: Optional[int] = None) -> Batch:
         return geometry(int(cfg.size), cfg.global_size, world, exact=True)
     assert micro is not None, "batch.size=auto: the probe gives the micro-batch"
     return geometry(micro, cfg.global_size, world)
+
+
+def steps_per_epoch(samples: int, batch: Batch) -> int:
+    """Optimizer steps in one pass over a training set of `samples` (each rank drops its remainder); a
+    ConfigError when the effective batch does not fit even once."""
+    steps = samples // batch.world // batch.step
+    if steps == 0:
+        raise ConfigError(f"the effective batch {batch.global_size} is larger than the training set "
+                          f"({samples} samples); lower batch.size or batch.global_size")
+    return steps

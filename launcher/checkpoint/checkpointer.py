@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
@@ -24,16 +25,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainState:
-    """Where the loop is. (The micro-batch is not here: autobatch.json carries it across a resume.)"""
+    """Where the loop is. (The micro-batch is not here: autobatch.json carries it across a resume.)
+    `wall_time_s` counts every launch: the earlier ones' up to the checkpoint this one resumed from."""
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    earlier_s: float = 0.0  # wall time of the launches before this one (restored)
+    started: float = field(default_factory=time.time)  # this launch's training (the loop resets it)
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.earlier_s + time.time() - self.started
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "wall_time_s": self.wall_time_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.earlier_s = float(state.get("wall_time_s", 0.0))  # older checkpoints lack it
+
+
+def step_epoch(state: dict) -> int:
+    """The epoch a checkpoint's step belongs to, as metrics.jsonl and the hand-off record it. The checkpoint holds
+    where the *next* step starts: after an epoch's last step that is the next epoch, at batch 0."""
+    done_an_epoch = state["batch_in_epoch"] == 0 and state["step"] > 0
+    return state["epoch"] - 1 if done_an_epoch else state["epoch"]
 
 
 class _RNG:

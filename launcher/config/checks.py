@@ -6,7 +6,7 @@ line and exit status 2 (the CLI turns ConfigError into that).
 from __future__ import annotations
 
 import signal
-from typing import Any, Iterable, List
+from typing import Any, Iterable, List, Optional
 
 from launcher.config.schema import Config, get, validation_mode
 from launcher.errors import ConfigError
@@ -79,8 +79,9 @@ def check_global_size(cfg: Config, world_size: int) -> None:
     raise ConfigError(msg)
 
 
-def check(cfg: Config, world_size: int = 1) -> None:
-    """Reject what the types cannot: bad choices, ranges, impossible combinations."""
+def check(cfg: Config, world_size: Optional[int] = 1) -> None:
+    """Reject what the types cannot: bad choices, ranges, impossible combinations. `world_size` None: not
+    known here (a sweep point that runs elsewhere), so the rules that depend on it wait for its launch."""
     for key in POSITIVE:
         if get(cfg, key) <= 0:
             raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; it must be > 0")
@@ -100,14 +101,13 @@ def check(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("autobatch.fraction must be in (0, 1] and autobatch.margin in [0, 1)")
     if cfg.batch.global_size is not None and cfg.batch.global_size <= 0:
         raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not valid; it must be > 0")
-    check_global_size(cfg, world_size)
-    if cfg.validation.mode == "rank" and world_size < 2:
+    check_global_size(cfg, world_size or 1)
+    if cfg.validation.mode == "rank" and world_size == 1:
         raise ConfigError("validation.mode=rank needs at least 2 processes (torchrun --nproc_per_node>=2); "
                           "with one process use validation.mode=process, inline or off")
-    if cfg.validation.mode in ("auto", "rank") and world_size >= 2:
-        if not -world_size <= cfg.validation.rank < world_size:
-            raise ConfigError(f"validation.rank={cfg.validation.rank} is not valid for {world_size} processes; "
-                              f"use -{world_size}..{world_size - 1}")
+    if world_size and not -world_size <= cfg.validation.rank < world_size:  # the same rule for 1 process and N
+        raise ConfigError(f"validation.rank={cfg.validation.rank} is not valid for {world_size} process"
+                          f"{'es' if world_size > 1 else ''}; use -{world_size}..{world_size - 1}")
     if cfg.validation.share_gpu and cfg.validation.mode not in ("auto", "rank"):
         raise ConfigError(f"validation.share_gpu=true is for the validator rank, not validation.mode="
                           f"{cfg.validation.mode}; use validation.mode=auto or rank, or drop validation.share_gpu")
@@ -116,7 +116,7 @@ def check(cfg: Config, world_size: int = 1) -> None:
                           "use validation.weights=raw or enable the EMA")
     if cfg.train.strategy == "fsdp" and cfg.train.precision == "fp16":
         raise ConfigError(FSDP_FP16)
-    if cfg.train.strategy == "fsdp" and cfg.validation.mode == "inline" and world_size >= 2:
+    if cfg.train.strategy == "fsdp" and cfg.validation.mode == "inline" and (world_size or 1) >= 2:
         raise ConfigError("validation.mode=inline is not supported with train.strategy=fsdp on 2+ processes (rank 0 "
                           "alone would evaluate a sharded model); use validation.mode=auto, process or off")
     if cfg.train.strategy == "fsdp" and cfg.train.compile:

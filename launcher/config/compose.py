@@ -7,8 +7,9 @@
   directory) and are refused, naming what to use instead.
 - wandb's own environment variables (WANDB_MODE, WANDB_PROJECT, ...) win over the config's
   defaults and lose to an explicit `logger.wandb.*=` on the command line, as with `wandb.init`.
-- Hydra's flags (--cfg, --help, --info, -sc) run `hydra.main`, with the internal `*_schema`
-  configs hidden from help and completion and refused as options.
+- Hydra's flags (--cfg, --help, --info, -sc install=...) run `hydra.main`, with the internal `*_schema`
+  configs hidden from help and refused as options, and `--cfg` printing each key's meaning as a comment;
+  a TAB (-sc query=...) is answered by completion.py.
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from launcher.config.schema import Config, get
+from launcher.config import CONF_DIR
+from launcher.config.meanings import annotate, meanings
+from launcher.config.schema import JOBS, Config, get
+from launcher.jobs.base import JobConfig
 from launcher.errors import ConfigError
 
-# Installed from a wheel the configs are package data (launcher/conf); in a checkout, the top-level conf/.
-CONF_DIR = next(d for d in (Path(__file__).resolve().parents[1] / "conf", Path(__file__).resolve().parents[2] / "conf")
-                if (d / "config.yaml").exists())
 HYDRA_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p",
                "--shell-completion", "-sc"}
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
@@ -43,6 +44,9 @@ HYDRA_INSTEAD = {
     "hydra.job_logging": "logs go to <run.dir>/logs/rank-<r>.log; use hydra.verbose=true for debug logging",
     "hydra.hydra_logging": "use hydra.verbose=true for debug logging",
 }
+# Keys without a default (`???`), and the form of the value they need.
+REQUIRED = {"job.target": "job.target=<package.module>:<Class>, the import path of your Job subclass "
+                          "(e.g. job.target=my_job:Spirals; README 'Your own job')"}
 # wandb's environment variables and the config keys they fill when not given on the command line.
 WANDB_ENV = {"WANDB_MODE": "mode", "WANDB_PROJECT": "project", "WANDB_ENTITY": "entity", "WANDB_NAME": "name",
              "WANDB_RUN_GROUP": "group", "WANDB_TAGS": "tags"}
@@ -127,13 +131,11 @@ def apply_wandb_env(cfg: DictConfig, overrides: List[str]) -> None:
                              [t.strip() for t in value.split(",") if t.strip()] if key == "tags" else value)
 
 
-def completion_line(line: str) -> str:
-    """`launcher train jo` / `python -m launcher train jo` -> `launcher jo`, which Hydra's completer reads."""
-    words = line.split(" ")
-    for i, w in enumerate(words):
-        if w == "train" or (w == "launcher" and (i + 1 >= len(words) or words[i + 1] != "train")):
-            return " ".join(["launcher", *words[i + 1:]])
-    return line
+def _meanings(yaml_text: str) -> dict:
+    """Every key's meaning for a printed config: the schema's, and those of the job it names (job.name)."""
+    name = re.search(r"^job:\n(?:[ ]{2}.*\n)*?[ ]{2}name: (\S+)", yaml_text, re.M)
+    job = JOBS.get(name.group(1) if name else "", JobConfig)
+    return {**meanings(Config), **meanings(job, "job.")}
 
 
 def _hide_schemas(text: str) -> str:
@@ -142,23 +144,19 @@ def _hide_schemas(text: str) -> str:
 
 
 def hydra_main(args: List[str], config_dir: Optional[Path]) -> None:
-    """Hydra's own flags (--cfg job, --help, -sc query=bash, ...), with the internal schemas hidden."""
+    """Hydra's own flags (--cfg job, --help, -sc install=bash, ...), with the internal schemas hidden. (A TAB's
+    `-sc query=<shell>` never gets here: launcher/config/completion.py answers it.)"""
     import hydra
 
-    if "COMP_LINE" in os.environ:
-        os.environ["COMP_LINE"] = completion_line(os.environ["COMP_LINE"])
     sys.argv = ["launcher", *args, *(["--config-dir", str(config_dir)] if config_dir else [])]
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
             hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(lambda _: None)()
     finally:
-        text = out.getvalue()
-        if any(a in ("-sc", "--shell-completion") or a.startswith("--shell-completion=") for a in args):
-            if "query=" in " ".join(args):
-                text = " ".join(w for w in text.split() if not w.endswith("_schema")) + "\n"
-        else:
-            text = _hide_schemas(text)
+        text = _hide_schemas(out.getvalue())
+        if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in args):
+            text = annotate(text, _meanings(text))  # each key's one-line meaning, as a YAML comment
         sys.stdout.write(text)
         sys.stdout.flush()
 
@@ -181,6 +179,8 @@ def one_line(e: BaseException) -> str:
         options = [o for o in options if not o.endswith("_schema") and "provider=" not in o]
         return first + (f"; available: {', '.join(options)}" if options else "")
     msg = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+    if key and type(cause).__name__ == "MissingMandatoryValue":
+        return f"{key} is required and not set; set it: {REQUIRED.get(key, f'{key}=<value>')}"
     if key:
         return f"{key}: {msg}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())[:400]

@@ -6,6 +6,9 @@ resolved configs, against the config the run last ran with) are printed on the c
 `config_changed` event. A change that breaks exact resume is refused with one line (exit 2) unless
 `run.allow_changes=true`: the job (model and data), the batch geometry, the seed (data order and
 initial weights), the optimizer's kind and the EMA on/off (their checkpointed state would not fit).
+Every other change is applied by the resumed run: the optimizer's and the scheduler's settings are the
+config's, not the checkpoint's (optim.Settings); the EMA keeps its configured decay, ramp and tau; the
+rest is read from the config as the run goes. tests/test_resume_changes.py reads the effects back.
 `launcher validate` reads config.yaml with the recorded changes on top (`current`).
 """
 from __future__ import annotations
@@ -90,5 +93,5 @@ def record(rundir: RunDir, changes: Dict[str, Dict[str, Any]], breaking: List[st
     rundir.event("config_changed", changes=changes, allowed_breaking=breaking, command=entry["command"])
     note = f" (run.allow_changes=true: {', '.join(breaking)} changed, the resume is not exact)" if breaking else ""
     lines = [f"  {k}: {c['old']} -> {c['new']}" for k, c in changes.items()]
-    print(f"launcher: resuming {rundir} with changed options{note}; config.yaml keeps the first launch's, "
-          f"{rundir.config_history.name} each resume's:", *lines, sep="\n", file=sys.stderr, flush=True)
+    print(f"launcher: options changed since the last launch of {rundir}{note}; config.yaml keeps the first "
+          f"launch's, {rundir.config_history.name} each resume's:", *lines, sep="\n", file=sys.stderr, flush=True)

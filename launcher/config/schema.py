@@ -7,7 +7,8 @@ package (compose.py) and by sweeps (sweep.py); everything else receives a plain
 `Config` object.
 Choices are Enums (str-valued, so they compare equal to their names): the schema
 itself rejects a bad value, naming the valid ones. Each shipped job's own config
-dataclass lives beside the job in jobs/.
+dataclass lives beside the job in jobs/. The comment beside each field is its meaning,
+read by `--cfg job` and docs/config.md (launcher/config/meanings.py): keep it one line.
 """
 from __future__ import annotations
 
@@ -44,35 +45,35 @@ Strategy = _choice("Strategy", "ddp", "fsdp")
 
 @dataclass
 class RunConfig:
-    dir: Optional[str] = None  # default: <root>/<id>
-    root: str = "runs"
-    id: Optional[str] = None  # default: SLURM_JOB_ID, TORCHELASTIC_RUN_ID, timestamp
-    resume: Resume = Resume.auto
-    seed: int = 0
-    allow_changes: bool = False  # resume even with changes that break exactness (config_history.py: FROZEN)
-    # Signals that stop training cleanly at the next step (checkpoint, exit 128+signum); see launcher/signals.py.
-    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    dir: Optional[str] = None  # the run directory; null = <run.root>/<run.id>
+    root: str = "runs"  # parent folder of run directories when run.dir is not set
+    id: Optional[str] = None  # null = SLURM_JOB_ID, else TORCHELASTIC_RUN_ID, else a timestamp
+    resume: Resume = Resume.auto  # auto: resume if a checkpoint loads; never: start fresh; must: refuse without one
+    seed: int = 0  # global seed: same initial weights on every rank, per-rank seed = seed + rank
+    allow_changes: bool = False  # resume even with changes that break exactness (config/history.py: FROZEN)
+    stop_signals: List[str] = field(  # stop cleanly at the next step: checkpoint, exit 128+signal
+        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
+    epochs: int = 60  # passes over the training set (train.max_steps caps it when > 0)
     max_steps: int = 0  # optimizer steps; 0 = epochs decide
-    precision: Precision = Precision.auto
+    precision: Precision = Precision.auto  # auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on CPU
     grad_clip: float = 0.0  # max grad norm; 0 = off
-    log_every: int = 10
-    device: TrainDevice = TrainDevice.auto
+    log_every: int = 10  # optimizer steps between metrics.jsonl rows / progress lines / wandb points
+    device: TrainDevice = TrainDevice.auto  # auto: this rank's GPU if there is one, else the CPU
     threads: int = 0  # CPU threads per training process; 0: OMP_NUM_THREADS, else cores split with the validator
     compile: bool = False  # torch.compile the forward (DDP-aware: compiles the DDP wrapper in place)
     channels_last: bool = False  # NHWC weights and inputs for conv nets (converted in the copy to the device)
     cudnn_benchmark: bool = True  # cuDNN times its conv algorithms once per input shape, keeps the fastest
     tf32: bool = True  # fp32 matmuls and convolutions on TF32 tensor cores (Ampere+; fp32 storage, ~10-bit mantissa)
-    strategy: Strategy = Strategy.ddp  # ddp: replicated weights; fsdp: FSDP2 shards weights, grads, optimizer, EMA (fsdp.py)
+    strategy: Strategy = Strategy.ddp  # ddp: replicated weights; fsdp: FSDP2 shards weights, grads, optimizer, EMA
 
 
 @dataclass
 class DataConfig:
-    workers: int = 0
+    workers: int = 0  # DataLoader worker processes per rank
     pin_memory: bool = True  # only where a GPU is used
     persistent_workers: bool = True  # keep loader workers alive across epochs (with workers > 0)
     prefetch: int = 2  # batches each worker loads ahead (with workers > 0)
@@ -101,28 +102,27 @@ class BatchConfig:
 @dataclass
 class AutobatchConfig:
     fraction: float = 0.9  # of device memory the chosen batch may peak at (the margin where memory is measured)
-    margin: float = 0.05  # where memory is not measured (simulated limits): this much below the largest that ran;
-    #                       also the search's resolution (it stops when fit and failure are margin/2 apart)
-    max: int = 4096  # largest micro-batch tried
+    margin: float = 0.05  # unmeasured memory (simulated limits): this far below the largest that ran; the resolution
+    max: int = 4096  # largest micro-batch the probe tries
     max_probes: int = 10  # trial steps per rank at most
-    max_retries: int = 3  # runtime OOM recoveries (halvings) before giving up; 0 = off. See oom.py
+    max_retries: int = 3  # runtime OOM recoveries (halvings) before giving up; 0 = off
 
 
 @dataclass
 class OptimConfig:
-    name: Optimizer = Optimizer.adamw
-    lr: float = 3e-3
+    name: Optimizer = Optimizer.adamw  # the optimizer (a resume cannot change it: its state would not fit)
+    lr: float = 3e-3  # peak learning rate (after warmup)
     weight_decay: float = 0.01  # never applied to biases or norm weights
     momentum: float = 0.9  # sgd momentum / adamw beta1
-    beta2: float = 0.999
-    nesterov: bool = False
-    eps: float = 1e-8
+    beta2: float = 0.999  # adamw beta2
+    nesterov: bool = False  # sgd: Nesterov momentum
+    eps: float = 1e-8  # adamw epsilon
     fused: Optional[bool] = None  # None = fused where torch supports it (CUDA)
 
 
 @dataclass
 class SchedConfig:
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warmup length in optimizer steps, then cosine decay
     warmup_epochs: float = 0.0  # used when warmup_steps is 0
     min_lr: float = 0.0  # cosine floor, as a fraction of optim.lr
     warmup_momentum: Optional[float] = None  # YOLO-style: momentum rises from this
@@ -131,9 +131,9 @@ class SchedConfig:
 
 @dataclass
 class EmaConfig:
-    enabled: bool = True
-    decay: float = 0.9999
-    ramp: Ramp = Ramp.exp
+    enabled: bool = True  # keep an EMA of the weights (ddp: on rank 0; fsdp: each rank of its shards)
+    decay: float = 0.9999  # target decay d (the ramp approaches it)
+    ramp: Ramp = Ramp.exp  # exp: d*(1-exp(-n/tau)); tf: min(d, (1+n)/(10+n)); none: d from the start
     tau: Optional[float] = None  # exp ramp time constant in updates; null = auto: spans ~5% of the run at its end
     every: int = 1  # update every k optimizer steps
 
@@ -141,17 +141,17 @@ class EmaConfig:
 @dataclass
 class ValidationConfig:
     mode: ValidationMode = ValidationMode.auto  # external: hand-off only; `launcher validate` elsewhere
-    rank: int = -1  # which global rank validates with mode=rank
+    rank: int = -1  # which global rank validates with mode=rank (and auto on 2+ processes)
     every_steps: int = 0  # 0 = use every_epochs
-    every_epochs: int = 1
-    weights: Weights = Weights.ema
-    policy: Policy = Policy.latest
+    every_epochs: int = 1  # validate at the end of every k-th epoch (when every_steps is 0)
+    weights: Weights = Weights.ema  # which weights each validation evaluates
+    policy: Policy = Policy.latest  # latest: skip snapshots a newer one overtook; all: validate every one
     batch_size: Any = 1000  # an int or "auto"
-    precision: Precision = Precision.auto
-    metric: str = "acc"
-    goal: Goal = Goal.max
+    precision: Precision = Precision.auto  # the evaluation's autocast; auto: bf16/fp16 where the device has it
+    metric: str = "acc"  # the job metric that decides best/ and early stopping
+    goal: Goal = Goal.max  # whether a larger or a smaller validation.metric is better
     queue: int = 2  # most unclaimed snapshots kept with policy=latest
-    drain_timeout_s: float = 300.0
+    drain_timeout_s: float = 300.0  # at the end, how long training waits for the validator to finish
     device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
     share_gpu: bool = False  # mode=rank, one process more than GPUs on a node: the validator shares the last GPU
     workers: int = -1  # evaluation DataLoader processes, persistent; -1: data.workers, at least 2 on a GPU
@@ -160,24 +160,24 @@ class ValidationConfig:
 @dataclass
 class EarlyStopConfig:
     patience: int = 0  # validations without improvement; 0 = off
-    min_delta: float = 0.0
+    min_delta: float = 0.0  # smallest change that counts as an improvement
     window: int = 1  # sliding average over this many validations
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 200  # and at every validation step and the end; 0 = only those
-    keep_last: int = 3
+    keep_last: int = 3  # checkpoints kept (plus the best and those not validated yet)
 
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = WandbMode.offline
-    project: str = "launcher"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    mode: WandbMode = WandbMode.offline  # offline: a local run, `wandb sync` uploads it; online: live
+    project: str = "launcher"  # wandb project
+    entity: Optional[str] = None  # wandb entity (team or user); null = your default
+    name: Optional[str] = None  # wandb run name; null = the run directory's name
+    group: Optional[str] = None  # wandb group, e.g. to gather the runs of a sweep
+    tags: List[str] = field(default_factory=list)  # wandb tags, e.g. [baseline,ema]
 
 
 @dataclass
@@ -188,7 +188,7 @@ class TelemetryConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    progress: ProgressMode = ProgressMode.auto
+    progress: ProgressMode = ProgressMode.auto  # auto: a rich bar on a terminal, plain lines otherwise
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
@@ -204,7 +204,7 @@ class DebugConfig:
     handoff_oom_at_step: Optional[int] = None  # the hand-off of this step raises an OOM (skipped, recorded)
     fail_at_step: Optional[int] = None  # os._exit at this step, once per run
     step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
-    val_delay_s: float = 0.0
+    val_delay_s: float = 0.0  # sleep this long in every validation, to test asynchrony
     fail_at_start: Optional[int] = None  # SIGKILL this global rank before it joins the group, first attempt only
 
 
@@ -228,6 +228,9 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
 
+JOBS = {"mnist1d": Mnist1dJob, "synthetic": SyntheticJob, "custom": CustomJob, "images": ImagesJob}  # job=<name>
+
+
 def validation_mode(mode: str, world_size: int) -> str:
     """What `validation.mode=auto` means for `world_size` processes (the one place that says it): the
     last rank validates with N >= 2 (`rank`), a local child process with N == 1 (`process`)."""
@@ -239,10 +242,8 @@ def validation_mode(mode: str, world_size: int) -> str:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="job", name="mnist1d_schema", node=Mnist1dJob)
-    cs.store(group="job", name="synthetic_schema", node=SyntheticJob)
-    cs.store(group="job", name="custom_schema", node=CustomJob)
-    cs.store(group="job", name="images_schema", node=ImagesJob)
+    for name, node in JOBS.items():
+        cs.store(group="job", name=f"{name}_schema", node=node)
 
 
 def get(cfg: Config, key: str) -> Any:

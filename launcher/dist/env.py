@@ -51,6 +51,15 @@ class Env:
         return self.train_rank == 0
 
 
+def layout(env: Env, mode: str, sharded: bool = False) -> str:
+    """This launch's processes in words, for the start line: `1 training rank + 1 validator rank`,
+    `2 training ranks (DDP) + a validator process`, ... (`mode`: validation_mode's answer)."""
+    n = env.train_world
+    ranks = f"{n} training rank" + (f"s ({'FSDP' if sharded else 'DDP'})" if n > 1 else "")
+    return ranks + {"rank": " + 1 validator rank", "process": " + a validator process", "inline": ", validating inline",
+                    "off": ", no validation", "external": ", validated elsewhere"}.get(mode, "")
+
+
 def _int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 

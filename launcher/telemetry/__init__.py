@@ -18,11 +18,13 @@ from launcher.telemetry.off import OFF
 from launcher.telemetry.progress import make_progress
 from launcher.telemetry.wandb_sink import Wandb
 
+from launcher.telemetry.logs import FILE_ONLY
 log = logging.getLogger("launcher")
 
 
 class RunFiles:
-    """metrics.jsonl and events.jsonl."""
+    """metrics.jsonl and events.jsonl (each event in the log file too; the console gets the human lines the
+    components log themselves: resume, OOM recovery, validator restart, early stop, preemption)."""
 
     def __init__(self, rundir: RunDir):
         self.rundir = rundir
@@ -32,7 +34,7 @@ class RunFiles:
 
     def event(self, kind: str, fields: dict) -> None:
         self.rundir.event(kind, **fields)
-        log.info("event %s %s", kind, fields)
+        log.info("event %s %s", kind, fields, extra=FILE_ONLY)
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget what was logged past the checkpoint, so it is logged once."""
@@ -89,8 +91,8 @@ class Telemetry:
         step (raw and EMA side by side)."""
         metric, by_step = self.cfg.validation.metric, {}
         for row in rows:
-            log.info(f"val step={row.step} weights={row.weights} " +
-                     " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items()))
+            log.info(f"val step={row.step} weights={row.weights} " +  # the console has them in the progress
+                     " ".join(f"{k}={v:.4f}" for k, v in row.metrics.items()), extra=FILE_ONLY)
             if metric in row.metrics and row.weights == self.primary:
                 self.last_val = {"metric": f"{row.weights}_{metric}", "value": row.metrics[metric], "step": row.step}
             elif row.weights == self.primary and not self.warned_metric:

@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Optional, Union
 
 
+FILE_ONLY = {"console": False}  # `log.info(..., extra=FILE_ONLY)`: in the log file, not on the console
+
+
 class _ConsoleFilter(logging.Filter):
-    """Records logged with extra={"console": False} go to the log file only (rich bar / progress=off)."""
+    """Records logged with extra=FILE_ONLY go to the log file only: events, validation rows, set-up details, the
+    plain progress line under a rich bar or progress=off. The console keeps what a person must know."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return getattr(record, "console", True)

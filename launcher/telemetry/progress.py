@@ -43,15 +43,22 @@ class PlainProgress:
 
 
 class RichProgress(PlainProgress):
-    """A rich bar on the console (the same line still goes to the log file)."""
+    """A rich bar on the console (the same line still goes to the log file). Epoch, bar, step count and ETA (the
+    plain line's) keep their width on any terminal; the text after them (the last validation first, then loss,
+    LR, throughput) is cut with an ellipsis where the terminal ends. `console`: rich's Console (default: stdout)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, console=None):
         super().__init__(total, console=False)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.table import Column
 
-        self.bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
-        self.task = self.bar.add_task("train", total=total, epoch=0, info="")
+        fixed = {"table_column": Column(no_wrap=True)}
+        self.bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}", **fixed), BarColumn(20, **fixed),
+                            MofNCompleteColumn(**fixed), TextColumn("eta {task.fields[eta]}", **fixed),
+                            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                                  ratio=1)),
+                            transient=False, expand=True, console=console)
+        self.task = self.bar.add_task("train", total=total, epoch=0, eta=_fmt_eta(None), info="")
         self.bar.start()
         # Console log lines go through rich's stdout proxy, so they print above the bar, not through it.
         self.handlers = [h for h in logging.getLogger().handlers
@@ -62,8 +69,8 @@ class RichProgress(PlainProgress):
         super().update(row, eta_s, last_val)
         info = f"loss {row['loss']:.4f} lr {row['lr']:.2e} {row.get('samples_per_s', 0):.0f} samples/s"
         if last_val:
-            info += f" | val {last_val['metric']} {last_val['value']:.4f} @ {last_val['step']}"
-        self.bar.update(self.task, completed=row["step"], epoch=row["epoch"], info=info)
+            info = f"val {last_val['metric']} {last_val['value']:.4f} @ {last_val['step']} | {info}"
+        self.bar.update(self.task, completed=row["step"], epoch=row["epoch"], eta=_fmt_eta(eta_s), info=info)
 
     def close(self) -> None:
         self.bar.stop()

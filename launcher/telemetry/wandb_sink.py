@@ -13,6 +13,7 @@ import secrets
 from typing import Any, Optional
 
 from launcher.files import atomic_write
+from launcher.telemetry.logs import FILE_ONLY
 
 log = logging.getLogger("launcher")
 
@@ -44,7 +45,8 @@ def _start(rundir, wcfg: Any, run_id: str, config: dict):
                              entity=wcfg.entity, name=wcfg.name or rundir.root.name, group=wcfg.group,
                              tags=list(wcfg.tags) or None, config=config,
                              settings=wandb.Settings(console="off", init_timeout=90, silent=True))
-            log.info("wandb: %s run %s in %s", attempt, run_id, rundir.wandb)
+            log.info("wandb: %s run %s in %s", attempt, run_id, rundir.wandb,  # offline: the end line says more
+                     extra=FILE_ONLY if attempt == "offline" else {})
             run.define_metric("trainer/step")
             for prefix in ("train/*", "gpu/*", "event/*"):
                 run.define_metric(prefix, step_metric="trainer/step")
