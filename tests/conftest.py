@@ -42,6 +42,14 @@ def child_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
+def interruptible() -> None:
+    """preexec_fn for a child that must see Ctrl-C as a person's would: a test run started from a
+    background job inherits SIGINT ignored, and Python then never installs its KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def command(args: List[str], nproc: int = 0, torchrun_args: Optional[List[str]] = None) -> List[str]:
     """nproc=0: plain `python -m launcher`; nproc>=1: torchrun with that many workers."""
     if nproc == 0:

@@ -14,13 +14,13 @@ PACKAGES = {"launcher": "launcher", "jobs": "launcher.jobs"}  # folder -> the pa
 LAYERS = [
     ("errors", "files", "jobs"),
     ("config", "rundir"),
-    ("dist", "telemetry", "precision", "optim", "ema", "faults", "data"),
+    ("dist", "telemetry", "precision", "optim", "ema", "faults", "data", "summary"),
     ("batch",),
     ("checkpoint",),
     ("validation",),
     ("step",),
     ("train",),
-    ("cli", "report", "sweep", "__main__"),
+    ("cli", "startup", "report", "plots", "sweep", "__main__"),
 ]
 TRAINER_SIDE = {"launcher.validation.trainer_side"}
 VALIDATOR_SIDE = {"launcher.validation.validator", "launcher.validation.supervisor"}

@@ -31,7 +31,7 @@ def test_two_processes_say_one_training_rank_and_one_validator_rank(reference):
 def test_the_rich_bar_keeps_step_count_and_eta_at_80_columns():
     from rich.console import Console
 
-    from launcher.telemetry import RichProgress
+    from launcher.telemetry.progress import RichProgress
 
     console = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
     bar = RichProgress(6200, console=console)

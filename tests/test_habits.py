@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import FAST, ROOT, child_env, command, launch, read_jsonl
+from conftest import FAST, ROOT, child_env, command, interruptible, launch, read_jsonl
 
 SHORT = [*FAST, "train.max_steps=3", "validation.mode=off"]
 CUSTOM = [a for a in SHORT if not a.startswith("job.")]  # for job=custom
@@ -130,7 +130,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_no_run_dir(tmp_path):
     env = child_env({"PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "SLOW_MARKER": str(marker)})
     proc = subprocess.Popen(command(["train", "job=custom", "job.target=slowdata_job:SlowData", *CUSTOM,
                                      f"run.dir={run}"]), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import FAST, child_env, command, launch
+from conftest import FAST, child_env, command, interruptible, launch
 
 
 def test_a_batch_larger_than_the_training_set_creates_nothing(tmp_path):
@@ -21,7 +21,7 @@ def test_a_batch_larger_than_the_training_set_creates_nothing(tmp_path):
 def test_ctrl_c_while_importing_is_one_line(after_s, tmp_path):
     """SIGINT a fraction of a second after the start: torch and Hydra are still importing (seconds)."""
     proc = subprocess.Popen(command(["train", *FAST]), cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
