@@ -36,7 +36,7 @@ from torch import nn
 
 from launcher.batch.geometry import Batch
 from launcher.errors import OutOfMemory
-from launcher.dist.fsdp import accumulate, is_sharded, reset_step, unshard_for_step
+from launcher.dist.fsdp import accumulate, can_reset, is_sharded, reset_step, unshard_for_step
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,10 @@ class Recovery:
             raise StepOOM(", ".join(sorted(set(bad.values()), key=PHASES.index)), sorted(bad))
 
     def recover(self, batch: Batch, e: StepOOM, step: int) -> Batch:
-        """After every rank dropped the step's graph and gradients: the halved batch, or give up clearly."""
+        """After every rank dropped the step's graph and gradients: the halved batch, or give up clearly.
+        fsdp on a torch that cannot reset an aborted step (fsdp.can_reset): a restart instead (exit 75)."""
+        if is_sharded(self.ddp) and not can_reset(self.ddp):
+            self.restart(batch, e.phase)
         cleanup(self.env.device)
         self._reset_ddp()
         self._check_can_halve(batch, e.phase, e.ranks, step, str(e))

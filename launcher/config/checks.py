@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from launcher.config.schema import Config, get
+from launcher.dist.fsdp import api_missing as fsdp_api_missing
 from launcher.errors import ConfigError
 from launcher.dist.signals import parse as parse_signals
 
@@ -59,6 +62,23 @@ def check_global_size(cfg: Config, world_size: int) -> None:
     raise ConfigError(msg)
 
 
+def check_fsdp(cfg: Config) -> None:
+    """What FSDP2 cannot do here: NHWC weights (it shards contiguous parameters only: "FSDP does not
+    support non-contiguous parameters yet"), a fused SGD step (no DTensor rule for aten._fused_sgd_; the
+    default is foreach under fsdp, see optim.py), or a torch without the FSDP2 API the launcher calls."""
+    if cfg.train.channels_last:
+        raise ConfigError("train.channels_last=true is not supported with train.strategy=fsdp (FSDP2 shards "
+                          "contiguous parameters only); use train.channels_last=false, or train.strategy=ddp")
+    if cfg.optim.name == "sgd" and cfg.optim.fused:
+        raise ConfigError("optim.fused=true with optim.name=sgd is not supported with train.strategy=fsdp (fused "
+                          "SGD has no rule for sharded parameters); leave optim.fused unset (foreach), use "
+                          "optim=adamw, or train.strategy=ddp")
+    missing = fsdp_api_missing()
+    if missing:
+        raise ConfigError(f"train.strategy=fsdp needs torch>=2.6 (FSDP2); this torch {torch.__version__} lacks "
+                          f"{', '.join(missing)}; upgrade torch, or use train.strategy=ddp")
+
+
 def check(cfg: Config, world_size: int = 1) -> None:
     """Reject what the types cannot: bad choices, ranges, impossible combinations."""
     for key in POSITIVE:
@@ -102,6 +122,8 @@ def check(cfg: Config, world_size: int = 1) -> None:
     if cfg.train.strategy == "fsdp" and cfg.train.compile:
         raise ConfigError("train.compile=true is not supported with train.strategy=fsdp; "
                           "use train.compile=false, or train.strategy=ddp to compile")
+    if cfg.train.strategy == "fsdp":
+        check_fsdp(cfg)
     try:
         parse_signals(cfg.run.stop_signals)
     except ValueError as e:
