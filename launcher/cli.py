@@ -270,8 +270,8 @@ def train_command(overrides: List[str]) -> int:
         print(f"launcher: error: {e}", file=sys.stderr)
         return 1
     finally:
-        if dist is not None:
-            dist.close(finished)
+        if dist is not None:  # leaving on an exception: a fault on 2+ processes leaves at once (Dist.close)
+            dist.close(finished, sys.exc_info()[1])
     return 0
 
 

@@ -4,7 +4,12 @@
 - `SaveError`: a checkpoint could not be written. One line, exit status 1; the previous
   checkpoints are intact.
 - `OutOfMemory`: no micro-batch fits, or runtime recovery gave up: a clear end instead of a hang.
+
+`EXIT_RESTART` (75, EX_TEMPFAIL): an OOM inside the last backward on 2+ ranks recorded a halved
+micro-batch; a restart resumes with it (batch/recovery.py), and the rank leaves at once (Dist.close).
 """
+
+EXIT_RESTART = 75
 
 
 class ConfigError(ValueError):

@@ -35,12 +35,11 @@ import torch.distributed as tdist
 from torch import nn
 
 from launcher.batch.geometry import Batch
-from launcher.errors import OutOfMemory
+from launcher.errors import EXIT_RESTART, OutOfMemory
 from launcher.dist.fsdp import accumulate, can_reset, is_sharded, reset_step, unshard_for_step
 
 log = logging.getLogger(__name__)
 
-EXIT_RESTART = 75  # EX_TEMPFAIL: out of memory inside the last backward on 2+ ranks; resume with the halved batch
 
 # The message forms a failed *allocation* takes when it is not a torch.OutOfMemoryError: the CUDA/HIP
 # caching allocator, a raw cudaMalloc inside a kernel launch, cuBLAS/cuDNN workspace allocations, the CPU
