@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from launcher.batch.geometry import Batch, geometry
+from launcher.dist.env import shares_gpu_with_validator, validation_mode
 from launcher.dist.rng import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
 from launcher.dist.fsdp import default_resharding, is_sharded, reset_step, unshard_for_step
@@ -306,7 +307,10 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
         # Under fsdp the trial runs the sharded step itself: its all-gather and reduce-scatter buffers are measured.
         sharded = is_sharded(model)
         copies = (world > 1 and not sharded) + (env.is_main and cfg.validation.mode == "inline")
-        memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
+        share = cfg.validation.gpu_share if shares_gpu_with_validator(  # a validator on this GPU: its budget
+            env, validation_mode(cfg.validation.mode, env.world_size), torch.cuda.device_count()) else 0.0
+        memory = DeviceMemory(device, cfg.autobatch.fraction - share, copies * weights)
+        record.validator_budget_bytes = int(share * memory.total) or None
         snap = Snapshot(model, device)
         start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
         try:
@@ -339,7 +343,7 @@ def choose(cfg, env, dist, run_dir, model: nn.Module, job, dataset, precision: s
         rundir.write_autobatch(record)
     data = record.to_dict()
     event = {k: data[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes",
-                                  "seconds", "backward_headroom_bytes") if k in data}
+                                  "seconds", "backward_headroom_bytes", "validator_budget_bytes") if k in data}
     if record.per_rank:  # the curve: [size, peak bytes, ok, seconds] per probe, per rank
         event["curve"] = [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in r["probes"]]
                           for r in record.per_rank]

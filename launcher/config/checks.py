@@ -98,6 +98,9 @@ def check(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"ema.tau={cfg.ema.tau} is not valid; it must be > 0")
     if not 0.0 < cfg.autobatch.fraction <= 1.0 or not 0.0 <= cfg.autobatch.margin < 1.0:
         raise ConfigError("autobatch.fraction must be in (0, 1] and autobatch.margin in [0, 1)")
+    if not 0.0 <= cfg.validation.gpu_share < cfg.autobatch.fraction:
+        raise ConfigError(f"validation.gpu_share={cfg.validation.gpu_share} is not valid; it must be in [0, "
+                          f"autobatch.fraction={cfg.autobatch.fraction}): the share of a GPU left to a validator on it")
     if cfg.batch.global_size is not None and cfg.batch.global_size <= 0:
         raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not valid; it must be > 0")
     check_global_size(cfg, world_size)
