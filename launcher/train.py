@@ -112,12 +112,11 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     indices = data.EpochIndices()  # one loader for the run: its workers persist across epochs
     loader = DataLoader(train_set, batch_size=batch.step, sampler=indices, drop_last=True,
                         **data.train_loader_options(cfg.data, device))
+    prefetch = data.DevicePrefetcher(loader, device, cfg.train.channels_last)  # on a GPU: the next batch copied ahead
     while state.step < total and not stopped_early and not stop:
         sampler.set_epoch(state.epoch)
         indices.set(list(sampler)[state.batch_in_epoch * batch.step: steps_per_epoch * batch.step])
-        for x, y in loader:
-            if cfg.train.channels_last and x.ndim == 4:  # NHWC in the copy to the device, from pinned memory
-                x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        for x, y in prefetch:
 
             # Forward and backward over the micro-batches. An OOM on any rank before the last backward
             # is agreed on by all; each then redoes this step batch with half the micro-batch (oom.py).
