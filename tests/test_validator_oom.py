@@ -73,14 +73,14 @@ def test_the_validator_makes_no_cuda_context_on_another_gpu(run_dir):
     loader thread runs: NVML never lists the validator's process on GPU 0 while it validates."""
     pynvml = pytest.importorskip("pynvml")
     from conftest import child_env, command
-    from launcher.telemetry.gpu import _nvml_uuid
+    from launcher.telemetry.gpu import _handle
 
     proc = subprocess.Popen(command(["train", *FAST, "train.max_steps=40", "validation.every_steps=10",
                                      "validation.mode=process", "data.workers=2", "debug.val_delay_s=1",
                                      f"run.dir={run_dir}"]), env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     pynvml.nvmlInit()
-    gpu0 = pynvml.nvmlDeviceGetHandleByUUID(_nvml_uuid(torch.cuda.get_device_properties(0).uuid).encode())
+    gpu0, _ = _handle(pynvml, torch.cuda.get_device_properties(0).uuid)
     seen, pid = [], None
     while proc.poll() is None:
         status = run_dir / "handoff" / "validator.json"
