@@ -75,3 +75,25 @@ def test_fsdp_on_a_torch_without_the_fsdp2_api_is_refused_with_one_line(tmp_path
     ok = launch(["train", *FAST, "train.max_steps=1", "validation.mode=off", f"run.dir={tmp_path}/ddp"], env=env,
                 timeout=120)
     assert ok.returncode == 0  # ddp needs none of it
+
+
+@pytest.mark.slow
+def test_an_fsdp_oom_restarts_on_a_torch_that_cannot_reset_a_step(tmp_path):
+    """torch < 2.13 has no FSDPModule.reset_iter_state (the GPU machine's 2.11; emulated by removing it): an
+    OOM agreed on mid-step cannot be redone in place, so every rank records the halved micro-batch and exits
+    75, and torchrun's restart resumes from the last checkpoint with it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("from torch.distributed.fsdp import FSDPModule\n"
+                                           "del FSDPModule.reset_iter_state\n")
+    run = tmp_path / "run"
+    proc = launch(["train", *FAST, "validation.mode=off", "train.strategy=fsdp", "batch.size=32",
+                   "batch.global_size=128", "train.max_steps=4", "checkpoint.every_steps=1",
+                   "debug.simulate_oom_at_step=2", f"run.dir={run}"], nproc=2, timeout=300,
+                  torchrun_args=["--max-restarts=1"], env={"PYTHONPATH": f"{site}:{ROOT}"})
+    assert "exitcode: 75" in proc.stderr.replace("exitcode : ", "exitcode: ")
+    events = read_jsonl(run / "events.jsonl")
+    assert {(e["step"], e["micro_from"], e["micro_to"]) for e in events if e["event"] == "oom_restart"} == {(1, 32, 16)}
+    assert [e["step"] for e in events if e["event"] == "resume"] == [1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["micro_batch"], summary["accum"]) == (4, 16, 4)

@@ -34,7 +34,8 @@ def validator_device(spec: str) -> torch.device:
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"validation.device={spec} but CUDA is not available here; use cpu or auto")
-    return torch.device(spec)
+    device = torch.device(spec)
+    return torch.device("cuda", 0) if device.type == "cuda" and device.index is None else device  # set_device needs one
 
 
 class _Heartbeat:
