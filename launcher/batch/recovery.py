@@ -40,7 +40,6 @@ from launcher.dist.fsdp import accumulate, can_reset, is_sharded, reset_step, un
 
 log = logging.getLogger(__name__)
 
-
 # The message forms a failed *allocation* takes when it is not a torch.OutOfMemoryError: the CUDA/HIP
 # caching allocator, a raw cudaMalloc inside a kernel launch, cuBLAS/cuDNN workspace allocations, the CPU
 # allocator. Errors that merely mention a missing kernel (CUDNN_STATUS_NOT_SUPPORTED, "unable to find an
