@@ -7,10 +7,12 @@ check costs with a host sync against the device-side gate.
     python benchmarks/overhead.py --quick    # CPU/CI sizes: tiny nets, fp32, seconds
     python benchmarks/overhead.py --quick --nproc 2 --repeat 5   # 2 ranks (gloo on CPU): DDP, the OOM
                                              # agreement, a validator rank; medians of interleaved rounds
+    python benchmarks/overhead.py --like-for-like --models resnet   # each difference on its own line
 
 Writes benchmarks/out/overhead.json (format: benchmarks/common.py). Target: ratio >= 0.98.
-Checkpoints are written at the end only (outside the timed window); their cost is the
-fault-tolerance benchmark's subject, not this one's.
+The bare loop keeps its batches on the device and writes no checkpoint; `launcher train` reads the
+job's DataLoader and, validating, writes a checkpoint at every validation step (inside the timed
+window). `--like-for-like` measures each of these differences apart.
 """
 from __future__ import annotations
 
@@ -51,13 +53,14 @@ def job_overrides(job: dict) -> list:
 def rate(kind: str, job: dict, s: argparse.Namespace, tmp: Path, extra=(), train_ranks: int = None) -> float:
     """Steady-state samples/s of `launcher train` or the bare loop, over the steps after warmup:
     wall clock on a GPU, per CPU-second on a CPU (see common.launcher_window). Samples count the
-    training ranks only (`train_ranks`, default all; a validator rank trains nothing)."""
+    training ranks only (`train_ranks`, default all; a validator rank trains nothing). `extra`: overrides
+    of `launcher train`, or arguments of bare_ddp.py."""
     metrics = tmp / f"{kind}-{time.monotonic_ns()}" / "metrics.jsonl"
     if kind == "bare":
         metrics.parent.mkdir(parents=True)
         cmd = common.python_cmd(s.nproc, str(common.ROOT / "benchmarks" / "bare_ddp.py"), "--job", json.dumps(job),
                                 "--batch", str(s.batch), "--steps", str(s.steps), "--warmup", str(s.warmup),
-                                "--precision", s.precision, "--out", str(metrics))
+                                "--precision", s.precision, "--out", str(metrics), *extra)
     else:
         cmd = common.python_cmd(s.nproc, "-m", "launcher", "train", *job_overrides(job), f"run.dir={metrics.parent}",
                                 f"batch.size={s.batch}", f"train.max_steps={s.steps}", f"train.precision={s.precision}",
@@ -107,6 +110,29 @@ def ema_gate(job: dict, s: argparse.Namespace, steps: int) -> tuple:
     return -sync_ms, -gate_ms
 
 
+def like_for_like(name: str, job: dict, s: argparse.Namespace, tmp: Path, unit: str) -> tuple:
+    """Each difference between `launcher train` and the bare loop on a line of its own (benchmarks/gpu_e2e.sh):
+    the launcher against the bare loop on the same data path (the job's DataLoader, `s.workers` workers) with
+    the same channels_last and no checkpoints in either; what reading the DataLoader costs the bare loop
+    against batches kept on the device; what validating every `s.val_every` steps on the same GPU costs the
+    launcher, with the checkpoint it writes at each validation step."""
+    nhwc = str(s.gpu and job["model"] == "resnet").lower()  # bare_ddp.py's own choice (auto) on each device
+    data = ["--workers", str(s.workers), "--channels-last", nhwc]
+    same = [f"train.channels_last={nhwc}", f"data.workers={s.workers}", "checkpoint.every_steps=0"]
+    bare_loader, bare_device, off, ours = common.best_of(
+        s.repeat, lambda: rate("bare", job, s, tmp, ["--data", "loader", *data]),
+        lambda: rate("bare", job, s, tmp, ["--data", "device", *data]),
+        lambda: rate("launcher", job, s, tmp, [*same, "validation.mode=off"]),
+        lambda: rate("launcher", job, s, tmp, same))
+    rows = [rate_row(f"{name}: launcher, validation off, vs bare loop: same loader, channels_last={nhwc}, no "
+                     "checkpoints", off, bare_loader, "bare loop (DataLoader)", unit, target=0.98),
+            rate_row(f"{name}: bare loop reading the DataLoader ({s.workers} workers) vs batches kept on the device",
+                     bare_loader, bare_device, "bare loop (device data)", unit),
+            rate_row(f"{name}: launcher validating every {s.val_every} steps (validator on the same device, a "
+                     "checkpoint each time) vs validation off", ours, off, "validation off", unit)]
+    return rows, [f"{name}: like for like: {s.workers} loader workers on both sides, best of {s.repeat}"]
+
+
 def multi_rank(name: str, job: dict, s: argparse.Namespace, tmp: Path, unit: str) -> tuple:
     """--nproc N >= 2: the bare DDP loop, the default configuration (OOM recovery on: one agreement per
     step) and the same with autobatch.max_retries=0, validation off, then the default with a validator
@@ -153,6 +179,8 @@ def main() -> None:
     ap.add_argument("--models", default="resnet,vit")
     ap.add_argument("--nproc", type=int, default=1, help="training processes (torchrun when > 1)")
     ap.add_argument("--no-options", action="store_true", help="skip the speed-option cases")
+    ap.add_argument("--like-for-like", action="store_true", help="only the like-for-like rows (gpu_e2e.sh)")
+    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: 8 at full sizes, else 0)")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats; the best of each is kept "
                     "(--nproc >= 2: the median, with the spread in the notes)")
     s = ap.parse_args()
@@ -161,21 +189,24 @@ def main() -> None:
     s.batch, s.steps, s.warmup, s.log_every, s.val_every = (16, 50, 10, 5, 10) if sizes is QUICK else \
         (128, 120, 20, 10, 50)
     s.precision = "bf16" if gpu else "fp32"
-    s.workers = 0 if sizes is QUICK else 8
+    s.workers = s.workers if s.workers is not None else 0 if sizes is QUICK else 8
     unit = "samples/s" if gpu else "samples/CPU-s"
     rows, notes = [], [f"{'CPU/CI' if sizes is QUICK else 'full'} sizes, batch {s.batch} per rank, {s.nproc} "
                        f"process(es), {s.precision}, {s.steps} steps, timed after step {s.warmup}; validation "
-                       f"(validation.mode=auto) every {s.val_every} steps inside the window, checkpoint at the end only"]
+                       f"(validation.mode=auto) every {s.val_every} steps inside the window, with a checkpoint at each"]
     if s.nproc > 1:
         notes = [f"{'CPU/CI' if sizes is QUICK else 'full'} sizes, batch {s.batch} per rank, {s.nproc} processes"
                  f"{' (gloo)' if not gpu else ''}, {s.precision}, {s.steps} steps, timed after step {s.warmup}; "
                  "the bare loop keeps synthetic batches on the device, the launcher reads the job's dataset; "
                  "samples count training ranks only"]
     with tempfile.TemporaryDirectory() as tmp:
-        for name in s.models.split(",") if s.nproc > 1 else ():
+        for name in s.models.split(",") if s.like_for_like else ():
+            more_rows, more_notes = like_for_like(name, sizes[name], s, Path(tmp), unit)
+            rows, notes = rows + more_rows, notes + more_notes
+        for name in s.models.split(",") if s.nproc > 1 and not s.like_for_like else ():
             more_rows, more_notes = multi_rank(name, sizes[name], s, Path(tmp), unit)
             rows, notes = rows + more_rows, notes + more_notes
-        for name in s.models.split(",") if s.nproc == 1 else ():
+        for name in s.models.split(",") if s.nproc == 1 and not s.like_for_like else ():
             job = sizes[name]
             off = ["validation.mode=off"]
             bare, ours, no_val, no_ema = common.best_of(
@@ -199,7 +230,7 @@ def main() -> None:
                 on, off = (ours, other) if default else (other, ours)
                 rows.append(rate_row(f"{name}: {key}=true", on, off, f"{key}=false", unit))
         first = s.models.split(",")[0]
-        if s.nproc == 1:
+        if s.nproc == 1 and not s.like_for_like:
             sync_ms, gate_ms = ema_gate(sizes[first], s, 10 if sizes is QUICK else 50)
             rows.append(common.row(f"{first}: train step + EMA, device gate vs host sync", round(gate_ms, 3),
                                    round(sync_ms, 3), "bool(isfinite(loss)) per step", "ms/step" if gpu else "CPU-ms/step"))

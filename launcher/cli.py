@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import List, Tuple
 
@@ -163,8 +164,8 @@ def train_command(overrides: List[str]) -> int:
     finally:
         if rundir is not None and env.is_main and not finished:
             rundir.fold_rank_events()  # what the other ranks said on their way out
-        if dist is not None:
-            dist.close(finished)
+        if dist is not None:  # leaving on an exception: a fault on 2+ processes leaves at once (Dist.close)
+            dist.close(finished, sys.exc_info()[1])
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Loading: the training loader's sample order and both loaders' options.
+"""Loading: the training loader's sample order, both loaders' options, step batches onto the device.
 
 `EpochIndices` rather than torchdata's StatefulDataLoader: the position inside an epoch is
 one integer of the checkpoint (`batch_in_epoch`), and slicing the DistributedSampler's order
@@ -6,7 +6,7 @@ there resumes exactly, with any number of loader workers, in fifteen lines.
 """
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import Sampler
@@ -47,3 +47,50 @@ class EpochIndices(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class DevicePrefetcher:
+    """The loader's step batches, on `device`. On a GPU the next batch is copied while the current one
+    computes: ahead of time, on a side stream, from the loader's pinned memory, with one event per batch;
+    the compute stream waits for that event (on the device: no host sync) and `record_stream` keeps the
+    caching allocator from reusing the batch's memory while the compute stream still reads it. In order
+    on the compute stream, the copy of a 128x3x224x224 batch (77 MB) would take 2-4 ms of every step.
+    `channels_last`: 4-d inputs become NHWC in the same copy. On the CPU the batches pass through
+    (converted to NHWC where asked). Two step batches are on the device at once."""
+
+    def __init__(self, loader: Iterable, device: torch.device, channels_last: bool = False):
+        self.loader, self.device, self.nhwc = loader, device, channels_last
+        self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.nhwc and t.ndim == 4 else torch.preserve_format
+        return t.to(self.device, non_blocking=True, memory_format=fmt)
+
+    def _ahead(self, batch) -> Tuple[tuple, "torch.cuda.Event"]:
+        with torch.cuda.stream(self.stream):
+            out = tuple(self._to(t) for t in batch)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return out, done
+
+    def _ready(self, pending: Tuple[tuple, "torch.cuda.Event"]) -> tuple:
+        out, done = pending
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        for t in out:
+            t.record_stream(compute)
+        return out
+
+    def __iter__(self) -> Iterator[tuple]:
+        if self.stream is None:
+            for batch in self.loader:
+                yield tuple(self._to(t) for t in batch)
+            return
+        pending = None
+        for batch in self.loader:
+            ahead = self._ahead(batch)  # issued before the current batch's step: it overlaps it
+            if pending is not None:
+                yield self._ready(pending)
+            pending = ahead
+        if pending is not None:
+            yield self._ready(pending)

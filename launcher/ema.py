@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from launcher.dist.shards import is_sharded, local_and_layout, local_slice
+from launcher.dist.shards import is_sharded, local_and_layout, local_slice, replicated
 
 
 def decay_at(n: int, decay: float, ramp: str, tau: float) -> float:
@@ -126,9 +126,11 @@ class EMA:
     def update(self, model: nn.Module, skip: "bool | torch.Tensor" = False) -> None:
         """Move the average towards `model`. `skip` (a step the GradScaler skipped, a
         non-finite loss) leaves it untouched and does not advance the ramp. A 0-d bool
-        *tensor* `skip` on a GPU is decided there, so the step needs no host-device sync."""
+        *tensor* `skip` on a GPU is decided there, so the step needs no host-device sync; one on
+        the host is simply read (that waits for no device)."""
         if isinstance(skip, torch.Tensor):
-            if skip.device.type == "cpu":  # already on the host: reading it waits for no device
+            skip = replicated(skip)  # fsdp: a DTensor flag (see step.nonfinite)
+            if skip.device.type == "cpu":
                 return self.update(model, skip=bool(skip))
             return self._update_gated(model, skip)
         if skip:
@@ -155,7 +157,9 @@ class EMA:
         skipped step rewrites the average with its own bits (NaN or inf weights never enter,
         -0.0 stays -0.0); a kept one is bit-identical to the host path. The counters are
         settled from the device when read; until then the ramp assumes the step was not
-        skipped."""
+        skipped. `skip` may live on any device (tests run this path on the CPU) and may be a
+        DTensor (fsdp: the norm of sharded gradients); `where(..., out=)` needs a plain tensor."""
+        skip = replicated(skip)
         if model is not self._model_ref:
             self._bind(model)
         if self._gather is None:

@@ -7,6 +7,9 @@ reaches the person at the console, once, also under torchrun (`say`, `fail`):
 - `OutOfMemory`: no micro-batch fits, or runtime recovery gave up: a clear end instead of a hang.
 - `NothingToDo`: a finished run relaunched without asking for more steps. One line, exit status 0,
   nothing in the run directory touched.
+
+`EXIT_RESTART` (75, EX_TEMPFAIL): an OOM inside the last backward on 2+ ranks recorded a halved
+micro-batch; a restart resumes with it (batch/recovery.py), and the rank leaves at once (Dist.close).
 """
 import json
 import os
@@ -14,6 +17,8 @@ import sys
 import time
 
 WAIT_FOR_RANK_0_S = 2.0  # under torchrun, how long a worker that fails quietly lets rank 0 fail first
+
+EXIT_RESTART = 75
 
 
 class ConfigError(ValueError):

@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from launcher.config.schema import OptimConfig, SchedConfig
+from launcher.dist.shards import is_sharded
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -36,8 +37,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW or SGD, fused on CUDA by default (`optim.fused`). Fused SGD has no sharding rule for
+    DTensor parameters (fsdp: "aten._fused_sgd_ does not have a sharding strategy"; fused AdamW has
+    one), so sharded SGD defaults to foreach; `optim.fused=true` with it is refused in checks.py."""
     groups = param_groups(model, cfg.weight_decay)
-    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    sharded_sgd = cfg.name == "sgd" and any(is_sharded(p) for g in groups for p in g["params"])
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda" and not sharded_sgd
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), eps=cfg.eps, fused=fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,

@@ -150,7 +150,7 @@ def plot_gpu(run: Run, out: Path) -> Optional[str]:
     for index, uuid in gpus:
         pts = [(r["step"], g) for r in rows for g in r["gpu"] if g["index"] == index]
         label = f"cuda:{index} {uuid[:12]}"
-        ax1.plot([s for s, _ in pts], [g["util"] for _, g in pts], label=label)
+        ax1.plot([s for s, _ in pts], [g.get("util", float("nan")) for _, g in pts], label=label)  # none under MIG
         ax2.plot([s for s, _ in pts], [g["mem_used_gb"] for _, g in pts], label=label)
         ax2.axhline(pts[-1][1]["mem_total_gb"], ls=":", lw=1, color=ax2.lines[-1].get_color())
     ax1.set_ylabel("GPU utilization %")

@@ -32,6 +32,7 @@ class ValResult:
     time: float = field(default_factory=time.time)
     source: Optional[str] = None  # "checkpoint" when re-validated from a finished run's checkpoints
     samples_per_s: Optional[float] = None  # evaluation throughput (loading the weights not counted)
+    batch_size: Optional[int] = None  # the evaluation batch it ran with (halved after an out-of-memory error)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -81,6 +82,7 @@ class AutobatchRecord:
     per_rank: List[dict] = field(default_factory=list)  # {"rank", "found", "probes": [Probe as dict], ...}
     oom_retries: List[dict] = field(default_factory=list)
     backward_headroom_bytes: Optional[List[Optional[int]]] = None  # per rank, at the chosen micro-batch (CUDA)
+    validator_budget_bytes: Optional[int] = None  # left to a validator on this GPU (validation.gpu_share x memory)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

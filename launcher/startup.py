@@ -25,6 +25,7 @@ def precheck(cfg: Config, world_size: int, train_world: int, data: bool = True) 
     per process; training reuses them) to check the batch against the training set."""
     from launcher import jobs
     from launcher.batch.geometry import plan, steps_per_epoch
+    from launcher.dist import fsdp
     from launcher.dist.env import require_cuda
     from launcher.jobs.base import declared_metrics
 
@@ -45,6 +46,11 @@ def precheck(cfg: Config, world_size: int, train_world: int, data: bool = True) 
                           f"choose one of {', '.join(names)}")
     for key in ("train.device", "validation.device"):
         require_cuda(key, schema.get(cfg, key))
+    if cfg.train.strategy == "fsdp" and (missing := fsdp.api_missing()):
+        import torch
+
+        raise ConfigError(f"train.strategy=fsdp needs torch>=2.6 (FSDP2); this torch {torch.__version__} lacks "
+                          f"{', '.join(missing)}; upgrade torch, or use train.strategy=ddp")
     check_writable(Path(cfg.run.dir or cfg.run.root), "run.dir" if cfg.run.dir else "run.root")
     if cfg.batch.size != "auto":
         batch = plan(cfg.batch, train_world)

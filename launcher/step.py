@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from launcher.batch.recovery import Recovery
 from launcher.dist.groups import Dist
+from launcher.dist.shards import replicated
 from launcher.optim import set_momentum
 from launcher.precision import autocast
 
@@ -83,7 +84,8 @@ def forward_backward(x: torch.Tensor, y: torch.Tensor, recovery: Recovery, net: 
 def optimizer_step(model: nn.Module, parts: StepParts, cfg, step: int, gate: bool):
     """Clip, step, schedule. With `gate`, also whether the EMA must skip this step: with fp16 the scaler
     lowered its scale (an overflow), else the synced gradients are not finite (a NaN loss on any rank
-    reaches every rank's gradients, not every rank's loss). A device flag on a GPU: no sync in the step."""
+    reaches every rank's gradients, not every rank's loss). A 0-d bool tensor on the model's device
+    (EMA.update gates on it there: no sync in the step), or False without `gate`."""
     opt, scaler = parts.opt, parts.scaler
     norm = None
     if cfg.train.grad_clip:
@@ -100,11 +102,10 @@ def optimizer_step(model: nn.Module, parts: StepParts, cfg, step: int, gate: boo
 
 
 def grad_norm(model: nn.Module) -> torch.Tensor:
-    """Total 2-norm of the model's gradients, on their device: one foreach norm, no host sync."""
+    """Total 2-norm of the model's gradients, on their device, no host sync (torch's get_total_norm: one
+    foreach norm). Under fsdp the gradients are DTensors and so is their norm: see `nonfinite`."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+    return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
 
 
 def scale_of(scaler: torch.amp.GradScaler) -> "torch.Tensor | None":
@@ -112,16 +113,16 @@ def scale_of(scaler: torch.amp.GradScaler) -> "torch.Tensor | None":
     return scaler._scale.clone() if scaler.is_enabled() and scaler._scale is not None else None
 
 
-def scaler_skipped(scaler: torch.amp.GradScaler, before: torch.Tensor) -> "torch.Tensor | bool":
-    """After `scaler.update()`: whether it skipped the step (found inf or NaN, so it lowered the scale).
-    A device bool on a GPU, compared there (no sync); a bool on the CPU, where reading it is free."""
-    flag = scaler._scale < before
-    return flag if flag.is_cuda else bool(flag)
+def scaler_skipped(scaler: torch.amp.GradScaler, before: torch.Tensor) -> torch.Tensor:
+    """After `scaler.update()`: whether it skipped the step (found inf or NaN, so it lowered the scale),
+    as a 0-d bool tensor on the scale's device, compared there (no sync)."""
+    return scaler._scale < before
 
 
-def nonfinite(value: torch.Tensor) -> "torch.Tensor | bool":
+def nonfinite(value: torch.Tensor) -> torch.Tensor:
     """Whether the EMA must skip this step, from a value every training rank agrees on (the norm of the
-    synced gradients). On a GPU a 0-d device tensor, so no host-device sync in the step (the EMA gates
-    on the device); on the CPU a bool (reading it is free)."""
-    flag = ~torch.isfinite(value)
-    return flag if value.is_cuda else bool(flag)
+    synced gradients): a plain 0-d bool tensor on the value's device, so the EMA gates on the device
+    (no host-device sync in the step). Under fsdp the norm is a DTensor (Partial or Replicate): its full
+    value is taken first (`full_tensor()`: an all-reduce where Partial), so every rank skips the same
+    steps and the flag is a plain tensor, which the device gate's `where(..., out=)` needs."""
+    return ~torch.isfinite(replicated(value))

@@ -24,7 +24,7 @@ from launcher.batch.recovery import Headroom, Recovery, StepOOM
 from launcher.checkpoint.checkpointer import Checkpointer, TrainState
 from launcher.checkpoint.export import save_weights
 from launcher.config.schema import Config, validation_mode
-from launcher.data import EpochIndices, train_loader_options
+from launcher.data import DevicePrefetcher, EpochIndices, train_loader_options
 from launcher.dist import fsdp, wrap
 from launcher.dist.env import Env, layout
 from launcher.dist.groups import Dist
@@ -154,13 +154,12 @@ class Trainer:
         indices = EpochIndices()  # one loader for the run: its workers persist across epochs
         loader = DataLoader(self.train_set, batch_size=step_batch, sampler=indices, drop_last=True,
                             **train_loader_options(cfg.data, self.device))
+        batches = DevicePrefetcher(loader, self.device, cfg.train.channels_last)
         self.net.train()
         while state.step < self.total and not early and not stop:
             self.sampler.set_epoch(state.epoch)
             indices.set(list(self.sampler)[state.batch_in_epoch * step_batch: self.steps_per_epoch * step_batch])
-            for x, y in loader:
-                if cfg.train.channels_last and x.ndim == 4:  # NHWC in the copy to the device, from pinned memory
-                    x = x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+            for x, y in batches:  # on the device already: each copied ahead, on a side stream (a GPU)
                 loss = self._step(x, y)
                 state.step += 1
                 state.batch_in_epoch += 1

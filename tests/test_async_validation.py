@@ -226,6 +226,9 @@ def test_writer_buffers_are_allocated_before_the_first_put(tmp_path):
     w.prepare({"ema": state})
     buffers = [{k: t.data_ptr() for k, t in slot.host.items()} for slot in w.slots]
     assert all(b.keys() == {"ema/w", "ema/b", "ema/n"} for b in buffers) and buffers[0] != buffers[1]
+    for slot in w.slots:  # one (pinned on a GPU) allocation per slot, each tensor a 64-byte aligned view of it
+        assert len({t.untyped_storage().data_ptr() for t in slot.host.values()}) == 1
+        assert all(t.data_ptr() % 64 == 0 for t in slot.host.values())
     for step in (1, 2, 3):
         w.put(step, 0, {"ema": state})
     w.flush()

@@ -230,3 +230,13 @@ def test_progress_modes_and_results_tail(tmp_path):
     with open(path, "a") as f:
         f.write('ics": {}}\n')
     assert tail.read() == [{"step": 3, "metrics": {}}]
+
+
+def test_nvml_names_a_cuda_device_as_a_gpu_or_a_mig_instance():
+    """torch prints a CUDA device's UUID without NVML's prefix; with MIG on, the device is an instance
+    whose NVML name starts "MIG-" (telemetry used to look up "GPU-" only, and turned off under MIG)."""
+    from launcher.telemetry.gpu import nvml_uuids
+
+    uuid = "3f8a2c1e-0b7d-4e55-9c2a-1d2e3f4a5b6c"
+    assert nvml_uuids(uuid) == [f"GPU-{uuid}", f"MIG-{uuid}"]
+    assert nvml_uuids(f"MIG-{uuid}") == [f"MIG-{uuid}"] and nvml_uuids(f"GPU-{uuid}") == [f"GPU-{uuid}"]

@@ -49,8 +49,11 @@ class CudaAllocator:
 class DeviceMemory:
     """Peak memory of one trial (see the module's docstring); nothing to measure on a CPU (limit None)."""
 
-    def __init__(self, device: torch.device, fraction: float, extra_bytes: int = 0, allocator=None):
-        self.device, self.extra = device, extra_bytes
+    def __init__(self, device: torch.device, fraction: float, extra_bytes: int = 0, allocator=None,
+                 own_only: bool = False):
+        """`own_only`: count this process's allocator alone, not memory outside it (a validator probing
+        within its share of a GPU a trainer also uses: the trainer's memory is not its own)."""
+        self.device, self.extra, self.own_only = device, extra_bytes, own_only
         self.alloc = allocator if allocator is not None else CudaAllocator(device) if device.type == "cuda" else None
         self.cuda = device.type == "cuda"
         self.total = self.alloc.mem_get_info()[1] if self.alloc is not None else 0
@@ -64,12 +67,12 @@ class DeviceMemory:
         self.alloc.empty_cache()  # earlier trials' cached blocks are not this trial's memory
         self.alloc.reset_peak()
         free, total = self.alloc.mem_get_info()
-        self.outside = max(0, total - free - self.alloc.reserved())
+        self.outside = 0 if self.own_only else max(0, total - free - self.alloc.reserved())
 
     def peak(self) -> int:
         if self.alloc is None:
             return 0
         self.alloc.synchronize()
         free, total = self.alloc.mem_get_info()
-        outside = max(self.outside, total - free - self.alloc.reserved())  # NCCL, other tenants
+        outside = 0 if self.own_only else max(self.outside, total - free - self.alloc.reserved())  # NCCL, tenants
         return self.alloc.max_reserved() + outside + self.extra

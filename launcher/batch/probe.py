@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from launcher.batch.geometry import Batch, plan
+from launcher.dist.env import shares_gpu_with_validator
 from launcher.dist.rng import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
 from launcher.dist.fsdp import default_resharding, is_fsdp, reset_step
 from launcher.batch.memory import DeviceMemory
 from launcher.batch.recovery import Lockstep, Recovery, StepOOM, cleanup, is_oom
+from launcher.config.schema import validation_mode
 from launcher.errors import OutOfMemory
 from launcher.rundir import AutobatchRecord, RunDir
 
@@ -297,8 +299,8 @@ def choose(cfg, env, dist, rundir: RunDir, model: nn.Module, job, dataset, preci
     if env.is_main:
         rundir.write_autobatch(record)
     data = record.to_dict()
-    event = {k: data[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes", "seconds")
-             if k in data}
+    event = {k: data[k] for k in ("reason", "micro_batch", "accum", "global_batch", "found", "probes", "seconds",
+                                  "validator_budget_bytes") if k in data}
     if record.per_rank:  # the curve: [size, peak bytes, ok, seconds] per probe, per rank
         event["curve"] = [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in r["probes"]]
                           for r in record.per_rank]
@@ -316,7 +318,10 @@ def _probe(cfg, env, dist, model: nn.Module, job, trial, record: AutobatchRecord
     # Under fsdp the trial runs the sharded step itself: its all-gathers are measured.
     sharded = is_fsdp(model)
     copies = (world > 1 and not sharded) + (env.is_main and cfg.validation.mode == "inline")
-    memory = DeviceMemory(device, cfg.autobatch.fraction, copies * weights)
+    share = cfg.validation.gpu_share if shares_gpu_with_validator(  # a validator on this GPU: its budget
+        env, validation_mode(cfg.validation.mode, env.world_size), torch.cuda.device_count()) else 0.0
+    memory = DeviceMemory(device, cfg.autobatch.fraction - share, copies * weights)
+    record.validator_budget_bytes = int(share * memory.total) or None
     snap = Rollback(model, device)
     start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
     try:

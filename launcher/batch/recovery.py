@@ -36,13 +36,11 @@ from torch import nn
 
 from launcher.batch.geometry import Batch
 from launcher.config.schema import AutobatchConfig
-from launcher.dist.fsdp import accumulate, is_fsdp, reset_step, stand_in_grads, unshard_for_step
-from launcher.errors import OutOfMemory
+from launcher.dist.fsdp import accumulate, can_reset, is_fsdp, reset_step, stand_in_grads, unshard_for_step
+from launcher.errors import EXIT_RESTART, OutOfMemory
 from launcher.telemetry.off import OFF
 
 log = logging.getLogger(__name__)
-
-EXIT_RESTART = 75  # EX_TEMPFAIL: out of memory inside the last backward on 2+ ranks; resume with the halved batch
 
 # The message forms a failed *allocation* takes when it is not a torch.OutOfMemoryError: the CUDA/HIP
 # caching allocator, a raw cudaMalloc inside a kernel launch, cuBLAS/cuDNN workspace allocations, the CPU
@@ -189,7 +187,10 @@ class Recovery:
             stand_in_grads(self.net)  # no reduce-scatter ran: the optimizer state must still be allocated
 
     def recover(self, e: StepOOM, step: int) -> None:
-        """After every rank dropped the step's graph and gradients: halve the batch, or give up clearly."""
+        """After every rank dropped the step's graph and gradients: halve the batch, or give up clearly.
+        fsdp on a torch that cannot reset an aborted step (fsdp.can_reset): a restart instead (exit 75)."""
+        if is_fsdp(self.net) and not can_reset(self.net):
+            self.restart(step, e.phase)
         cleanup(self.env.device)
         self._reset_net()
         batch = self.batch

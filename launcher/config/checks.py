@@ -79,6 +79,19 @@ def check_global_size(cfg: Config, world_size: int) -> None:
     raise ConfigError(msg)
 
 
+def check_fsdp(cfg: Config) -> None:
+    """What FSDP2 cannot do: NHWC weights (it shards contiguous parameters only: "FSDP does not support
+    non-contiguous parameters yet"), or a fused SGD step (no DTensor rule for aten._fused_sgd_; the default
+    is foreach under fsdp, see optim.py). A torch without the FSDP2 API: startup.precheck."""
+    if cfg.train.channels_last:
+        raise ConfigError("train.channels_last=true is not supported with train.strategy=fsdp (FSDP2 shards "
+                          "contiguous parameters only); use train.channels_last=false, or train.strategy=ddp")
+    if cfg.optim.name == "sgd" and cfg.optim.fused:
+        raise ConfigError("optim.fused=true with optim.name=sgd is not supported with train.strategy=fsdp (fused "
+                          "SGD has no rule for sharded parameters); leave optim.fused unset (foreach), use "
+                          "optim=adamw, or train.strategy=ddp")
+
+
 def check(cfg: Config, world_size: Optional[int] = 1) -> None:
     """Reject what the types cannot: bad choices, ranges, impossible combinations. `world_size` None: not
     known here (a sweep point that runs elsewhere), so the rules that depend on it wait for its launch."""
@@ -99,6 +112,9 @@ def check(cfg: Config, world_size: Optional[int] = 1) -> None:
         raise ConfigError(f"ema.tau={cfg.ema.tau} is not valid; it must be > 0")
     if not 0.0 < cfg.autobatch.fraction <= 1.0 or not 0.0 <= cfg.autobatch.margin < 1.0:
         raise ConfigError("autobatch.fraction must be in (0, 1] and autobatch.margin in [0, 1)")
+    if not 0.0 <= cfg.validation.gpu_share < cfg.autobatch.fraction:
+        raise ConfigError(f"validation.gpu_share={cfg.validation.gpu_share} is not valid; it must be in [0, "
+                          f"autobatch.fraction={cfg.autobatch.fraction}): the share of a GPU left to a validator on it")
     if cfg.batch.global_size is not None and cfg.batch.global_size <= 0:
         raise ConfigError(f"batch.global_size={cfg.batch.global_size} is not valid; it must be > 0")
     check_global_size(cfg, world_size or 1)
@@ -122,6 +138,8 @@ def check(cfg: Config, world_size: Optional[int] = 1) -> None:
     if cfg.train.strategy == "fsdp" and cfg.train.compile:
         raise ConfigError("train.compile=true is not supported with train.strategy=fsdp; "
                           "use train.compile=false, or train.strategy=ddp to compile")
+    if cfg.train.strategy == "fsdp":
+        check_fsdp(cfg)
     try:
         parse_signals(cfg.run.stop_signals)
     except ValueError as e:

@@ -154,6 +154,7 @@ class ValidationConfig:
     drain_timeout_s: float = 300.0  # at the end, how long training waits for the validator to finish
     device: str = "auto"  # the validator's device: auto | cpu | cuda | cuda:<n>
     share_gpu: bool = False  # mode=rank, one process more than GPUs on a node: the validator shares the last GPU
+    gpu_share: float = 0.15  # of a GPU the validator shares with a trainer (one GPU, share_gpu): left it by the batch probe
     workers: int = -1  # evaluation DataLoader processes, persistent; -1: data.workers, at least 2 on a GPU
 
 

@@ -108,6 +108,18 @@ def assign_device(local_rank: int, local_world_size: int, device_count: int, dev
     raise ConfigError(oversubscribed(local_world_size, device_count, validator_local_rank is not None, share_gpu))
 
 
+def shares_gpu_with_validator(env: Env, mode: str, device_count: int) -> bool:
+    """Whether a validator runs on this process's GPU beside a trainer (pure: tested without GPUs).
+    mode=process: training rank 0's side process, when the node has no GPU that no trainer uses (see
+    supervisor.child_device); mode=rank: `validation.share_gpu`, the one launch with more processes on
+    a node than GPUs, where the validator rank and the last GPU's trainer share it (assign_device)."""
+    if env.device.type != "cuda":
+        return False
+    if mode == "process":
+        return env.is_main and device_count <= env.local_world_size
+    return mode == "rank" and env.local_world_size > device_count and env.device.index == device_count - 1
+
+
 def oversubscribed(processes: int, gpus: int, validator_here: bool, share_gpu: bool) -> str:
     """One line: how many GPUs there are and which launches fit them."""
     msg = (f"{processes} processes on this node but only {gpus} GPU(s) visible: one process per GPU; "

@@ -11,7 +11,10 @@ and resharded after it), then the root (whatever no block holds). Which modules 
 
 The mesh is built over the *training* process group (the validator rank is not in it). Mixed
 precision follows `train.precision`: bf16/fp16 compute in that dtype with fp32 master weights
-and fp32 gradient reduction; fp32 computes in fp32. Every parameter is sharded along dim 0
+and fp32 gradient reduction; fp32 computes in fp32. BatchNorm layers are the exception: a
+low-precision policy would cast their weights but not their running statistics, which batch_norm
+refuses ("expected scalar type BFloat16 but found Float"); each block's BatchNorm layers are
+therefore sharded first, together, with no casting (fp32, as under ddp with autocast). Every parameter is sharded along dim 0
 (torch.chunk over the ranks; see shards.py); buffers stay replicated plain tensors. With one
 training process there is nothing to shard: the model is trained as is.
 
@@ -33,6 +36,29 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+# The FSDP2 API this module calls: public in torch.distributed.fsdp since torch 2.6. FSDPModule.reset_iter_state
+# (torch 2.13) is optional: see `reset_step` and `can_reset`.
+API = ("fully_shard", "MixedPrecisionPolicy", "FSDPModule.unshard", "FSDPModule.reshard",
+       "FSDPModule.set_requires_gradient_sync", "FSDPModule.set_reshard_after_forward",
+       "FSDPModule.set_reshard_after_backward")
+
+
+def api_missing() -> List[str]:
+    """The names of API that this torch lacks (empty where fsdp works): checked before a run starts."""
+    try:
+        import torch.distributed.fsdp as fsdp_api
+    except ImportError:
+        return ["torch.distributed.fsdp"]
+    missing = []
+    for name in API:
+        obj = fsdp_api
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            missing.append(f"torch.distributed.fsdp.{name}")
+    return missing
 
 
 def blocks(model: nn.Module, names: Sequence[str] = ()) -> List[nn.Module]:
@@ -75,17 +101,37 @@ def policy(precision: str):
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
 
 
+BATCH_NORM = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm
+
+
+def batch_norms(module: nn.Module) -> List[nn.Module]:
+    """The BatchNorm layers inside `module` not yet sharded (not in an inner block): their running
+    statistics stay fp32 whatever the policy, so they get an fp32 policy of their own (see `shard`)."""
+    from torch.distributed.fsdp import FSDPModule
+    out, skip = [], set()
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            skip.update(id(x) for x in m.modules())
+        elif isinstance(m, BATCH_NORM) and id(m) not in skip and m is not module:
+            out.append(m)
+    return out
+
+
 def shard(model: nn.Module, group, device: torch.device, precision: str, job=None) -> nn.Module:
     """`model` sharded in place over `group` (its class becomes an FSDPModule); `model` unchanged
-    when `group` is None (one training process)."""
+    when `group` is None (one training process). Under a low-precision policy each unit's BatchNorm
+    layers are sharded first, as one group (one all-gather) with no casting."""
     if group is None:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     m, mp = mesh(group, device), policy(precision)
     found = blocks(model, tuple(getattr(job, "shard_blocks", ()) or ()))
-    for block in found:
-        fully_shard(block, mesh=m, mp_policy=mp)
-    fully_shard(model, mesh=m, mp_policy=mp)
+    fp32 = MixedPrecisionPolicy()
+    for unit in [*found, model]:
+        norms = batch_norms(unit) if mp.param_dtype is not None else []
+        if norms:
+            fully_shard(norms, mesh=m, mp_policy=fp32)
+        fully_shard(unit, mesh=m, mp_policy=fp32 if isinstance(unit, BATCH_NORM) else mp)
     log.info("fsdp: %d block(s) + root sharded over %d training ranks, %s", len(found), m.size(), precision)
     return model
 
@@ -117,17 +163,29 @@ def default_resharding(model: nn.Module) -> None:
     model.set_reshard_after_forward(False, recurse=False)
 
 
+def can_reset(model: nn.Module) -> bool:
+    """Whether this torch can recover a step aborted mid-way in place (`FSDPModule.reset_iter_state`,
+    torch 2.13); without it a mid-step OOM under fsdp restarts instead (oom.py: exit 75)."""
+    return callable(getattr(model, "reset_iter_state", None))
+
+
 def reset_step(model: nn.Module) -> None:
-    """After an OOM agreed on mid-step (every rank calls it): FSDP's own recovery (`reset_iter_state`:
-    reshard, forget the aborted forward's prefetch order, which would otherwise make the ranks'
-    next backwards gather different modules), then drop the gradients accumulated unsharded so far
-    (outside `p.grad` of the sharded parameters, so `zero_grad` misses them; no public call for
+    """After an OOM agreed on mid-step (every rank calls it), or after the batch probe's trial step:
+    FSDP's own recovery (`reset_iter_state`: reshard, forget the aborted forward's prefetch order,
+    which would otherwise make the ranks' next backwards gather different modules; on a torch without
+    it, a plain reshard, enough after a complete step), then drop the gradients accumulated unsharded
+    so far (outside `p.grad` of the sharded parameters, so `zero_grad` misses them; no public call for
     this: FSDPParam's fields, torch 2.13), so the redo starts from zero."""
     from torch.distributed.fsdp import FSDPModule
-    model.reset_iter_state()
-    for m in model.modules():
-        group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
-        for p in group.fsdp_params if group is not None else ():
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if can_reset(model):
+        model.reset_iter_state()
+    else:
+        for m in modules:
+            m.reshard()
+    for m in modules:
+        group = getattr(m._get_fsdp_state(), "_fsdp_param_group", None)
+        for p in getattr(group, "fsdp_params", ()):
             p.unsharded_accumulated_grad = None
             if hasattr(p, "_unsharded_param"):
                 p._unsharded_param.grad = None

@@ -12,15 +12,18 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import time
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
 from launcher.dist.env import Env
+from launcher.errors import EXIT_RESTART
 
 log = logging.getLogger(__name__)
+LEAVE_AFTER_ERROR_S = 1.0  # a rank leaving on an error lets a peer that failed first be seen first (Dist.abandon)
 
 
 class Dist:
@@ -81,11 +84,15 @@ class Dist:
         if self.distributed_training:
             dist.barrier(group=self.group)
 
-    def close(self, finished: bool = False) -> None:
+    def close(self, finished: bool = False, leaving_on: Optional[BaseException] = None) -> None:
         """`finished`: every rank got here normally, so all first meet (a CPU tensor: gloo even on
         CUDA), and none tears down its gloo connections while a peer still uses them (seen as
         "terminate called without an active exception" on CPU). A rank leaving on an error or a
-        signal does not wait for the others."""
+        signal does not wait for the others; `leaving_on` a fault (an error, an OOM restart's exit 75;
+        not a stop signal's agreed exit) with 2+ processes, it leaves without tearing down: `abandon`."""
+        if leaving_on is not None and self.env.world_size > 1 and fault(leaving_on):
+            self.abandon(leaving_on)
+            return
         if dist.is_initialized():
             store = dist.distributed_c10d._get_default_store() if finished else None
             if finished:
@@ -93,6 +100,41 @@ class Dist:
             dist.destroy_process_group()
             if store is not None:
                 _leave_together(store, self.env.world_size)
+
+    def abandon(self, exc: BaseException) -> NoReturn:
+        """Leave now after a fault on 2+ processes: report `exc` as Python would, drop the process groups
+        without waiting for their pending collectives, and exit without finalizing the interpreter.
+
+        `destroy_process_group()` waits for pending work (NCCL flushes it since torch 2.6; gloo joins a
+        collective in flight), and so does finalizing the interpreter (the groups' destructors): one that
+        a dead or diverged peer never joins would hold this rank, and the restarted group with it, for
+        `dist.timeout_s` or until torchrun's SIGKILL (tests/test_teardown.py). On NCCL the communicators
+        are aborted (`_abort_process_group`); gloo's abort waits like its destroy, so there the sockets
+        are left to the process's end. A rank leaving on an error (often a peer's doing: "Connection closed
+        by peer") first waits LEAVE_AFTER_ERROR_S, so that torchrun, which polls its workers, names the
+        rank that failed first (an OOM restart's exit 75, which leaves at once) as the root cause.
+        Files other processes read are written atomically: none is left torn."""
+        code = exc.code if isinstance(exc, SystemExit) else 1
+        if not isinstance(exc, SystemExit):
+            sys.excepthook(type(exc), exc, exc.__traceback__)
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if dist.is_initialized() and self.env.device.type == "cuda" and abort is not None:
+            try:
+                abort()
+            except Exception as e:  # noqa: BLE001 - leaving anyway: the process's end closes everything
+                log.warning("aborting the process groups failed (%s); leaving without", e)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code != EXIT_RESTART:
+            time.sleep(LEAVE_AFTER_ERROR_S)
+        os._exit(code)
+
+
+def fault(e: BaseException) -> bool:
+    """Not a clean, agreed end: an error, or an OOM restart (exit 75). A stop signal's exit (128 + signal)
+    is agreed by every rank at the same step, and exit 2 / 1 (bad input, a failed save) are returned."""
+    return not isinstance(e, SystemExit) or e.code == EXIT_RESTART
 
 
 def _leave_together(store: dist.Store, world: int, timeout_s: float = 30.0) -> None:

@@ -33,6 +33,12 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def replicated(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of `t`'s whole value: a DTensor's `full_tensor()` (which reduces a Partial value,
+    such as the norm of sharded gradients, and gathers a Shard one), else `t` itself."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
 def local_and_layout(t: torch.Tensor) -> Tuple[torch.Tensor, Optional[Layout]]:
     """The local tensor of `t` and its Layout; (t, None) for a plain (replicated) tensor."""
     if not is_sharded(t):

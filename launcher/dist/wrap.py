@@ -16,12 +16,17 @@ from launcher.config.schema import Config, TrainConfig
 from launcher.errors import ConfigError
 
 
-def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Once, at start, before the batch probe (its memory depends on them): the cuDNN autotuner
-    (`train.cudnn_benchmark`), TF32 matmuls and convolutions (`train.tf32`), and NHWC weights with
-    `train.channels_last` (inputs are converted in their copy to the device, in the loop)."""
+def backend_flags(cfg: TrainConfig) -> None:
+    """The cuDNN autotuner (`train.cudnn_benchmark`) and TF32 matmuls and convolutions (`train.tf32`):
+    set by the trainer and, for its own evaluation, by the validator."""
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Once, at start, before the batch probe (its memory depends on them): the backend flags, and NHWC
+    weights with `train.channels_last` (inputs are converted in their copy to the device, in the loop)."""
+    backend_flags(cfg)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 

@@ -6,16 +6,29 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from launcher.telemetry.off import OFF
 
 log = logging.getLogger("launcher")
 
 
-def _nvml_uuid(torch_uuid: Any) -> str:
+def nvml_uuids(torch_uuid: Any) -> List[str]:
+    """NVML's names for a CUDA device whose UUID torch prints without a prefix: "GPU-<uuid>" for a whole
+    GPU, "MIG-<uuid>" for a MIG instance (with MIG on, CUDA devices are instances)."""
     text = str(torch_uuid)
-    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+    return [text] if text.startswith(("GPU-", "MIG-")) else [f"GPU-{text}", f"MIG-{text}"]
+
+
+def _handle(nvml, torch_uuid: Any) -> Tuple[Any, str]:
+    """(NVML handle, its UUID) of a CUDA device: the first of its possible names NVML knows."""
+    names = nvml_uuids(torch_uuid)
+    for name in names[:-1]:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(name.encode()), name
+        except nvml.NVMLError:
+            pass
+    return nvml.nvmlDeviceGetHandleByUUID(names[-1].encode()), names[-1]
 
 
 class GpuMonitor:
@@ -53,9 +66,7 @@ class GpuMonitor:
 
             handles, uuids = {}, {}
             for i in cuda_indices:
-                uuid = _nvml_uuid(torch.cuda.get_device_properties(i).uuid)
-                handles[i] = pynvml.nvmlDeviceGetHandleByUUID(uuid.encode())
-                uuids[i] = uuid
+                handles[i], uuids[i] = _handle(pynvml, torch.cuda.get_device_properties(i).uuid)
         except Exception as e:
             log.info("telemetry: cannot map CUDA devices to NVML (%s); GPU telemetry off", e)
             return OFF
@@ -66,12 +77,12 @@ class GpuMonitor:
         nv, out = self.nvml, {}
         for i, h in self.handles.items():
             mem = nv.nvmlDeviceGetMemoryInfo(h)
-            row = {"util": float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
-                   "mem_used_gb": mem.used / 2**30, "mem_total_gb": mem.total / 2**30}
-            try:
+            row = {"mem_used_gb": mem.used / 2**30, "mem_total_gb": mem.total / 2**30}
+            try:  # not supported on every board: a MIG instance has no utilization, power or temperature
+                row["util"] = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
                 row["power_w"] = nv.nvmlDeviceGetPowerUsage(h) / 1000.0
                 row["temp_c"] = float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))
-            except nv.NVMLError:  # not supported on every board (e.g. some MIG slices)
+            except nv.NVMLError:
                 pass
             out[i] = row
         return out
@@ -96,8 +107,10 @@ class GpuMonitor:
         rows = []
         for i in self.handles:
             seq = [s[i] for s in samples if i in s]
-            row = {"index": i, "uuid": self.uuids[i], "util": sum(r["util"] for r in seq) / len(seq),
+            row = {"index": i, "uuid": self.uuids[i],
                    "mem_used_gb": max(r["mem_used_gb"] for r in seq), "mem_total_gb": seq[-1]["mem_total_gb"]}
+            if "util" in seq[-1]:
+                row["util"] = sum(r.get("util", 0.0) for r in seq) / len(seq)
             if "power_w" in seq[-1]:
                 row["power_w"] = sum(r.get("power_w", 0.0) for r in seq) / len(seq)
                 row["temp_c"] = seq[-1]["temp_c"]

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Optional
+import traceback
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from launcher.batch import probe
+from launcher.batch.memory import DeviceMemory
+from launcher.batch.recovery import cleanup, is_oom
 from launcher.data import eval_loader_options
 from launcher.faults import simulated_limit, validation_delay
 from launcher.checkpoint.export import save_weights
@@ -32,6 +35,10 @@ def channels_last(cfg, model: nn.Module) -> bool:
 _LOADERS: Dict[tuple, DataLoader] = {}  # one per (dataset, batch size): its workers persist
 
 
+def _loader_key(dataset: Dataset, batch_size: int, opts: dict) -> tuple:
+    return id(dataset), batch_size, tuple(sorted(opts.items()))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, job, dataset: Dataset, batch_size: int, device: torch.device,
              precision: str = "fp32", loader: Optional[dict] = None, nhwc: bool = False) -> Dict[str, float]:
@@ -42,7 +49,7 @@ def evaluate(model: nn.Module, job, dataset: Dataset, batch_size: int, device: t
     sums: Dict[str, torch.Tensor] = {}
     n = 0
     opts = loader or {"pin_memory": device.type == "cuda"}
-    key = (id(dataset), batch_size, tuple(sorted(opts.items())))
+    key = _loader_key(dataset, batch_size, opts)
     if key not in _LOADERS:
         _LOADERS[key] = DataLoader(dataset, batch_size=batch_size, shuffle=False, **opts)
     fmt = torch.channels_last if nhwc else torch.preserve_format
@@ -57,9 +64,30 @@ def evaluate(model: nn.Module, job, dataset: Dataset, batch_size: int, device: t
     return {k: float(v) / n for k, v in sums.items()}
 
 
+def evaluate_fitting(model: nn.Module, job, dataset: Dataset, batch_size: int, device: torch.device,
+                     precision: str, loader: dict, nhwc: bool) -> Tuple[Dict[str, float], int]:
+    """`evaluate`, and the batch size it ran with: an out-of-memory error (a GPU shared with training,
+    whose memory grew since the batch was chosen) empties the cache and retries with half the batch,
+    which later validations keep; at batch 1 it is raised."""
+    while True:
+        try:
+            return evaluate(model, job, dataset, batch_size, device, precision, loader, nhwc), batch_size
+        except Exception as e:  # noqa: BLE001 - only an OOM is retried
+            if not is_oom(e) or batch_size == 1:
+                raise
+            traceback.clear_frames(e.__traceback__)  # the failed frames hold activations
+            detail = str(e).splitlines()[0][:160]
+        _LOADERS.pop(_loader_key(dataset, batch_size, loader), None)  # its workers end with it
+        cleanup(device)
+        log.warning("validation out of memory at batch %d on %s (%s): retrying with batch %d",
+                    batch_size, device, detail, batch_size // 2)
+        batch_size //= 2
+
+
 def validate_state(model: nn.Module, state: Dict[str, torch.Tensor], job, dataset: Dataset, cfg,
-                   batch_size: int, device: torch.device) -> tuple[Dict[str, float], float, float]:
-    """Load `state` into `model` and evaluate it: (metrics, seconds, evaluation samples per second)."""
+                   batch_size: int, device: torch.device) -> Tuple[Dict[str, float], float, float, int]:
+    """Load `state` into `model` and evaluate it: (metrics, seconds, evaluation samples per second, the batch
+    size it ran with: smaller than `batch_size` after an out-of-memory error, see evaluate_fitting)."""
     t0 = time.perf_counter()
     nhwc = channels_last(cfg, model)
     if nhwc:
@@ -67,24 +95,33 @@ def validate_state(model: nn.Module, state: Dict[str, torch.Tensor], job, datase
     model.load_state_dict(state, strict=True)
     validation_delay(cfg.debug)
     t1 = time.perf_counter()
-    metrics = evaluate(model, job, dataset, batch_size, device, resolve_precision(cfg.validation.precision, device),
-                       eval_loader_options(cfg, device), nhwc)
+    metrics, batch_size = evaluate_fitting(model, job, dataset, batch_size, device,
+                                           resolve_precision(cfg.validation.precision, device),
+                                           eval_loader_options(cfg, device), nhwc)
     t2 = time.perf_counter()
-    return metrics, t2 - t0, len(dataset) / max(t2 - t1, 1e-9)
+    return metrics, t2 - t0, len(dataset) / max(t2 - t1, 1e-9), batch_size
 
 
-def val_batch_size(cfg, model: nn.Module, job, dataset: Dataset, device: torch.device, start: int) -> int:
+def val_batch_size(cfg, model: nn.Module, job, dataset: Dataset, device: torch.device, start: int,
+                   shared: bool = False) -> int:
     """`validation.batch_size`, or with `auto` the largest evaluation batch that fits on this device:
     probed forward-only, without gradients, like the training batch (on CPU, without a simulated
-    limit, there is nothing to probe and `start` is used)."""
+    limit, there is nothing to probe and `start` is used). `shared`: a trainer uses this GPU too, so the
+    probe counts only this process's memory, within `validation.gpu_share` of the GPU (the share the
+    trainer's probe left it). The probe's cached blocks are handed back afterwards."""
     if cfg.validation.batch_size != "auto":
         return int(cfg.validation.batch_size)
     if channels_last(cfg, model):  # probe the layout it will evaluate in
         model.to(memory_format=torch.channels_last)
     precision = resolve_precision(cfg.validation.precision, device)
-    search = probe.probe_eval_batch(model, job, dataset, device, cfg.autobatch, start=start,
+    memory = DeviceMemory(device, cfg.validation.gpu_share, own_only=True) if shared and device.type == "cuda" \
+        else None
+    try:
+        search = probe.probe_eval_batch(model, job, dataset, device, cfg.autobatch, start=start,
                                         amp=lambda: autocast(device, precision),
-                                        simulate=simulated_limit(cfg.debug.simulate_oom_above, 0))
+                                        simulate=simulated_limit(cfg.debug.simulate_oom_above, 0), memory=memory)
+    finally:
+        cleanup(device)
     if search.found == 0:
         raise ConfigError(f"validation.batch_size=auto: not even a batch of 1 fits on {device} for evaluation; "
                           "free device memory or set validation.device to another device")

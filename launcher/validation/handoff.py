@@ -42,6 +42,7 @@ from launcher.rundir import Manifest, RunDir
 
 log = logging.getLogger(__name__)
 MANIFEST = re.compile(r"^(\d+)\.json$")
+ALIGN = 64  # bytes: where each tensor's view starts in a slot's buffer
 
 
 def data_path(directory: Path, step: int) -> Path:
@@ -139,7 +140,16 @@ class Writer:
         return {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}, {}
 
     def _allocate(self, slot: _Slot, flat: Dict[str, torch.Tensor]) -> None:
-        slot.host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self.cuda) for k, v in flat.items()}
+        """`slot.host`: a view per tensor into ONE (pinned) byte buffer, each view 64-byte aligned. One pinned
+        allocation per slot, not one per tensor: cudaHostAlloc is slow, and the pinned caching allocator
+        rounds every allocation up to a power of two (up to 2x per tensor; here once, for the slot)."""
+        sizes = [-(-v.numel() * v.element_size() // ALIGN) * ALIGN for v in flat.values()]
+        buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=self.cuda)
+        slot.host, offset = {}, 0
+        for (k, v), size in zip(flat.items(), sizes):
+            n = v.numel() * v.element_size()
+            slot.host[k] = buffer[offset:offset + n].view(v.dtype).view(v.shape)
+            offset += size
 
     def prepare(self, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
         """At setup: allocate both slots' (pinned) host buffers for `states`, so no put() allocates

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,23 +23,29 @@ from launcher.validation import control
 log = logging.getLogger(__name__)
 
 
-def spawn(rundir: RunDir, device: str) -> subprocess.Popen:
-    """Start `python -m launcher validate` for this run as a child process."""
+SHARED_GPU = "LAUNCHER_SHARED_GPU"  # "1": the validator's GPU also trains (see val_batch_size)
+
+
+def spawn(rundir: RunDir, device: str, shared: bool = False) -> subprocess.Popen:
+    """Start `python -m launcher validate` for this run as a child process; `shared`: on a GPU a trainer
+    uses too, so it keeps within validation.gpu_share of it."""
     env = child_environ()
     env["LAUNCHER_PARENT_PID"] = str(os.getpid())
+    env[SHARED_GPU] = "1" if shared else "0"
     rundir.logs.mkdir(parents=True, exist_ok=True)
+    # With a GPU of its own the validator needs little CPU: a lower priority keeps the data loaders
+    # first. Validating on the CPU it must share the cores with training, or it never runs
+    # (measured on 2 cores: at nice 10 it validated 1 of 20 snapshots, at nice 0 17 of 20). `nice` execs
+    # the interpreter: no preexec_fn, which would run Python in a fork of this multi-threaded process.
+    nice = ["nice", "-n", "10"] if device != "cpu" and shutil.which("nice") else []
     with open(rundir.validator_stderr, "ab") as err:
-        # With a GPU of its own the validator needs little CPU: a lower priority keeps the data loaders
-        # first. Validating on the CPU it must share the cores with training, or it never runs
-        # (measured on 2 cores: at nice 10 it validated 1 of 20 snapshots, at nice 0 17 of 20).
-        nice = 0 if device == "cpu" else 10
-        return subprocess.Popen([sys.executable, "-m", "launcher", "validate", f"run.dir={rundir}",
-                                 f"validation.device={device}"], env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                preexec_fn=lambda: os.nice(nice))
+        return subprocess.Popen([*nice, sys.executable, "-m", "launcher", "validate", f"run.dir={rundir}",
+                                 f"validation.device={device}"], env=env, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def child_device(env) -> str:
-    """mode=process: the validator's own GPU if the node has one no training rank uses, else the same device."""
+    """mode=process: the validator's own GPU if the node has one no training rank uses, else the same device
+    (then it shares it: dist.env.shares_gpu_with_validator)."""
     if env.device.type == "cuda" and torch.cuda.device_count() > env.local_world_size:
         return f"cuda:{env.local_world_size}"
     return str(env.device)
@@ -52,6 +59,12 @@ def training_over(rundir: RunDir) -> bool:
     """The trainer stopped waiting for the validator (handoff/done.json `closed`): only now may the validator
     rank join the final collective; before it, the trainers are in none it takes part in."""
     return bool((control.done(rundir) or {}).get("closed"))
+
+
+def shares_gpu(env) -> bool:
+    """The validator rank shares its GPU with a trainer only with validation.share_gpu, the one launch with
+    more processes on a node than GPUs (dist.env.assign_device)."""
+    return env.device.type == "cuda" and env.local_world_size > torch.cuda.device_count()
 
 
 def run_validator_rank(env, rundir: RunDir) -> None:
@@ -82,7 +95,7 @@ def run_validator_rank(env, rundir: RunDir) -> None:
 
     restarts = 0
     while not stop:
-        child = spawn(rundir, str(env.device))
+        child = spawn(rundir, str(env.device), shared=shares_gpu(env))
         rc = child.wait()
         if stop or training_over(rundir):
             break

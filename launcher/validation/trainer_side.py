@@ -18,10 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional
 
+import torch
+
 from launcher.validation import control
 from launcher.validation import handoff
 from launcher.validation.supervisor import child_device, spawn
 from launcher.config.schema import validation_mode
+from launcher.dist.env import shares_gpu_with_validator
 from launcher.validation.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
 from launcher.faults import handoff_fault
 from launcher.files import JsonlTail
@@ -99,9 +102,10 @@ class InlineValidation(_Validation):
         rows = []
         for kind in kinds(self.cfg):
             state = self.ema.shadow if kind == "ema" else self.model.state_dict()
-            metrics, secs, rate = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg, self.bs,
-                                                 self.device)
-            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4), samples_per_s=round(rate, 1)))
+            metrics, secs, rate, self.bs = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg,
+                                                          self.bs, self.device)
+            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4), samples_per_s=round(rate, 1),
+                                  batch_size=self.bs))
             self.stop |= self.tracker.record(rows[-1], state)
         self.tel.validation(rows)
         self.last = step
@@ -273,5 +277,6 @@ def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int,
     world = env.train_world if sharded else None
     if not env.is_main:
         return ShardHandoff(cfg, rundir, model, ema, env.device, tel, rank=env.train_rank, world=world)
-    child = spawn(rundir, child_device(env)) if mode == "process" else None  # rank/external: started elsewhere
+    child = spawn(rundir, child_device(env), shares_gpu_with_validator(env, mode, torch.cuda.device_count())) \
+        if mode == "process" else None  # rank/external: started elsewhere
     return AsyncValidation(cfg, rundir, model, ema, env.device, tel, child, world=world)

@@ -23,6 +23,9 @@ from launcher.files import Corrupt
 from launcher.rundir import RunDir, ValResult
 from launcher.config.checks import check_device
 from launcher.dist.env import require_cuda
+from launcher.dist.wrap import backend_flags
+from launcher.faults import oom_above, simulated_limit
+from launcher.validation.supervisor import SHARED_GPU
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,8 @@ def validator_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     require_cuda("validation.device", spec)
-    return torch.device(spec)
+    device = torch.device(spec)
+    return torch.device("cuda", 0) if device.type == "cuda" and device.index is None else device  # set_device needs one
 
 
 class _Heartbeat:
@@ -60,28 +64,35 @@ class _Heartbeat:
 def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -> int:
     """Validate hand-off snapshots until training is done and the queue is empty (or, for a
     finished run, every checkpoint). Returns the number of validations."""
+    if device.type == "cuda":  # before any CUDA call: the loader's pin-memory thread would make a context on GPU 0
+        torch.cuda.set_device(device)
+    backend_flags(cfg.train)  # cudnn.benchmark and TF32 as the trainer has them
     job = jobs.load(cfg.job)
     model = job.model().to(device)
     _, val_set = job.datasets()
-    bs = val_batch_size(cfg, model, job, val_set, device, start=4 * job.cfg.batch_size)
+    shared = os.environ.get(SHARED_GPU) == "1"
+    bs = val_batch_size(cfg, model, job, val_set, device, start=4 * job.cfg.batch_size, shared=shared)
+    oom_above(model, simulated_limit(cfg.debug.simulate_oom_above, 0))  # debug: every evaluation above it fails
     tracker = Tracker(rundir, cfg)
     rundir.handoff.mkdir(parents=True, exist_ok=True)
     handoff.recover(rundir.handoff)  # picks up where a dead validator stopped
     parent = int(os.environ.get("LAUNCHER_PARENT_PID", 0))
     beat = _Heartbeat(rundir)
     count = 0
-    log.info("validator on %s: %s, batch %d, policy %s", device, rundir, bs, cfg.validation.policy)
+    log.info("validator on %s%s: %s, batch %d, policy %s, cudnn.benchmark %s, tf32 %s", device,
+             " (shared with a trainer)" if shared else "", rundir, bs, cfg.validation.policy,
+             torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
 
     def validate(step: int, epoch: int, states: dict, source=None) -> bool:
         """One step's weights, the primary (with best/) last; True when early stopping says stop."""
-        nonlocal count
+        nonlocal count, bs
         beat.step, stop = step, False
-        rows = [(kind, state, *validate_state(model, state, job, val_set, cfg, bs, device))
-                for kind, state in sorted(states.items(), key=lambda kv: kv[0] == tracker.primary)
-                if source or (step, kind) not in tracker.done]  # done: validated before a restart lost the ack
-        for kind, state, metrics, secs, rate in rows:
+        for kind, state in sorted(states.items(), key=lambda kv: kv[0] == tracker.primary):
+            if not source and (step, kind) in tracker.done:  # validated before a restart lost the ack
+                continue
+            metrics, secs, rate, bs = validate_state(model, state, job, val_set, cfg, bs, device)
             stop |= tracker.record(ValResult(step, epoch, kind, metrics, round(secs, 4), source=source,
-                                             samples_per_s=round(rate, 1)), state)
+                                             samples_per_s=round(rate, 1), batch_size=bs), state)
             log.info("val step %d (%s): %s [%.2fs, %.0f samples/s]", step, kind, fmt(metrics), secs, rate)
             count += 1
         return stop
