@@ -5,12 +5,14 @@ Under fsdp the step's forwards and backwards run collectives (all-gather, reduce
 gathers the parameters up front so that nothing before the last backward does, and probes in lockstep.
 A hang here would be the failure: every launch has a timeout."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, launch, read_jsonl
+from conftest import FAST, ROOT, child_env, free_port, launch, read_jsonl
 
 # ema.tau=1e9: the EMA's decay stays ~0, so the exported ema.safetensors is the final weights.
 QUICK = [*FAST, "validation.mode=off", "checkpoint.every_steps=0", "train.log_every=1", "train.strategy=fsdp",
@@ -79,3 +81,33 @@ def test_batch_size_auto_under_fsdp_probes_in_lockstep_and_agrees_on_the_minimum
     assert all(p["fits"] == (p["size"] <= 24) for r in record["per_rank"] for p in r["probes"])
     assert 20 <= record["found"] <= 24 and record["micro_batch"] <= record["found"]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+
+
+def _probe_with_an_oom(tmp_path, where: str) -> list:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(ROOT / "tests" / "fsdp_scripts" / "probe_oom.py"),
+                           "--out", str(tmp_path), "--where", where, "--limit", "20"],
+                          env=child_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, "\n".join(ln for ln in proc.stderr.splitlines() if "rank1" in ln)[-4000:]
+    return [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_a_real_oom_in_the_fsdp_probes_backward_is_agreed_on_by_both_ranks_without_a_hang(tmp_path):
+    """The probe's trial synchronizes no gradient and agrees after its backward: rank 1 running out of memory
+    there fails the size on both ranks, which go on probing in lockstep and agree on the largest size that
+    fits on both, instead of rank 0 waiting in a reduce-scatter rank 1 never issues."""
+    rows = _probe_with_an_oom(tmp_path, "backward")
+    assert [r["found"] for r in rows] == [20, 20]
+    assert rows[0]["probes"] == rows[1]["probes"]  # the same sizes, the same verdicts, on both ranks
+    assert [size for size, ok, _ in rows[0]["probes"] if not ok] and \
+        all(size > 20 for size, ok, _ in rows[0]["probes"] if not ok)
+
+
+@pytest.mark.slow
+def test_a_real_oom_in_the_fsdp_probes_all_gather_ends_the_probe_on_both_ranks(tmp_path):
+    """A failed up-front all-gather on rank 1 is agreed on (after the gather), and both ranks end the probe
+    with the same clear error: the whole parameters do not fit at any micro-batch."""
+    rows = _probe_with_an_oom(tmp_path, "unshard")
+    assert [r.get("found") for r in rows] == [None, None]
+    assert all("gathering the parameters whole" in r["error"] and "unshard" in r["error"] for r in rows)

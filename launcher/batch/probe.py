@@ -166,7 +166,9 @@ def train_trial(trial: Callable[[int, Recovery], None], env, dist, model: nn.Mod
     """The trainer's own step at size n (`trial(n, recovery)`: two optimizer steps with a throwaway
     optimizer, scaler and EMA, so their memory is counted), under a probe Recovery: an OOM anywhere
     in it, on any rank, fails the size on every rank (fsdp: in lockstep, nothing collective left
-    pending). The caller restores the weights and RNG afterwards. Returns the backward headroom on CUDA
+    pending; fsdp's up-front all-gather failing on any rank ends the probe: OutOfMemory on every rank,
+    as the gathered parameters do not depend on n). The caller restores the weights and RNG
+    afterwards. Returns the backward headroom on CUDA
     (the peak allocated minus what the last forward left allocated: an upper bound of what a backward
     adds, which recovery.Headroom checks before every last backward), else 0."""
     cuda = env.device.type == "cuda"
@@ -175,6 +177,12 @@ def train_trial(trial: Callable[[int, Recovery], None], env, dist, model: nn.Mod
         recovery = Recovery.for_probe(env, dist, model, n)
         try:
             trial(n, recovery)
+        except StepOOM as e:
+            if "unshard" in e.phase:  # the parameters gathered whole do not fit, whatever the batch
+                raise OutOfMemory(f"batch.size=auto: {e} while gathering the parameters whole for the probe's "
+                                  "trial (they do not fit at any micro-batch); use more training ranks or "
+                                  "a smaller model") from None
+            raise
         finally:
             for p in model.parameters():
                 p.grad = None

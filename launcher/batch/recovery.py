@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
                 "CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory", "HIP out of memory",
                 "hipErrorOutOfMemory")
-# What a rank reports in the agreement (index + 1; 0 = fine). "headroom": it would run out in the last backward.
-PHASES = ("forward", "backward", "last backward", "headroom")
+# What a rank reports in the agreement (index + 1; 0 = fine). "headroom": it would run out in the last backward;
+# "unshard": fsdp's up-front all-gather failed (the probe).
+PHASES = ("forward", "backward", "last backward", "headroom", "unshard")
 
 
 def is_oom(e: BaseException) -> bool:
@@ -108,8 +109,10 @@ class Recovery:
 
     `probe=True` (the batch probe's trial, `for_probe`): no backward synchronizes gradients, so nothing
     collective runs between the agreements, and the one agreement comes after the last backward: an
-    OOM anywhere in the trial, fsdp's up-front all-gather included, is agreed on by every rank and
-    fails the trial on all, never leaving a collective pending (no restart, no halving)."""
+    OOM anywhere in the trial is agreed on by every rank and fails the trial on all, never leaving a
+    collective pending (no restart, no halving). An OOM in fsdp's up-front all-gather is agreed on too
+    where the gather itself completed (its copy-out failed); one before a rank issued its all-gather
+    leaves the others waiting in it, and ends with the process group aborted (Dist.close)."""
 
     def __init__(self, cfg: AutobatchConfig, env, dist, rundir, net: nn.Module, tel, batch: Batch,
                  headroom: "Headroom | None" = None, guard=None, probe: bool = False):
