@@ -132,14 +132,19 @@ class Trainer:
     def _trial(self, n: int, recovery: Recovery) -> None:
         """The batch probe's trial at micro-batch n: two real train steps (the second with the optimizer
         state allocated) with a throwaway optimizer, scheduler, scaler and EMA, on the unwrapped model
-        (ddp: each rank alone) or the sharded one (fsdp: every rank in lockstep)."""
+        (ddp: each rank alone) or the sharded one (fsdp: every rank in lockstep); on a GPU with the next
+        step batch on the device too, as the prefetching loader keeps it."""
         opt = build_optimizer(self.model, self.cfg.optim, self.device)
         parts = StepParts(opt, build_scheduler(opt, self.cfg.sched, self.cfg.optim.lr, 2, 0),
                           GradScaler(self.device.type, enabled=self.precision == "fp16"),
                           self._ema(self.model))
         x, y = probe.probe_batch(self.job, self.train_set, n, self.device)
+        global_size = self.cfg.batch.global_size
+        ahead = probe.probe_batch(self.job, self.train_set, global_size // self.env.train_world if global_size else n,
+                                  self.device) if self.device.type == "cuda" else None  # DevicePrefetcher's next batch
         for step in range(2):
             self.train_step(x, y, parts, self.model, recovery, step)
+        del ahead
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> dict:
