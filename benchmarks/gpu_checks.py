@@ -172,7 +172,7 @@ def fsdp() -> None:
                         loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32, device=DEV)),
                                                                  torch.arange(8, device=DEV) % 10)
                     loss.backward()
-                    flag = step.optimizer_step(model, opt, sched, scaler, cfg, i, 0, gate=True)
+                    flag = step.optimizer_step(model, step.StepParts(opt, sched, scaler, None), cfg, i, gate=True)
                     ema.update(model, skip=flag)
                 F.reset_step(model)
                 ok = bool(torch.isfinite(loss)) and ema.updates == 3

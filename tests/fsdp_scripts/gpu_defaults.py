@@ -45,7 +45,7 @@ def gate(clip: float) -> dict:
         if i == 2 and rank == 1:  # NaN in this rank's shard of one gradient only: every rank must skip
             model[0].weight.grad.to_local()[0, 0] = float("nan")
         before = {k: v.to_local().clone() for k, v in device_gate.shadow.items()}
-        flag = step.optimizer_step(model, opt, sched, scaler, cfg, i, 0, gate=True)
+        flag = step.optimizer_step(model, step.StepParts(opt, sched, scaler, None), cfg, i, gate=True)
         types.add(type(flag).__name__)
         flags.append(bool(flag))
         device_gate._update_gated(model, flag)  # the GPU path, here on the CPU
