@@ -13,12 +13,43 @@ folds them into events.jsonl.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from launcher.files import append_jsonl, read_json, read_jsonl, write_json
+
+# Step files, named and parsed here alone: checkpoints (checkpoints/step-00000123.pt or .dcp/) and hand-off
+# snapshots (handoff/00000123.safetensors, its manifest 00000123.json/.claimed/..., fsdp pieces and tickets).
+SNAPSHOT_MANIFEST = re.compile(r"^(\d+)\.json$")
+SNAPSHOT_PIECE = re.compile(r"^(\d+)\.(shard-\d+-of-\d+\.safetensors|ticket-\d+-of-\d+)$")
+
+
+def step_stem(step: int) -> str:
+    return f"{step:08d}"
+
+
+def checkpoint_name(step: int, sharded: bool = False) -> str:
+    return f"step-{step_stem(step)}.{'dcp' if sharded else 'pt'}"
+
+
+def checkpoint_pattern(sharded: bool = False) -> "re.Pattern[str]":
+    return re.compile(rf"^step-(\d+)\.{'dcp' if sharded else 'pt'}$")
+
+
+def snapshot_name(step: int, suffix: str) -> str:
+    """A snapshot's data (`safetensors`) or its manifest in one of its states (`json`, `claimed`, ...)."""
+    return f"{step_stem(step)}.{suffix}"
+
+
+def piece_name(step: int, rank: int, world: int) -> str:
+    return snapshot_name(step, f"shard-{rank}-of-{world}.safetensors")
+
+
+def ticket_name(step: int, k: int, world: int) -> str:
+    return snapshot_name(step, f"ticket-{k}-of-{world}")
 
 
 @dataclass

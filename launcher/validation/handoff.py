@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -38,19 +37,18 @@ from safetensors.torch import load as st_load
 from launcher.validation import handoff_shards
 from launcher.files import Corrupt, atomic_write, read_json, verify, write_json, write_safetensors
 from launcher.batch.recovery import is_oom
-from launcher.rundir import Manifest, RunDir
+from launcher.rundir import SNAPSHOT_MANIFEST, Manifest, RunDir, snapshot_name
 
 log = logging.getLogger(__name__)
-MANIFEST = re.compile(r"^(\d+)\.json$")
 ALIGN = 64  # bytes: where each tensor's view starts in a slot's buffer
 
 
 def data_path(directory: Path, step: int) -> Path:
-    return Path(directory) / f"{step:08d}.safetensors"
+    return Path(directory) / snapshot_name(step, "safetensors")
 
 
 def manifest_path(directory: Path, step: int, state: str = "json") -> Path:
-    return Path(directory) / f"{step:08d}.{state}"
+    return Path(directory) / snapshot_name(step, state)
 
 
 def pending(directory: Path) -> List[int]:
@@ -59,7 +57,7 @@ def pending(directory: Path) -> List[int]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    return sorted(int(m.group(1)) for n in names if (m := MANIFEST.match(n)))
+    return sorted(int(m.group(1)) for n in names if (m := SNAPSHOT_MANIFEST.match(n)))
 
 
 def _transition(directory: Path, step: int, src: str, dst: str) -> bool:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -31,26 +30,22 @@ import torch
 from safetensors.torch import load as st_load
 
 from launcher.files import atomic_write, fsync_dir, read_json, verify, write_json, write_safetensors
+from launcher.rundir import SNAPSHOT_PIECE, piece_name, step_stem, ticket_name
 from launcher.dist.shards import Layout, assemble, is_sharded, local_and_layout
 
-PIECE = re.compile(r"^(\d+)\.(shard-\d+-of-\d+\.safetensors|ticket-\d+-of-\d+)$")
-
-
-def stem(step: int) -> str:
-    return f"{step:08d}"
 
 
 def piece_path(directory: Path, step: int, rank: int, world: int) -> Path:
-    return Path(directory) / f"{stem(step)}.shard-{rank}-of-{world}.safetensors"
+    return Path(directory) / piece_name(step, rank, world)
 
 
 def ticket_path(directory: Path, step: int, k: int, world: int) -> Path:
-    return Path(directory) / f"{stem(step)}.ticket-{k}-of-{world}"
+    return Path(directory) / ticket_name(step, k, world)
 
 
 def pieces_of(directory: Path, step: int) -> List[Path]:
     """Every piece file of a step still in the queue (not the ones moved aside as .bad)."""
-    return sorted(Path(directory).glob(f"{stem(step)}.shard-*-of-*.safetensors"))
+    return sorted(Path(directory).glob(piece_name(step, "*", "*")))
 
 
 def local_state(flat: Dict[str, torch.Tensor], rank: int, cache: Dict[str, Layout]
@@ -83,7 +78,7 @@ def write_piece(directory: Path, step: int, epoch: int, kinds: List[str], host: 
     out: list = []
     atomic_write(path, lambda f: out.append(write_safetensors(f, host, meta)))
     (sha256, size), = out
-    tmp = Path(directory) / f".{stem(step)}.ticket.rank-{rank}.tmp"
+    tmp = Path(directory) / f".{step_stem(step)}.ticket.rank-{rank}.tmp"
     write_json(tmp, {"rank": rank, "file": path.name, "sha256": sha256, "bytes": size})
     try:
         k = 0
@@ -101,7 +96,7 @@ def write_piece(directory: Path, step: int, epoch: int, kinds: List[str], host: 
     tickets = [ticket_path(directory, step, i, world) for i in range(world)]
     pieces = sorted((read_json(t) for t in tickets), key=lambda p: p["rank"])
     digest = hashlib.sha256("".join(p["sha256"] for p in pieces).encode()).hexdigest()
-    return {"file": f"{stem(step)}.shard-*-of-{world}.safetensors", "sha256": digest,
+    return {"file": piece_name(step, "*", world), "sha256": digest,
             "bytes": sum(p["bytes"] for p in pieces), "world": world, "pieces": pieces, "tickets": tickets}
 
 
@@ -153,7 +148,7 @@ def sweep(directory: Path, below: Optional[int] = None) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        m = PIECE.match(name)
+        m = SNAPSHOT_PIECE.match(name)
         if not m or (below is not None and int(m.group(1)) >= below):
             continue
         if any((Path(directory) / f"{m.group(1)}.{s}").exists() for s in ("json", "claimed")):
