@@ -21,8 +21,10 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
               torch.bool: "BOOL"}
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call write(f) on a temporary file, then move it into place. Nothing is left on failure."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb",
+                 before_replace: Callable[[], None] = lambda: None) -> None:
+    """Call write(f) on a temporary file, then move it into place. Nothing is left on failure.
+    `before_replace` runs once the data is durable, before it becomes visible."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -30,6 +32,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -36,6 +36,7 @@ from launcher.config.schema import Config
 from launcher.errors import ConfigError
 from launcher.dist.signals import Guard, Stop
 from launcher.telemetry import Telemetry
+from launcher.telemetry.stalls import Stalls
 from launcher.validation.evaluation import best_by_weights
 from launcher.step import LossMeter, forward_backward, optimizer_step
 from launcher.validation.trainer_side import due, for_training
@@ -84,15 +85,17 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     tel = Telemetry(rundir, cfg, env, total, enabled=env.is_main)
     tel.event("autobatch", **autobatch_event)
 
-    state, meter = TrainState(batch), LossMeter(device)
+    state, meter, stalls = TrainState(batch), LossMeter(device), Stalls()  # stalls: where the training thread waited
     ckpt = Checkpointer(cfg, env, dist, rundir, tel, state, per_rank={"meter": meter},
-                        parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema})
+                        parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema},
+                        stalls=stalls)
     if not ckpt.restore():
         if cfg.run.resume == "must":
             raise ConfigError(f"run.resume=must but {rundir.checkpoints} holds no loadable checkpoint; "
                               "use run.resume=auto to start fresh")
         seed_everything(cfg.run.seed + env.rank)  # per-rank randomness (dropout, augmentation)
-    guard = Guard(cfg, dist, tel, early_stop=lambda: validation.stop_requested())  # stop signals, early stop
+    guard = Guard(cfg, dist, tel, early_stop=lambda: validation.stop_requested(),  # stop signals, early stop,
+                  save_failed=ckpt.failed, stalls=stalls)  # a failed background checkpoint
     oom = Recovery(cfg, env, dist, rundir, ddp, tel, state,
                    Headroom(device, autobatch_event.get("backward_headroom_bytes"), env.train_rank, faults.low_memory),
                    guard)
@@ -103,84 +106,90 @@ def train(cfg: Config, env: Env, dist: Dist, rundir: RunDir) -> dict:
     tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
               accum=batch.accum, global_batch=batch.global_size, steps=total, steps_per_epoch=steps_per_epoch,
               precision=precision, device=str(device), start_step=state.step, strategy="fsdp" if sharded else "ddp")
-    validation = for_training(cfg, env, rundir, job, val_set, model, ema, batch.micro, tel)
+    validation = for_training(cfg, env, rundir, job, val_set, model, ema, batch.micro, tel, ckpt)
 
     log.info("training %d steps: %d rank(s) x micro-batch %d x accum %d = batch %d, %s on %s",
              total, env.train_world, batch.micro, batch.accum, batch.global_size, precision, device)
-    t_start, stopped_early, stop = time.time(), False, Stop()
-    ddp.train()
-    indices = data.EpochIndices()  # one loader for the run: its workers persist across epochs
-    loader = DataLoader(train_set, batch_size=batch.step, sampler=indices, drop_last=True,
-                        **data.train_loader_options(cfg.data, device))
-    while state.step < total and not stopped_early and not stop:
-        sampler.set_epoch(state.epoch)
-        indices.set(list(sampler)[state.batch_in_epoch * batch.step: steps_per_epoch * batch.step])
-        for x, y in loader:
-            if cfg.train.channels_last and x.ndim == 4:  # NHWC in the copy to the device, from pinned memory
-                x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    try:  # however training ends (done, a stop, exit 75, an error): the save in flight finishes first
+        t_start, stopped_early, stop = time.time(), False, Stop()
+        ddp.train()
+        indices = data.EpochIndices()  # one loader for the run: its workers persist across epochs
+        loader = DataLoader(train_set, batch_size=batch.step, sampler=indices, drop_last=True,
+                            **data.train_loader_options(cfg.data, device))
+        while state.step < total and not stopped_early and not stop:
+            sampler.set_epoch(state.epoch)
+            indices.set(list(sampler)[state.batch_in_epoch * batch.step: steps_per_epoch * batch.step])
+            for x, y in loader:
+                if cfg.train.channels_last and x.ndim == 4:  # NHWC in the copy to the device, from pinned memory
+                    x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
 
-            # Forward and backward over the micro-batches. An OOM on any rank before the last backward
-            # is agreed on by all; each then redoes this step batch with half the micro-batch (oom.py).
-            while True:
-                try:
-                    step_loss = forward_backward(x, y, state.batch, ddp, job, scaler, oom, device, precision)
+                # Forward and backward over the micro-batches. An OOM on any rank before the last backward
+                # is agreed on by all; each then redoes this step batch with half the micro-batch (oom.py).
+                while True:
+                    try:
+                        step_loss = forward_backward(x, y, state.batch, ddp, job, scaler, oom, device, precision)
+                        break
+                    except StepOOM as e:
+                        opt.zero_grad(set_to_none=True)
+                        state.batch = oom.recover(state.batch, e, state.step)
+
+                # Optimizer step; the EMA follows unless the step must not count (see optimizer_step).
+                ema_due = (state.step + 1) % cfg.ema.every == 0
+                skip = optimizer_step(model, opt, sched, scaler, cfg, state.step, warmup,
+                                      gate=ema_due and (env.is_main or sharded) and cfg.ema.enabled)
+                state.step += 1
+                state.batch_in_epoch += 1
+                if ema_due:
+                    validation.fence()  # the last hand-off's copy out of the EMA finished (a GPU-side wait)
+                    ema.update(model, skip=skip)
+                meter.add(step_loss, batch.global_size)
+
+                last = state.step == total
+                if tel.should_log(state.step, last):
+                    with stalls.measure("logging"):
+                        tel.metrics({"step": state.step, "epoch": state.epoch, **meter.take(dist, env.train_world),
+                                     "lr": sched.get_last_lr()[0], "time": time.time(), **ema.stats()})
+                        validation.poll()  # new validation results, skipped snapshots, a dead validator
+                end_of_epoch = state.batch_in_epoch == steps_per_epoch
+                validating = due(cfg, env.world_size, state.step, state.epoch, end_of_epoch, last)  # every rank: saves
+                if validation.should_validate(state.step, state.epoch, end_of_epoch, last):
+                    with stalls.measure(validation.stall):  # a hand-off shares the checkpoint's snapshot of this step
+                        validation.submit(state.step, state.epoch)
+                if end_of_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                # A stop signal or the validator's early stop: every training rank stops at this same step.
+                stop, stopped_early = guard.step_end(again=validating)  # agreed by all (in the OOM agreement if on)
+                if stopped_early:
+                    log.info("early stop at step %d", state.step)
+                if ckpt.should_save(state.step, last or stopped_early or bool(stop) or validating):  # in the background;
+                    ckpt.save(protect=validation.protected_steps(), final=last or stopped_early or bool(stop))  # the last waits
+                faults.step_end(state.step, tel, dist, settle=ckpt.wait)
+                if last or stopped_early or stop:
                     break
-                except StepOOM as e:
-                    opt.zero_grad(set_to_none=True)
-                    state.batch = oom.recover(state.batch, e, state.step)
 
-            # Optimizer step; the EMA follows unless the step must not count (see optimizer_step).
-            ema_due = (state.step + 1) % cfg.ema.every == 0
-            skip = optimizer_step(model, opt, sched, scaler, cfg, state.step, warmup,
-                                  gate=ema_due and (env.is_main or sharded) and cfg.ema.enabled)
-            state.step += 1
-            state.batch_in_epoch += 1
-            if ema_due:
-                validation.fence()  # the last hand-off's copy out of the EMA finished (a GPU-side wait)
-                ema.update(model, skip=skip)
-            meter.add(step_loss, batch.global_size)
+        if stop and state.step < total:  # preempted: checkpointed, not finished; no summary, exit 128 + signal
+            validation.flush()  # snapshots already handed off reach the disk
+            guard.exit(stop, state.step)
 
-            last = state.step == total
-            if tel.should_log(state.step, last):
-                tel.metrics({"step": state.step, "epoch": state.epoch, **meter.take(dist, env.train_world),
-                             "lr": sched.get_last_lr()[0], "time": time.time(), **ema.stats()})
-                validation.poll()  # new validation results, skipped snapshots, a dead validator
-            end_of_epoch = state.batch_in_epoch == steps_per_epoch
-            validating = due(cfg, env.world_size, state.step, state.epoch, end_of_epoch, last)  # every rank: saves
-            if validation.should_validate(state.step, state.epoch, end_of_epoch, last):
-                validation.submit(state.step, state.epoch)
-            if end_of_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            # A stop signal or the validator's early stop: every training rank stops at this same step.
-            stop, stopped_early = guard.step_end(again=validating)  # agreed by all (in the OOM agreement if on)
-            if stopped_early:
-                log.info("early stop at step %d", state.step)
-            if ckpt.should_save(state.step, last or stopped_early or bool(stop) or validating):
-                ckpt.save(protect=validation.protected_steps())
-            faults.step_end(state.step, tel, dist)
-            if last or stopped_early or stop:
-                break
-
-    if stop and state.step < total:  # preempted: checkpointed, not finished; no summary, exit 128 + signal
-        validation.flush()  # snapshots already handed off reach the disk
-        guard.exit(stop, state.step)
-
-    # The end: deployable EMA weights, the summary.
-    summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": stopped_early,
-               "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
-               "wall_time_s": round(time.time() - t_start, 2)}
-    final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers; ddp: rank 0's
-    summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
-    if cfg.validation.weights == "both":  # best and final raw and EMA side by side
-        summary.update(best_by_weights(rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
-    if env.is_main:
-        if cfg.ema.enabled:
-            save_weights(rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})
-        summary.update(ema.stats(), **({"ema_tau": ema.tau} if cfg.ema.enabled else {}))
-        rundir.write_summary(summary)
-        tel.event("end", **summary)
-        best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \
-            if "best_step" in summary else ""
-        log.info(f"done: {state.step} steps in {summary['wall_time_s']:.1f}s{best}; run dir {rundir}")
-    tel.close()
-    return summary
+        # The end: deployable EMA weights, the summary.
+        summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": stopped_early,
+                   "micro_batch": state.batch.micro, "accum": state.batch.accum, "global_batch": batch.global_size,
+                   "wall_time_s": round(time.time() - t_start, 2),
+                   "stall_by_cause": stalls.summary(time.time() - t_start)}  # the training thread's waits, by cause
+        final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers; ddp: rank 0's
+        summary.update(validation.finish(state.step, state.epoch))  # drains: the final weights are validated
+        if cfg.validation.weights == "both":  # best and final raw and EMA side by side
+            summary.update(best_by_weights(rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
+        if env.is_main:
+            if cfg.ema.enabled:
+                save_weights(rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})
+            summary.update(ema.stats(), **({"ema_tau": ema.tau} if cfg.ema.enabled else {}))
+            rundir.write_summary(summary)
+            tel.event("end", **summary)
+            best = f", best {summary['best_metric']} {summary['best_value']:.4f} at step {summary['best_step']}" \
+                if "best_step" in summary else ""
+            log.info(f"done: {state.step} steps in {summary['wall_time_s']:.1f}s{best}; run dir {rundir}")
+        tel.close()
+        return summary
+    finally:
+        ckpt.close()

@@ -151,9 +151,10 @@ class Recovery:
         StepOOM on every rank if any rank ran out of memory or would."""
         world = self.env.train_world
         mine = PHASES.index(failed) + 1 if failed else len(PHASES) * self.headroom.short(self.state.step)
-        flags = torch.zeros(world + 2, dtype=torch.int32)
+        local = self.guard.local()
+        flags = torch.zeros(world + len(local), dtype=torch.int32)
         flags[max(self.env.train_rank, 0)] = mine
-        flags[world:] = torch.tensor(self.guard.local(), dtype=torch.int32)
+        flags[world:] = torch.tensor(local, dtype=torch.int32)
         if self.distributed:
             tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self.dist.group)
         flags = flags.tolist()

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from launcher.dist.shards import is_sharded, local_slice
 PATTERN = re.compile(r"^step-(\d+)\.dcp$")
 MANIFEST = "manifest.json"
 _JOINT = ("model", "optimizer")  # parts saved through get_state_dict: keyed by parameter name (FQN)
+_ADDED = (("ema", "pending"),)  # (part, key) that older checkpoints lack
 
 
 def dir_for(directory: Path, step: int) -> Path:
@@ -105,10 +106,12 @@ def _slices(model: nn.Module, opt: torch.optim.Optimizer, full: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- save
-def save(directory: Path, step: int, state: Dict[str, Any], own: dict, info: dict, dist, rank: int) -> Path:
+def save(directory: Path, step: int, state: Dict[str, Any], own: dict, info: dict, dist, rank: int,
+         before_commit: Callable[[], None] = lambda: None) -> Path:
     """Every training rank calls this with its shards (`state`) and its own per-rank parts (`own`);
     rank 0 commits. Raises OSError on every rank together when any rank failed (the partial
-    directory is removed; the checkpoints before it are untouched). `info` goes into the manifest."""
+    directory is removed; the checkpoints before it are untouched). `info` goes into the manifest.
+    `before_commit` runs on rank 0 once every rank's files are durable, before the manifest."""
     import torch.distributed.checkpoint as dcp
 
     final = dir_for(directory, step)
@@ -137,6 +140,7 @@ def save(directory: Path, step: int, state: Dict[str, Any], own: dict, info: dic
     failed = _failed(dist, error)
     if rank == 0 and not failed:
         try:
+            before_commit()
             write_json(tmp / MANIFEST, {**info, "step": step, "files": checksums(tmp)})
             if final.exists():  # the same step saved again after a resume
                 shutil.rmtree(final)
@@ -195,6 +199,10 @@ def load_into(path: Path, state: Dict[str, Any], dist) -> None:
     rank's rows whatever the saved number of ranks, plain tensors the whole tensor. Collective."""
     import torch.distributed.checkpoint as dcp
 
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for part, key in _ADDED:  # a checkpoint from before a key was added: the template's value stays
+        if f"{part}.{key}" not in saved and isinstance(state.get(part), dict):
+            state[part].pop(key, None)
     dcp.load(state, checkpoint_id=str(path), process_group=dist.group, no_dist=dist.group is None)
 
 
