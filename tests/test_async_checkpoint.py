@@ -13,12 +13,12 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import FAST, assert_same_final_weights, command, child_env, launch, read_jsonl
+from conftest import FAST, assert_same_final_weights, children, command, child_env, launch, read_jsonl, \
+    wait_until
 from launcher.checkpoint import store
 from launcher.checkpoint.staging import DeviceCopy, HostBuffers, Stage, flatten, rebuild
 from launcher.telemetry.stalls import Stalls
@@ -40,27 +40,7 @@ def start(args, nproc=0, torchrun_args=None) -> subprocess.Popen:
 
 
 def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if log.exists() and text in log.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited {proc.returncode} before {text!r}:\n{proc.stdout.read()[-4000:]}")
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"no {text!r} in {log} within {timeout}s")
-
-
-def children(pid: int) -> list:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+    wait_until(proc, lambda: log.exists() and text in log.read_text(), f"{text!r} in {log.name}", timeout)
 
 
 # ------------------------------------------------------------------------------ in one process
@@ -176,9 +156,14 @@ class _Recorder:
 
 class _OnDevice(torch.Tensor):
     """A CPU tensor that reports a CUDA device, so DeviceCopy takes its GPU path."""
+    streams: list = []
+
     @property
     def device(self):
         return torch.device("cuda", 0)
+
+    def record_stream(self, stream):
+        _OnDevice.streams.append(stream.name)
 
 
 def test_on_a_gpu_the_snapshot_copies_on_a_side_stream_and_the_next_optimizer_step_waits_on_the_device():
@@ -197,6 +182,7 @@ def test_on_a_gpu_the_snapshot_copies_on_a_side_stream_and_the_next_optimizer_st
     copier.fence()  # a second step: nothing left to wait for
     assert cuda.calls.count(("main", "wait_event", rest)) == 1
     assert not any(c[1] == "synchronize" for c in cuda.calls)  # the training thread never waits for the host
+    assert _OnDevice.streams == ["side", "side"]  # the allocator keeps each source until the side stream copied it
 
 
 def test_retention_never_deletes_the_newest_complete_checkpoint_or_a_protected_step(tmp_path):

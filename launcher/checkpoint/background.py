@@ -14,9 +14,14 @@ import threading
 from concurrent.futures import Future
 from typing import Callable, Optional
 
+import torch
+
 
 class Background:
-    def __init__(self, name: str = "checkpoint-writer"):
+    """`device`: the thread's CUDA calls (pinning, DCP's loader) go to this rank's GPU, not to GPU 0."""
+
+    def __init__(self, device: Optional[torch.device] = None, name: str = "checkpoint-writer"):
+        self.device = device
         self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -27,6 +32,8 @@ class Background:
         return future
 
     def _run(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while (job := self.jobs.get()) is not None:
             fn, future = job
             if future.set_running_or_notify_cancel():

@@ -126,7 +126,7 @@ class Checkpointer:
         self.parts = {name: _as_part(part) for name, part in parts.items()}
         self.stalls = stalls if stalls is not None else Stalls()
         self.sharded = fsdp.is_sharded(self.parts["model"])  # fsdp: checkpoints are .dcp directories
-        self.staging, self.worker = Stage(env.device), Background()
+        self.staging, self.worker = Stage(env.device), Background(env.device)
         self.snapshot: Optional[Snapshot] = None  # the last one taken
         self.pending: Optional[Future] = None  # the job in flight (a save, or preparing the buffers)
         self.error: Optional[str] = None  # this rank's failed save: sticky, every rank then stops
@@ -158,13 +158,7 @@ class Checkpointer:
             return
         self._prepared = True
         _, tensors = flatten(self._state())
-        device = self.env.device
-
-        def prepare() -> None:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)  # this thread's CUDA calls stay on this rank's GPU
-            self.staging.prepare(tensors)
-        self.pending = self.worker.submit(prepare)
+        self.pending = self.worker.submit(lambda: self.staging.prepare(tensors))
 
     def stage(self) -> Snapshot:
         """This step's snapshot: the one a save (or a hand-off) of this step took already, else taken now,
@@ -195,12 +189,12 @@ class Checkpointer:
         background writer. `final` (the end, an early stop, a stop signal): also wait for the write, at most
         checkpoint.drain_timeout_s, and agree on the outcome: SaveError on every rank if any failed."""
         with self.stalls.measure("checkpoint"):
-            t0 = time.perf_counter()
             snap = self.stage()
+            t0 = time.perf_counter()
             info = {"train": self.state.state_dict(), "train_world": self.env.train_world,
                     "wandb_id": self.tel.wandb_id}
             release = snap.lease()
-            snap.blocked_s += time.perf_counter() - t0
+            snap.blocked_s += time.perf_counter() - t0  # the event's blocked_ms: all but a final save's own wait
             self.pending = self.worker.submit(lambda: self._write(snap, info, list(protect), release))
             if final:
                 self._finish(snap.step)

@@ -118,7 +118,7 @@ class HostBuffers:
 
 
 def _register(buf: torch.Tensor) -> None:
-    err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0))
+    err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 1))  # portable
     if err != 0:
         raise RuntimeError(f"cudaHostRegister of a {buf.numel() * buf.element_size() / 2**20:.0f} MiB checkpoint "
                            f"buffer failed with CUDA error {err}")
@@ -166,6 +166,8 @@ class DeviceCopy:
         events = []
         with self.cuda.stream(self.side):
             for group in groups:
+                for _, s in group:  # a temporary (a counter the EMA replaces) is not reused until copied
+                    s.record_stream(self.side)
                 if group:
                     torch._foreach_copy_(*map(list, zip(*group)), non_blocking=True)
                 events.append(self.cuda.Event())

@@ -85,3 +85,29 @@ def _table(table: Dict[str, Cause], wall_s: float) -> dict:
     return {name: {"s": round(c.seconds, 3), "count": c.count, "max_ms": round(c.max_s * 1e3, 1),
                    "fraction": round(c.seconds / wall_s, 4) if wall_s > 0 else None}
             for name, c in sorted(table.items(), key=lambda kv: -kv[1].seconds)}
+
+
+def describe(stall: dict) -> str:
+    """One sentence for report.md from summary.json's `stall_by_cause`."""
+    causes = ", ".join(f"{name.replace('_', ' ')} {c['s']:.2f} s ({c['count']}x, longest {c['max_ms']:.0f} ms)"
+                       for name, c in stall["causes"].items()) or "nothing"
+    moved = ", ".join(f"{name} {c['s']:.2f} s" for name, c in stall.get("background", {}).items())
+    share = f" ({100 * stall['fraction']:.1f}%)" if stall.get("fraction") is not None else ""
+    return (f"The training thread was blocked {stall['stalled_s']:.2f} s of {stall['wall_s']:.2f} s{share}: {causes}."
+            + (f" Done off the training thread: {moved}." if moved else ""))
+
+
+def figure(stall: dict):
+    """One small bar chart: seconds blocked per cause beside the work done in the background."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(name, c["s"], "C3") for name, c in stall["causes"].items()]
+    rows += [(f"{name} (background)", c["s"], "C0") for name, c in stall.get("background", {}).items()]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.4))
+    ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color=[r[2] for r in rows][::-1])
+    ax.set_xlabel("seconds (red: the training thread blocked; blue: done off it)")
+    ax.set_title(f"where the time went: blocked {stall['stalled_s']:.2f} s of {stall['wall_s']:.2f} s wall")
+    return fig

@@ -40,7 +40,7 @@ from safetensors.torch import load as st_load
 from launcher.validation import handoff_shards
 from launcher.files import atomic_write, read_json, write_json, write_safetensors
 from launcher.batch.recovery import is_oom
-from launcher.checkpoint.staging import Snapshot
+from launcher.checkpoint import staging
 from launcher.rundir import Manifest, RunDir
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Writer:
 
     @torch.no_grad()
     def put(self, step: int, epoch: int, states: Dict[str, Dict[str, torch.Tensor]],
-            shared: Optional[Snapshot] = None) -> Optional[float]:
+            shared: Optional[staging.Snapshot] = None) -> Optional[float]:
         """Snapshot `states` ({kind: state_dict}); returns the seconds the caller was blocked, None if dropped.
         `shared`: the checkpoint's snapshot of this step, whose host tensors `states` are (written as is)."""
         t0 = time.perf_counter()
