@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="interleaved speed repeats; the best of each is kept")
     ap.add_argument("--before", help="another checkout (the previous version) whose speed to measure alongside")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--no-stall", action="store_true")
     s = ap.parse_args()
     if s.worker:
         return stall_worker(Path(s.worker), s.strategy, s.saves)
@@ -195,8 +196,9 @@ def main() -> None:
     copy_name = "pinned D2H copy of the state" if gpu else "memcpy of the state"
     load = os.getloadavg()
     rows, notes = [], [f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores"]
-    with tempfile.TemporaryDirectory(dir=common.ROOT / "benchmarks") as tmp:
-        for nproc, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+    common.OUT.mkdir(parents=True, exist_ok=True)  # checkpoints on the disk a run dir uses (and git ignores)
+    with tempfile.TemporaryDirectory(dir=common.OUT) as tmp:
+        for nproc, strategy in () if s.no_stall else ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
             per_rank = stalls(s, Path(tmp), nproc, strategy)
             stall = max(statistics.median(r["stall_s"]) for r in per_rank)  # the slowest rank sets the pace
             copy = max(r["copy_s"] for r in per_rank)

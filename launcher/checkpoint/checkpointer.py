@@ -32,7 +32,7 @@ from launcher.batch.geometry import Batch
 from launcher.checkpoint import dcp, store
 from launcher.checkpoint.background import Background
 from launcher.checkpoint.staging import Snapshot, Stage, flatten
-from launcher.dist import fsdp
+from launcher.dist import fsdp, shards
 from launcher.dist.rng import rng_state, seed_everything, set_rng_state
 from launcher.ema import EMA
 from launcher.errors import SaveError
@@ -126,6 +126,7 @@ class Checkpointer:
         self.parts = {name: _as_part(part) for name, part in parts.items()}
         self.stalls = stalls if stalls is not None else Stalls()
         self.sharded = fsdp.is_sharded(self.parts["model"])  # fsdp: checkpoints are .dcp directories
+        self._live = dcp.Live(self.parts)  # fsdp: what state_of() returns, without get_state_dict's cost
         self.staging, self.worker = Stage(env.device), Background(env.device)
         self.snapshot: Optional[Snapshot] = None  # the last one taken
         self.pending: Optional[Future] = None  # the job in flight (a save, or preparing the buffers)
@@ -144,7 +145,7 @@ class Checkpointer:
     def _state(self) -> dict:
         """What this rank writes: the parts (ddp: rank 0 alone; fsdp: every rank, its shards) and its own."""
         if self.sharded:
-            parts = dcp.state_of(self.parts)
+            parts = self._live()
         elif self.env.is_main:
             parts = {name: part.state_dict() for name, part in self.parts.items()}
         else:
@@ -169,7 +170,7 @@ class Checkpointer:
             t0 = time.perf_counter()
             self.wait()
             self.snapshot = self.staging.take(self._state(), self.state.step,
-                                            early=lambda t: not fsdp.is_sharded(t) and t.data_ptr() in self._buffers)
+                                            early=lambda t: not shards.is_sharded(t) and t.data_ptr() in self._buffers)
             self.snapshot.blocked_s = time.perf_counter() - t0
         return self.snapshot
 

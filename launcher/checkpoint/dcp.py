@@ -59,6 +59,50 @@ def state_of(parts: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class Live:
+    """state_of(parts) for every save, fast. get_state_dict maps every parameter to its name anew on each
+    call (~40 ms for a ViT-B: a third of the copy the snapshot exists for); the same dict comes from
+    model.state_dict() (FSDP2 keys are the names already) and the optimizer's own state_dict() with its
+    indices mapped to names once. The first call checks that both agree, key by key and tensor by tensor,
+    and keeps using get_state_dict if they do not."""
+
+    def __init__(self, parts: Dict[str, Any]):
+        self.parts, self.names, self.agrees = parts, None, None
+
+    def __call__(self) -> Dict[str, Any]:
+        if self.agrees is False:
+            return state_of(self.parts)
+        model, opt = self.parts["model"], self.parts["optimizer"]
+        self.names = self.names or _order(model, opt)
+        sd = opt.state_dict()
+        out = {"model": model.state_dict(),
+               "optimizer": {"state": {self.names[i]: s for i, s in sd["state"].items()},
+                             "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]}
+                                              for g in sd["param_groups"]]}}
+        out.update({name: sd for name, part in self.parts.items()
+                    if name not in _JOINT and (sd := part.state_dict()) is not None})
+        if self.agrees is None:
+            slow = state_of({name: self.parts[name] for name in _JOINT})
+            self.agrees = _alike({name: out[name] for name in _JOINT}, slow)
+            if not self.agrees:
+                out.update(slow)
+        return out
+
+
+def _alike(a: Any, b: Any) -> bool:
+    """The same nesting, keys and values; tensors the same memory (the same local shard)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or is_sharded(a) != is_sharded(b):
+            return False
+        la, lb = (t.to_local() if is_sharded(t) else t for t in (a, b))
+        return la.data_ptr() == lb.data_ptr() and la.shape == lb.shape and a.shape == b.shape
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_alike(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_alike(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def apply(parts: Dict[str, Any], state: Dict[str, Any], full: bool = False) -> None:
     """Load `state` (state_of's template, filled) into `parts`; with `full`, a ddp .pt state instead:
     whole tensors, the optimizer keyed by index, of which each rank keeps its rows. The optimizer

@@ -72,9 +72,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-def signature(tensors: Sequence[torch.Tensor]) -> tuple:
+def signature(tensors: Sequence[torch.Tensor], local: Optional[Sequence[torch.Tensor]] = None) -> tuple:
     """What the buffers depend on: each tensor's dtype and (local) shape, and its sharding."""
-    return tuple((t.dtype, tuple(_local(t).shape), is_sharded(t)) for t in tensors)
+    local = local if local is not None else [_local(t) for t in tensors]
+    return tuple((t.dtype, tuple(piece.shape), is_sharded(t)) for t, piece in zip(tensors, local))
 
 
 # ------------------------------------------------------------------------------------- the buffers
@@ -215,22 +216,23 @@ class Stage:
         self._readers = 0
         self._free = threading.Condition()
 
-    def prepare(self, tensors: Sequence[torch.Tensor]) -> None:
+    def prepare(self, tensors: Sequence[torch.Tensor], local: Optional[Sequence[torch.Tensor]] = None) -> None:
         """Allocate (pin, touch) the buffers for these tensors unless they fit already. Call it off the
         training thread where possible: touching 1 GB costs ~0.3 s (seconds on a VM that faults slowly)."""
-        if self.buffers is None or self.buffers.signature != signature(tensors):
+        if self.buffers is None or self.buffers.signature != signature(tensors, local):
             self.wait_free()
             if self.buffers is not None:
                 self.buffers.close()
             self.buffers = HostBuffers(tensors, pin=self.cuda)
 
+    @torch.no_grad()
     def take(self, state: Any, step: int, early: Callable[[torch.Tensor], bool] = lambda t: False) -> Snapshot:
         """Copy `state` into the buffers (waiting first until no reader holds them)."""
         skeleton, tensors = flatten(state)
+        local = [_local(t) for t in tensors]
         self.wait_free()
-        self.prepare(tensors)
-        done = self.copier.copy(self.buffers.host, [_local(t).detach() for t in tensors],
-                                [early(t) for t in tensors])
+        self.prepare(tensors, local)
+        done = self.copier.copy(self.buffers.host, local, [early(t) for t in tensors])
         return Snapshot(step, rebuild(skeleton, self.buffers.staged), done, stage=self)
 
     def fence(self) -> None:
