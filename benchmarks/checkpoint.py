@@ -12,8 +12,9 @@ AdamW, EMA: 1.3 GB), on 1 and 2 ddp ranks and 2 fsdp ranks.
    `--before DIR` also runs the same two commands from another checkout (the previous version: the
    synchronous path), in the same run.
 
-    python benchmarks/checkpoint.py --quick              # CPU: stalls on 1/2/2 ranks, speed on 1
-    python benchmarks/checkpoint.py --quick --before /tmp/before   # + the previous version's speed
+    python benchmarks/checkpoint.py                      # stalls on 1/2/2 ranks, speed on 1 (~25 min on 2 cores)
+    git worktree add /tmp/before <commit> && python benchmarks/checkpoint.py --before /tmp/before
+                                                         # + the previous version's speed, same run
 
 Targets: CPU stall <= 1.5x the memcpy, speed >= 0.95; GPU stall <= 1.2x the pinned copy, speed >= 0.98.
 Writes benchmarks/out/checkpoint.json (format: benchmarks/common.py).
@@ -175,21 +176,21 @@ def speed(s: argparse.Namespace, tmp: Path, every: int, root: Path = common.ROOT
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CPU/CI sizes (the same state; fewer steps)")
+    ap.add_argument("--quick", action="store_true", help="accepted for run_all: the sizes are the same")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     ap.add_argument("--saves", type=int, default=5, help="checkpoints per stall measurement")
-    ap.add_argument("--steps", type=int, default=0, help="training steps per speed run (default 40, quick 30)")
-    ap.add_argument("--warmup", type=int, default=5, help="steps before the timed window")
+    ap.add_argument("--steps", type=int, default=45, help="training steps per speed run")
+    ap.add_argument("--warmup", type=int, default=12, help="steps before the timed window (the buffers are "
+                    "allocated in the background after the first step)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=2, help="interleaved speed repeats; the best of each is kept")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved speed repeats; the best of each is kept")
     ap.add_argument("--before", help="another checkout (the previous version) whose speed to measure alongside")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--no-stall", action="store_true")
     s = ap.parse_args()
     if s.worker:
         return stall_worker(Path(s.worker), s.strategy, s.saves)
-    s.steps = s.steps or (30 if s.quick else 40)
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     stall_target, speed_target = (1.2, 0.98) if gpu else (1.5, 0.95)
