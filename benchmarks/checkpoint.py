@@ -208,7 +208,7 @@ def main() -> None:
             rows.append(common.row(case, round(stall * 1e3, 1), round(copy * 1e3, 1), copy_name, "ms",
                                    f"<= {stall_target}x", stall <= stall_target * copy, round(copy / stall, 3)))
             notes.append(f"{case}: each save {[round(x * 1e3) for r in per_rank for x in r['stall_s']]} ms "
-                         f"(all ranks; the first includes what the background allocation had not finished)")
+                         "(rank after rank; each save once the previous write had finished)")
             if "old_s" in per_rank[0]:
                 old = per_rank[0]["old_s"]
                 rows.append(common.row("before: synchronous save, 1 rank (torch.save + sha256 + write)",
