@@ -140,14 +140,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def launcher_window(cmd: List[str], metrics_path: Path, warmup: int, last: int, global_batch: int,
-                    timeout: float = 1800) -> dict:
+                    timeout: float = 1800, root: Path = ROOT) -> dict:
     """Run a `launcher train` command and time its steady state: from the first logged step
     >= warmup to the logged step `last`, both in wall seconds (from metrics.jsonl, each row
     follows a device sync) and in CPU seconds of the whole process tree (sampled when the row
-    appears; on a shared CPU, wall time measures the neighbours, CPU time does not)."""
+    appears; on a shared CPU, wall time measures the neighbours, CPU time does not). `root`: the
+    checkout whose launcher runs (another one: a previous version, measured in the same run)."""
     from launcher.files import read_jsonl
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = dict(env(), PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, cwd=root, env=child, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     marks: dict = {}
     t_end = time.time() + timeout
     while proc.poll() is None and len(marks) < 2 and time.time() < t_end:

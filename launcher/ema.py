@@ -207,10 +207,17 @@ class EMA:
         """Load the averaged weights into `model` (its own dtypes kept)."""
         model.load_state_dict(self.shadow, strict=True)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, live: bool = False) -> dict:
         """The average and its counters. Sharded values are DTensors over *copies* of the local views:
         torch.save cannot pickle a DTensor whose local tensor starts inside its storage (torch 2.13), and
-        the views sit back to back in one flat buffer. Load with `load_state_dict`, not in place."""
+        the views sit back to back in one flat buffer. Load with `load_state_dict`, not in place.
+        `live` (a checkpoint's snapshot, which copies every tensor itself): the shadow's own tensors, no
+        copy, and the counters without a host sync: `pending` counts, on the device, the gated updates
+        whose skip flag was not read yet (load_state_dict settles it)."""
+        if live:
+            return {"shadow": dict(self.shadow), "updates": self._updates, "skipped": self._skipped,
+                    "pending": torch.zeros((), dtype=torch.long) if self._pending is None else self._pending,
+                    "decay": self.decay, "ramp": self.ramp, "tau": self.tau}
         shadow = {k: _like(local_and_layout(v)[0].clone(), v) if is_sharded(v) else v for k, v in self.shadow.items()}
         return {"shadow": shadow, "updates": self.updates, "skipped": self.skipped,
                 "decay": self.decay, "ramp": self.ramp, "tau": self.tau}
@@ -226,8 +233,9 @@ class EMA:
             elif is_sharded(dst):
                 v = local_slice(v, dst)
             local_and_layout(dst)[0].copy_(v)
-        self.updates = int(state["updates"])
-        self.skipped = int(state.get("skipped", 0))
+        pending = int(state.get("pending", 0))  # skipped gated updates counted in `updates` (a live state)
+        self.updates = int(state["updates"]) - pending
+        self.skipped = int(state.get("skipped", 0)) + pending
 
     def nbytes(self) -> int:
         """The memory the average takes on this rank (its shards only under FSDP)."""

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -136,13 +136,15 @@ class Faults:
                     return out * float("nan")
             model.register_forward_hook(hook)
 
-    def step_end(self, step: int, tel, dist) -> None:
+    def step_end(self, step: int, tel, dist, settle: Callable[[], object] = lambda: None) -> None:
         """After every optimizer step: debug.step_delay_s, then debug.fail_at_step (every training
-        rank dies hard, no cleanup, once per run)."""
+        rank dies hard, no cleanup, once per run, right after the checkpoints begun so far are on disk:
+        `settle` waits for the background save, so the resume point does not depend on the disk's speed)."""
         if self.debug.step_delay_s:
             time.sleep(self.debug.step_delay_s)
         if self.fail_at == step:
             tel.event("debug_fail", step=step)
+            settle()
             dist.barrier()  # the event is on disk before any rank dies
             log.error("debug.fail_at_step=%d: exiting hard", step)
             logging.shutdown()

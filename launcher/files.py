@@ -24,8 +24,10 @@ _ST_DTYPES = {getattr(torch, name): code for name, code in (
     ("float8_e5m2", "F8_E5M2"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("complex64", "C64")) if hasattr(torch, name)}
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call write(f) on a temporary file, then move it into place. Nothing is left on failure."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb",
+                 before_replace: Callable[[], None] = lambda: None) -> None:
+    """Call write(f) on a temporary file, then move it into place. Nothing is left on failure.
+    `before_replace` runs once the data is durable, before it becomes visible."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -33,6 +35,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:

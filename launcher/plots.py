@@ -199,3 +199,16 @@ def plot_autobatch(run: Run, out: Path) -> Optional[str]:
         ax.set_title("peak memory per probe")
         ax.legend(fontsize=8)
     return _save(fig, out / "autobatch.png")
+
+
+def plot_stalls(stall: dict, path: Path) -> str:
+    """One small bar chart from summary.json's `stall_by_cause`: seconds blocked per cause beside the work
+    done in the background."""
+    plt = _plt()
+    rows = [(name, c["s"], "C3") for name, c in stall["causes"].items()]
+    rows += [(f"{name} (background)", c["s"], "C0") for name, c in stall.get("background", {}).items()]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.4))
+    ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color=[r[2] for r in rows][::-1])
+    ax.set_xlabel("seconds (red: the training thread blocked; blue: done off it)")
+    ax.set_title(f"where the time went: blocked {stall['stalled_s']:.2f} s of {stall['wall_s']:.2f} s wall")
+    return _save(fig, path)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from launcher.files import iter_jsonl, read_json
-from launcher.plots import autobatch_points, plot_autobatch, plot_gpu, plot_loss, plot_throughput, plot_val
+from launcher.plots import autobatch_points, plot_autobatch, plot_gpu, plot_loss, plot_stalls, plot_throughput, plot_val
 from launcher.rundir import RunDir
+from launcher.telemetry import stalls
 
 __all__ = ["Run", "autobatch_points", "main", "summary_rows", "write_report"]
 
@@ -83,7 +84,7 @@ def _fmt(v) -> str:
 def summary_rows(run: Run) -> List[Tuple[str, str]]:
     rows = [("status", "finished" if run.finished else "in progress or stopped (no summary.json)")]
     if run.summary:
-        rows += [(k, _fmt(v)) for k, v in run.summary.items()]
+        rows += [(k, _fmt(v)) for k, v in run.summary.items() if k != "stall_by_cause"]  # its own section
     elif run.train:
         last = run.train[-1]
         rows += [("last logged step", str(last["step"])), ("last loss", _fmt(last["loss"]))]
@@ -106,13 +107,17 @@ def write_report(runs: List[Run], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     title = runs[0].name if len(runs) == 1 else " vs ".join(r.name for r in runs)
     lines = [f"# Run report: {title}", ""]
-    for run in runs:
+    for i, run in enumerate(runs):
         lines += [f"## {run.name}" if len(runs) > 1 else "## Summary", "", f"`{run.path}`", "",
                   "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary_rows(run)]
         lines.append("")
         if run.notes:
             lines += ["Missing: " + "; ".join(run.notes) + ".", ""]
+        stall = (run.summary or {}).get("stall_by_cause")
+        if stall:  # where the training thread's time went, and what the background took off it
+            name = plot_stalls(stall, out / (f"stalls-{i}.png" if len(runs) > 1 else "stalls.png"))
+            lines += ["### Where the time went", "", stalls.describe(stall), "", f"![stalls]({name})", ""]
     plots = [("Loss and learning rate", plot_loss(runs, out)), ("Validation", plot_val(runs, out)),
              ("Throughput", plot_throughput(runs, out))]
     if len(runs) == 1:

@@ -43,7 +43,8 @@ class LossMeter:
         return row
 
     def state_dict(self) -> dict:
-        return {"loss_sum": self.sum.cpu(), "loss_count": self.count}
+        """The sum stays where it is (a checkpoint's snapshot copies it without a host sync)."""
+        return {"loss_sum": self.sum.detach(), "loss_count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.sum, self.count = state["loss_sum"].to(self.device), state["loss_count"]

@@ -39,6 +39,7 @@ from launcher.step import LossMeter, StepParts, forward_backward, optimizer_step
 from launcher.summary import whole_run
 from launcher.telemetry import Telemetry
 from launcher.telemetry.logs import FILE_ONLY
+from launcher.telemetry.stalls import Stalls
 from launcher.validation.evaluation import best_by_weights
 from launcher.validation.trainer_side import for_training
 
@@ -91,17 +92,20 @@ class Trainer:
         self.tel.event("autobatch", **choice.event)
 
         self.state, self.meter = TrainState(), LossMeter(device)
-        self.validation = for_training(cfg, env, self.rundir, self.job, self.val_set, self.model, self.parts.ema,
-                                       batch.micro, self.tel, self.sharded)
-        self.parts.fence = self.validation.fence  # the EMA waits for the hand-off's copy out of it
-        self.guard = Guard(cfg.run, self.dist, self.tel, early_stop=self.validation.stop_requested)
-        self.recovery = Recovery(cfg.autobatch, env, self.dist, self.rundir, self.net, self.tel, batch,
-                                 Headroom(device, choice.headroom, env.train_rank, self.faults.low_memory),
-                                 self.guard)
+        self.stalls = Stalls()  # where the training thread waited, by cause (summary.json's stall_by_cause)
         self.ckpt = Checkpointer(cfg.checkpoint, env, self.dist, self.rundir, self.tel, self.state,
                                  parts={"model": self.model, "optimizer": opt, "scheduler": self.parts.sched,
                                         "scaler": self.parts.scaler, "ema": self.parts.ema},
-                                 per_rank={"meter": self.meter}, sharded=self.sharded)
+                                 per_rank={"meter": self.meter}, sharded=self.sharded, stalls=self.stalls,
+                                 write_delay_s=cfg.debug.checkpoint_write_delay_s)
+        self.validation = for_training(cfg, env, self.rundir, self.job, self.val_set, self.model, self.parts.ema,
+                                       batch.micro, self.tel, self.sharded, self.ckpt)  # shares its snapshots
+        self.parts.fence = self.validation.fence  # the EMA waits for the hand-off's copy out of it
+        self.guard = Guard(cfg.run, self.dist, self.tel, early_stop=self.validation.stop_requested,
+                           save_failed=self.ckpt.failed, stalls=self.stalls)  # a failed background save stops all
+        self.recovery = Recovery(cfg.autobatch, env, self.dist, self.rundir, self.net, self.tel, batch,
+                                 Headroom(device, choice.headroom, env.train_rank, self.faults.low_memory),
+                                 self.guard)
         settings = Settings.of(opt, self.parts.sched)  # the config's: a restore brings back the previous launch's
         resumed = self.ckpt.restore() if cfg.run.resume != "never" else None
         if resumed is not None:
@@ -148,7 +152,14 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        """The loop. Returns the summary (rank 0's is complete; other ranks' is the loop's part)."""
+        """The loop. Returns the summary (rank 0's is complete; other ranks' is the loop's part). However
+        training ends (the end, a stop, exit 75, an error), the save in flight finishes first (bounded)."""
+        try:
+            return self._loop()
+        finally:
+            self.ckpt.close()
+
+    def _loop(self) -> dict:
         cfg, state = self.cfg, self.state
         batch, env = self.recovery.batch, self.env
         log.info("training %d steps on %s: micro-batch %d x accum %d = batch %d, %s on %s", self.total,
@@ -172,24 +183,26 @@ class Trainer:
 
                 last = state.step == self.total
                 if self.tel.should_log(state.step, last):
-                    self.tel.metrics({"step": state.step, "epoch": state.epoch,
-                                      **self.meter.take(self.dist, self.env.train_world),
-                                      "lr": self.parts.sched.get_last_lr()[0], "time": time.time(),
-                                      **self.parts.ema.stats()})
-                    self.validation.poll()  # new validation results, skipped snapshots, a dead validator
+                    with self.stalls.measure("logging"):
+                        self.tel.metrics({"step": state.step, "epoch": state.epoch,
+                                          **self.meter.take(self.dist, self.env.train_world),
+                                          "lr": self.parts.sched.get_last_lr()[0], "time": time.time(),
+                                          **self.parts.ema.stats()})
+                        self.validation.poll()  # new validation results, skipped snapshots, a dead validator
                 end_of_epoch = state.batch_in_epoch == self.steps_per_epoch
                 validating = self.validation.due(state.step, state.epoch, end_of_epoch, last)  # every rank
-                if validating:
-                    self.validation.submit(state.step, state.epoch)
+                if validating:  # a hand-off shares the checkpoint's snapshot of this step
+                    with self.stalls.measure(self.validation.stall):
+                        self.validation.submit(state.step, state.epoch)
                 if end_of_epoch:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 # A stop signal or the validator's early stop: every training rank stops at this same step.
                 stop, early = self.guard.step_end(again=validating)
                 if early:
                     log.info("early stop at step %d", state.step)
-                self.ckpt.step_end(state.step, force=last or early or bool(stop) or validating,
-                                   protect=self.validation.protected_steps)
-                self.faults.step_end(state.step, self.tel, self.dist)
+                self.ckpt.step_end(state.step, force=validating, protect=self.validation.protected_steps,
+                                   final=last or early or bool(stop))  # in the background; a final one is waited for
+                self.faults.step_end(state.step, self.tel, self.dist, settle=self.ckpt.wait)
                 if last or early or stop:
                     break
         if stop and state.step < self.total:  # preempted: checkpointed, not finished; exit 128 + signal
@@ -226,7 +239,8 @@ class Trainer:
         batch = self.recovery.batch
         summary = {"steps": state.step, "epochs": state.epoch, "stopped_early": early, "micro_batch": batch.micro,
                    "accum": batch.accum, "global_batch": batch.global_size,
-                   "wall_time_s": round(state.wall_time_s, 2)}
+                   "wall_time_s": round(state.wall_time_s, 2),
+                   "stall_by_cause": self.stalls.summary(time.time() - state.started)}  # this launch's waits
         final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers
         summary.update(self.validation.finish(state.step, state.epoch))  # drains: the final weights validated
         self.ckpt.prune(self.validation.protected_steps())  # retention again: the true best, the unvalidated

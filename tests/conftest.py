@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -66,6 +67,32 @@ def launch(args: List[str], nproc: int = 0, cwd: Optional[Path] = None, env: Opt
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
+    """Poll `ready()` until it holds; fail with the output if `proc` exits first or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {what}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no {what} within {timeout}s")
+
+
+def children(pid: int) -> list:
+    """Processes whose parent is pid (the workers of a torchrun agent)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
 
 
 def read_jsonl(path: Path) -> list:

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, FAST, assert_same_final_weights, child_env, command, free_port, launch, read_jsonl
+from tests.conftest import ROOT, FAST, assert_same_final_weights, child_env, children, command, free_port, launch, \
+    read_jsonl, wait_until
 
 SLOW = ["debug.step_delay_s=0.04"]
 
@@ -40,28 +41,7 @@ def start(args, nproc=0, torchrun_args=None, log=None) -> subprocess.Popen:
 
 
 def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(r["step"] >= step for r in read_jsonl(run / "metrics.jsonl")):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited {proc.returncode} before step {step}:\n{proc.stdout.read()[-4000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"no step {step} within {timeout}s")
-
-
-def children(pid: int) -> list:
-    """Processes whose parent is pid (the workers of a torchrun agent)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+    wait_until(proc, lambda: any(r["step"] >= step for r in read_jsonl(run / "metrics.jsonl")), f"step {step}", timeout)
 
 
 def test_sigterm_to_torchrun_agent_stops_all_ranks_then_relaunch_is_exact(reference, run_dir):

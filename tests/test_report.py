@@ -30,13 +30,17 @@ def test_report_of_a_finished_run(finished):
     proc = launch(["report", str(finished)])
     out = finished / "report"
     images = pngs(out)
-    assert set(images) == {"loss_lr.png", "validation.png", "throughput.png"}
+    assert set(images) == {"loss_lr.png", "validation.png", "throughput.png", "stalls.png"}
     assert all(data.startswith(PNG) and len(data) > 5000 for data in images.values())
     md = (out / "report.md").read_text()
     for name in images:
         assert f"]({name})" in md
     summary = json.loads((finished / "summary.json").read_text())
     assert f"| best_step | {summary['best_step']} |" in md and "| status | finished |" in md
+    stall = summary["stall_by_cause"]  # where the training thread's time went: a sentence and one chart
+    assert {"checkpoint", "handoff", "agreement", "logging"} <= set(stall["causes"]) and stall["wall_s"] > 0
+    assert f"The training thread was blocked {stall['stalled_s']:.2f} s of {stall['wall_s']:.2f} s" in md
+    assert "Done off the training thread: checkpoint" in md and "stall_by_cause" not in md
     assert "_no data in this run_" in md  # GPU and autobatch: not on this CPU run
     assert f"report: {out / 'report.md'}" in proc.stdout
 

@@ -15,7 +15,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -37,28 +37,72 @@ def path_for(directory: Path, step: int) -> Path:
     return sharded if sharded.is_dir() else _pt(directory, step)
 
 
-def save(directory: Path, step: int, state: dict, keep_last: int, protect: Iterable[int] = ()) -> Path:
+def save(directory: Path, step: int, state: dict, keep_last: int, protect: Iterable[int] = (),
+         before_commit: Callable[[], None] = lambda: None) -> Path:
+    """Write `state` as the .pt checkpoint of `step` (streamed to the file and hashed on the way: no
+    in-memory copy of it), then its manifest, then retention. SaveError if it cannot be written; the
+    earlier checkpoints are then untouched. The checkpointer calls it from its background thread.
+    `before_commit` runs once the data is durable, before the file gets its name."""
     directory = Path(directory)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getbuffer()
     path = _pt(directory, step)
+    out: list = []
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: f.write(data))
-        write_json(path.with_suffix(".json"), {"step": step, "sha256": hashlib.sha256(data).hexdigest(),
-                                               "bytes": len(data)})
+        for stale in directory.glob(".step-*.tmp"):  # left by a process killed while writing
+            stale.unlink(missing_ok=True)
+        atomic_write(path, lambda f: out.append(torch_save(state, f)), before_replace=before_commit)
+        (sha256, size), = out
+        write_json(path.with_suffix(".json"), {"step": step, "sha256": sha256, "bytes": size})
     except OSError as e:
         if path.exists() and not path.with_suffix(".json").exists():
             try:  # written but not confirmed: a half-made checkpoint must not look like the newest one
                 path.unlink()
             except OSError:
                 pass
-        raise SaveError(f"could not save checkpoint {path} ({len(data) / 2**20:.1f} MiB): "
+        raise SaveError(f"could not save checkpoint {path} ({tensor_bytes(state) / 2**20:.1f} MiB): "
                         f"{e.strerror or e}; {_intact(directory, step)}") from e
     shutil.rmtree(dcp.dir_for(directory, step), ignore_errors=True)  # one checkpoint per step
     prune(directory, keep_last, protect)
     return path
+
+
+class _Hashing:
+    """A write-only file that hashes what passes through it (sha256 releases the GIL on large buffers)."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.bytes += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj: Any, f) -> Tuple[str, int]:
+    """torch.save into the open binary file `f`; returns (sha256, bytes). The zip records' crc32 is
+    not computed (the sha256 covers the file): it cost as much as the write itself."""
+    out = _Hashing(f)
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(obj, out)
+    finally:
+        torch.serialization.set_crc32_options(crc)
+    return out.digest.hexdigest(), out.bytes
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a nested state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _intact(directory: Path, step: int) -> str:
@@ -68,10 +112,10 @@ def _intact(directory: Path, step: int) -> str:
 
 
 def save_sharded(directory: Path, step: int, state: dict, own: dict, info: dict, dist, rank: int,
-                 keep_last: int, protect: Iterable[int] = ()) -> Path:
+                 keep_last: int, protect: Iterable[int] = (), before_commit: Callable[[], None] = lambda: None) -> Path:
     """save() for a sharded state: every training rank calls it (dcp.save); SaveError on all."""
     try:
-        path = dcp.save(directory, step, state, own, info, dist, rank)
+        path = dcp.save(directory, step, state, own, info, dist, rank, before_commit)
     except OSError as e:
         raise SaveError(f"could not save checkpoint {dcp.dir_for(directory, step)}: "
                         f"{e.strerror or e}; {_intact(directory, step)}") from e

@@ -13,7 +13,8 @@ from launcher.errors import ConfigError
 
 POSITIVE = ("train.log_every", "ema.every", "data.prefetch", "ddp.bucket_cap_mb", "checkpoint.keep_last", "optim.lr",
             "validation.queue", "early_stop.window", "autobatch.max", "autobatch.max_probes", "dist.timeout_s")
-NON_NEGATIVE = ("validation.drain_timeout_s", "train.epochs", "train.max_steps", "train.grad_clip", "train.threads",
+NON_NEGATIVE = ("validation.drain_timeout_s", "checkpoint.drain_timeout_s", "debug.checkpoint_write_delay_s",
+                "train.epochs", "train.max_steps", "train.grad_clip", "train.threads",
                 "sched.warmup_steps", "sched.warmup_epochs", "checkpoint.every_steps", "validation.every_steps",
                 "validation.every_epochs", "early_stop.patience", "debug.val_delay_s", "debug.step_delay_s",
                 "autobatch.max_retries", "data.workers")

@@ -169,6 +169,7 @@ class EarlyStopConfig:
 class CheckpointConfig:
     every_steps: int = 200  # and at every validation step and the end; 0 = only those
     keep_last: int = 3  # checkpoints kept (plus the best and those not validated yet)
+    drain_timeout_s: float = 300.0  # the end, a stop or a restart waits this long for the save in flight
 
 
 @dataclass
@@ -203,9 +204,10 @@ class DebugConfig:
     nan_loss_at_step: Optional[int] = None  # the loss of this step (from 1) is NaN on training rank nan_loss_rank
     nan_loss_rank: int = -1  # the training rank that gets debug.nan_loss_at_step's NaN (-1: the last)
     handoff_oom_at_step: Optional[int] = None  # the hand-off of this step raises an OOM (skipped, recorded)
-    fail_at_step: Optional[int] = None  # os._exit at this step, once per run
+    fail_at_step: Optional[int] = None  # os._exit at this step (its checkpoints written first), once per run
     step_delay_s: float = 0.0  # sleep after each step: a short run stays alive long enough to signal it
     val_delay_s: float = 0.0  # sleep this long in every validation, to test asynchrony
+    checkpoint_write_delay_s: float = 0.0  # a background checkpoint waits this long written but not visible (kill it then)
     fail_at_start: Optional[int] = None  # SIGKILL this global rank before it joins the group, first attempt only
 
 

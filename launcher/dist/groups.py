@@ -4,6 +4,11 @@ Every rank joins the default group (needed to agree on the run directory), then
 all ranks create the training group in the same order. Training collectives use
 the training group only, so the validator rank never takes part in one. With one
 process there is no group and every collective is the identity.
+
+`Dist.background` is a second gloo group over the same training ranks, for the checkpoint
+writer's threads: their collectives (DCP's plan, gathering the ranks' own parts) run beside
+the training loop's, and two threads must never share a group (each rank would issue the two
+streams of collectives in its own order).
 """
 from __future__ import annotations
 
@@ -26,34 +31,15 @@ log = logging.getLogger(__name__)
 LEAVE_AFTER_ERROR_S = 1.0  # a rank leaving on an error lets a peer that failed first be seen first (Dist.abandon)
 
 
-class Dist:
-    def __init__(self, env: Env, timeout_s: float = 1800.0):
-        """`timeout_s` (dist.timeout_s): how long joining the group or any collective may wait."""
-        self.env = env
-        self.group: Optional[dist.ProcessGroup] = None
-        if env.world_size > 1 and not dist.is_initialized():
-            backend = "cpu:gloo,cuda:nccl" if env.device.type == "cuda" else "gloo"
-            if env.device.type == "cuda":
-                torch.cuda.set_device(env.device)
-            timeout = datetime.timedelta(seconds=timeout_s)
-            dist.init_process_group(backend, store=attempt_store(env, timeout), rank=env.rank,
-                                    world_size=env.world_size, timeout=timeout)
-        if env.world_size > 1:
-            # All ranks, the validator included, must create groups in the same order.
-            group = dist.new_group(env.train_ranks) if env.validator_rank is not None else dist.group.WORLD
-            self.group = None if env.is_validator else group
+class Group:
+    """Collectives over the training ranks (`group`); the identity with one training rank."""
+
+    def __init__(self, env: Env, group: Optional[dist.ProcessGroup] = None):
+        self.env, self.group = env, group
 
     @property
     def distributed_training(self) -> bool:
         return self.group is not None and self.env.train_world > 1
-
-    def broadcast_object(self, obj: Any) -> Any:
-        """From global rank 0 to every rank (validator included); used once at start."""
-        if self.env.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def broadcast_train(self, obj: Any) -> Any:
         """From training rank 0 to every training rank."""
@@ -83,6 +69,35 @@ class Dist:
     def barrier(self) -> None:
         if self.distributed_training:
             dist.barrier(group=self.group)
+
+
+class Dist(Group):
+    def __init__(self, env: Env, timeout_s: float = 1800.0):
+        """`timeout_s` (dist.timeout_s): how long joining the group or any collective may wait."""
+        super().__init__(env)
+        self.background = Group(env)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if env.world_size > 1 and not dist.is_initialized():
+            backend = "cpu:gloo,cuda:nccl" if env.device.type == "cuda" else "gloo"
+            if env.device.type == "cuda":
+                torch.cuda.set_device(env.device)
+            dist.init_process_group(backend, store=attempt_store(env, timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
+        if env.world_size > 1:
+            # All ranks, the validator included, must create groups in the same order.
+            group = dist.new_group(env.train_ranks) if env.validator_rank is not None else dist.group.WORLD
+            background = dist.new_group(env.train_ranks, backend="gloo", timeout=timeout) \
+                if env.train_world > 1 else None
+            if not env.is_validator:
+                self.group, self.background.group = group, background
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """From global rank 0 to every rank (validator included); used once at start."""
+        if self.env.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self, finished: bool = False, leaving_on: Optional[BaseException] = None) -> None:
         """`finished`: every rank got here normally, so all first meet (a CPU tensor: gloo even on

@@ -7,6 +7,8 @@ either every rank stops at this step or none does; a rank that stopped alone wou
 leave the others waiting in DDP's next all-reduce until the timeout. With OOM
 recovery on, the flag rides in the step's OOM agreement (oom.py), so a step makes one
 host-side collective, not two; a signal that comes after it is seen one step later.
+The same agreement carries a third flag: a checkpoint that failed in the background on some
+rank (disk full, read-only directory). Every rank then raises SaveError at that same step.
 The loop then writes one checkpoint, flushes, and the process exits with
 `128 + signal number` (SIGTERM 143, SIGINT 130, SIGUSR1 138): the status a shell
 reports for death by that signal, so schedulers and scripts keep treating the run as
@@ -28,6 +30,7 @@ import torch
 
 from launcher.config.checks import parse_signals
 from launcher.config.schema import RunConfig
+from launcher.errors import SaveError
 
 log = logging.getLogger(__name__)
 class StopFlag:
@@ -62,22 +65,34 @@ class Stop:
 
 
 class Guard:
-    """The step-boundary agreement of the training loop: a stop signal and the validator's early stop.
+    """The step-boundary agreement of the training loop: a stop signal, the validator's early stop and
+    a failed background checkpoint.
 
-    `local()` is this rank's [signal, early stop]; a step's OOM agreement carries it (`carried()`),
-    else `step_end()` all-reduces it itself."""
+    `local()` is this rank's [signal, early stop, save failed]; a step's OOM agreement carries it
+    (`carried()`), else `step_end()` all-reduces it itself. `save_failed()` returns why this rank's
+    background save failed (None while none did). The agreement's time goes to `stalls` (`agreement`):
+    it is mostly waiting for the slowest rank."""
 
-    def __init__(self, cfg: RunConfig, dist, tel, early_stop: Callable[[], bool] = lambda: False):
-        self.dist, self.tel, self.early_stop = dist, tel, early_stop
+    def __init__(self, cfg: RunConfig, dist, tel, early_stop: Callable[[], bool] = lambda: False,
+                 save_failed: Callable[[], Optional[str]] = lambda: None, stalls=None):
+        self.dist, self.tel, self.early_stop, self.save_failed = dist, tel, early_stop, save_failed
+        self.stalls = stalls
         self.flag = StopFlag(cfg.stop_signals)
         self._carried: Optional[List[int]] = None
+        self._asked = 0.0
 
     def local(self) -> List[int]:
-        return [self.flag.signum, int(self.early_stop())]
+        self._asked = time.perf_counter()
+        return [self.flag.signum, int(self.early_stop()), int(self.save_failed() is not None)]
 
     def carried(self, agreed: List[int]) -> None:
         """The MAX over the training ranks of `local()`, agreed in this step's OOM agreement."""
+        self._agreed()
         self._carried = agreed
+
+    def _agreed(self) -> None:
+        if self.stalls is not None:
+            self.stalls.add("agreement", time.perf_counter() - self._asked)
 
     def log_restart(self, restart_count: int, step: int) -> None:
         """A `restart` event when torchrun restarted the group. The count is the max over the training
@@ -90,11 +105,16 @@ class Guard:
         """Call on every training rank after every optimizer step; all get the same answer, for a stop
         signal and for the validator's early-stop request: carried by the step's OOM agreement, or one
         all-reduce here. `again` (the same on every rank): the answer may have changed since the
-        agreement (an inline validation ran), so agree afresh."""
+        agreement (an inline validation ran), so agree afresh. Raises SaveError on every rank when a
+        background checkpoint failed on any."""
         agreed, self._carried = self._carried, None
         if agreed is None or again:
             agreed = self.dist.all_reduce(torch.tensor(self.local(), dtype=torch.int32), "max").tolist()
-        signum, early = agreed
+            self._agreed()
+        signum, early, failed = agreed
+        if failed:
+            raise SaveError(self.save_failed() or "another training rank could not write its checkpoint (see its "
+                            "log); the previous checkpoints are intact")
         return Stop(int(signum)), bool(early)
 
     def exit(self, stop: Stop, step: int) -> None:

@@ -1,10 +1,11 @@
 """The hand-off queue between trainer and validator: plain files in <run>/handoff/.
 
-Trainer side, `Writer` (training rank 0): `prepare()`, at setup, allocates the pinned
-buffers of both slots; `put()` copies weights straight into pinned
-host buffers on a side stream (no device staging copy: nothing on the GPU beyond what
-the probe measured) without synchronizing the training stream and returns; `fence()`
-makes the training stream wait for that copy before the EMA moves on (a GPU-side wait).
+Trainer side, `Writer` (training rank 0): `put()` normally gets the checkpoint's snapshot of the
+step (every validation step checkpoints; checkpoint/staging.py) and writes from its pinned host
+buffers, no second copy, leasing them until written. Otherwise it copies into one of two slots of
+its own (`prepare()` allocates them ahead) on a side stream (no device staging copy) without
+synchronizing the training stream; `fence()` makes the training stream wait for that copy before
+the EMA moves on (a GPU-side wait).
 An out-of-memory error inside `put()` skips that snapshot (val/skipped.jsonl, reason
 `oom`) and training goes on; a background
 thread writes `<step>.safetensors` straight from the pinned buffers (no bytes copies,
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from safetensors.torch import load as st_load
@@ -37,6 +38,7 @@ from safetensors.torch import load as st_load
 from launcher.validation import handoff_shards
 from launcher.files import Corrupt, atomic_write, read_json, verify, write_json, write_safetensors
 from launcher.batch.recovery import is_oom
+from launcher.checkpoint import staging
 from launcher.rundir import SNAPSHOT_MANIFEST, Manifest, RunDir, snapshot_name
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,9 @@ def drop(directory: Path, step: int, reason: str = "stale") -> bool:
 class _Slot:
     """One set of pinned host buffers; the writer thread owns it until it is written."""
     host: Dict[str, torch.Tensor] = field(default_factory=dict)
-    ready: Optional[object] = None  # CUDA event: the device-to-host copy finished
+    ready: Optional[object] = None  # CUDA event (or a Snapshot): the device-to-host copy finished
     layouts: dict = field(default_factory=dict)  # fsdp: where each sharded tensor's piece sits
+    release: Optional[Callable[[], None]] = None  # a checkpoint's snapshot: give its buffers back once written
 
 
 class Writer:
@@ -108,7 +111,8 @@ class Writer:
     shards as one piece of the snapshot; the rank that completes a snapshot drops the stale ones."""
 
     def __init__(self, run_dir, policy: str, keep: int, device: torch.device, fault=None, rank: int = 0,
-                 world: Optional[int] = None):
+                 world: Optional[int] = None, on_written: Optional[Callable[[int, float, float], None]] = None):
+        """`on_written(step, blocked_s, write_s)`: called by the writer thread once a snapshot is on disk."""
         self.rundir = RunDir.of(run_dir)
         self.dir = self.rundir.handoff
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,7 @@ class Writer:
         self.side = torch.cuda.Stream(device) if self.cuda else None
         self.pending = None  # CUDA event: the last copy out of the live weights finished (see fence())
         self.fault = fault  # debug.handoff_oom_at_step (faults.py)
+        self.on_written = on_written
         self.free: "queue.Queue[_Slot]" = queue.Queue()
         self.slots = [_Slot(), _Slot()]
         for slot in self.slots:
@@ -159,43 +164,55 @@ class Writer:
                 t.zero_()  # touch the pages now: first-touch page faults cost ~1 ms per 3 MB in put()
 
     @torch.no_grad()
-    def put(self, step: int, epoch: int, states: Dict[str, Dict[str, torch.Tensor]]) -> Optional[float]:
-        """Snapshot `states` ({kind: state_dict}); returns the seconds the caller was blocked, None if dropped."""
+    def put(self, step: int, epoch: int, states: Dict[str, Dict[str, torch.Tensor]],
+            shared: Optional[staging.Snapshot] = None) -> Optional[float]:
+        """Snapshot `states` ({kind: state_dict}); returns the seconds the caller was blocked, None if dropped.
+        `shared`: the checkpoint's snapshot of this step, whose host tensors `states` are (written as is)."""
         t0 = time.perf_counter()
+        slot = _Slot(ready=shared, release=shared.lease()) if shared is not None else self._free_slot(step)
+        if slot is None:
+            return None
         try:
-            slot = self.free.get_nowait()
-        except queue.Empty:  # both slots still being written: the disk is slower than the interval
-            if self.policy == "latest":
-                self.rundir.skip(step, "busy", "the previous snapshots were still being written"
-                                 + (f" (rank {self.rank})" if self.world else ""))
-                log.warning("hand-off of step %d skipped: the writer is still busy", step)
-                return None
-            slot = self.free.get()  # policy=all: every snapshot must reach the validator
-        try:
-            self._copy(step, states, slot)
+            if self.fault is not None:
+                self.fault(step)
+            if shared is None:
+                self._copy(states, slot)
+            else:
+                slot.host, slot.layouts = self._flat(states)
         except Exception as e:  # noqa: BLE001 - an OOM skips this snapshot; anything else is a bug
+            self._give_back(slot, emptied=is_oom(e))
             if not is_oom(e):
-                self.free.put(slot)
                 raise
-            slot.host, slot.ready = {}, None
-            self.free.put(slot)
             detail = str(e).splitlines()[0][:200]
             self.rundir.skip(step, "oom", detail)
             log.warning("hand-off of step %d skipped, out of memory: %s", step, detail)
             return None
-        self.jobs.put((step, epoch, sorted(states), slot))
-        self.submitted.append(step)
         blocked = time.perf_counter() - t0
+        self.jobs.put((step, epoch, sorted(states), slot, blocked))
+        self.submitted.append(step)
         self.blocked_s.append(blocked)
         return blocked
 
-    def _copy(self, step: int, states: Dict[str, Dict[str, torch.Tensor]], slot: _Slot) -> None:
+    def _free_slot(self, step: int) -> Optional[_Slot]:
+        """A slot of its own; None (skipped) when both are still being written under policy=latest."""
+        if not self.free.empty() or self.policy == "all":  # policy=all: every snapshot must reach the validator
+            return self.free.get()
+        self.rundir.skip(step, "busy", "the previous snapshots were still being written"
+                         + (f" (rank {self.rank})" if self.world else ""))
+        log.warning("hand-off of step %d skipped: the writer is still busy", step)
+        return None
+
+    def _give_back(self, slot: _Slot, emptied: bool = False) -> None:
+        """Done with a slot (`emptied`: an OOM; its buffers are allocated again when next used)."""
+        if emptied:
+            slot.host, slot.ready = {}, None
+        slot.release() if slot.release is not None else self.free.put(slot)
+
+    def _copy(self, states: Dict[str, Dict[str, torch.Tensor]], slot: _Slot) -> None:
         flat, slot.layouts = self._flat(states)
         if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
                                                   for k, v in flat.items()):
             self._allocate(slot, flat)  # not prepared for these states (or an OOM emptied the slot)
-        if self.fault is not None:
-            self.fault(step)
         src, dst = list(flat.values()), list(slot.host.values())
         if not self.cuda:
             torch._foreach_copy_(dst, src)  # CPU training: a memcpy is the whole cost
@@ -220,7 +237,8 @@ class Writer:
 
     def _write_loop(self) -> None:
         while (job := self.jobs.get()) is not None:
-            step, epoch, kinds, slot = job
+            step, epoch, kinds, slot, blocked = job
+            t0 = time.perf_counter()
             try:
                 if slot.ready is not None:
                     slot.ready.synchronize()
@@ -229,11 +247,14 @@ class Writer:
                 if self.policy == "latest" and published:  # drop() is a rename: of two droppers one wins
                     for old in pending(self.dir)[:-self.keep]:
                         drop(self.dir, old, "stale")
+                if self.on_written is not None:
+                    self.on_written(step, blocked, time.perf_counter() - t0)
             except Exception:  # a full disk must not kill training; the step shows up as unvalidated
                 log.exception("hand-off of step %d failed", step)
                 self.rundir.skip(step, "write_failed")
             finally:
-                self.free.put(slot)
+                self._give_back(slot)
+                self.jobs.task_done()
 
     def _write(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
         meta, out = {"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)}, []
@@ -246,16 +267,8 @@ class Writer:
     def _write_piece(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
         """This rank's piece; the last rank to finish publishes the manifest (no collective) and, like
         the single writer, drops what is stale. True when this rank published the snapshot."""
-        last = handoff_shards.write_piece(self.dir, step, epoch, kinds, slot.host, slot.layouts, self.rank, self.world)
-        if last is None:
-            return False
-        tickets = last.pop("tickets")
-        base = Manifest(step, epoch, kinds, last.pop("file"), last.pop("sha256"), last.pop("bytes"), time.time())
-        write_json(manifest_path(self.dir, step), {**vars(base), **last})
-        for ticket in tickets:
-            ticket.unlink(missing_ok=True)
-        handoff_shards.sweep(self.dir, below=step)  # every rank is past the older steps: incomplete ones stay so
-        return True
+        return handoff_shards.write_and_publish(self.dir, step, epoch, kinds, slot.host, slot.layouts, self.rank,
+                                                self.world)
 
     def flush(self) -> None:
         """Wait until every snapshot is on disk (used once, after training)."""

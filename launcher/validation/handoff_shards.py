@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -30,7 +31,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from launcher.files import atomic_write, fsync_dir, read_json, verify, write_json, write_safetensors
-from launcher.rundir import SNAPSHOT_PIECE, piece_name, step_stem, ticket_name
+from launcher.rundir import SNAPSHOT_PIECE, Manifest, piece_name, snapshot_name, step_stem, ticket_name
 from launcher.dist.shards import Layout, assemble, is_sharded, local_and_layout
 
 
@@ -98,6 +99,22 @@ def write_piece(directory: Path, step: int, epoch: int, kinds: List[str], host: 
     digest = hashlib.sha256("".join(p["sha256"] for p in pieces).encode()).hexdigest()
     return {"file": piece_name(step, "*", world), "sha256": digest,
             "bytes": sum(p["bytes"] for p in pieces), "world": world, "pieces": pieces, "tickets": tickets}
+
+
+def write_and_publish(directory: Path, step: int, epoch: int, kinds: List[str], host: Dict[str, torch.Tensor],
+                      layouts: Dict[str, Layout], rank: int, world: int) -> bool:
+    """write_piece(), then, on the rank that completed the snapshot, its manifest `<step>.json`; the
+    tickets go, and so do the older incomplete steps. True when this rank published it."""
+    last = write_piece(directory, step, epoch, kinds, host, layouts, rank, world)
+    if last is None:
+        return False
+    tickets = last.pop("tickets")
+    base = Manifest(step, epoch, kinds, last.pop("file"), last.pop("sha256"), last.pop("bytes"), time.time())
+    write_json(Path(directory) / snapshot_name(step, "json"), {**vars(base), **last})
+    for ticket in tickets:
+        ticket.unlink(missing_ok=True)
+    sweep(directory, below=step)  # every rank is past the older steps: incomplete ones stay so
+    return True
 
 
 def _layouts(data: bytes) -> Dict[str, Layout]:

@@ -47,6 +47,7 @@ class NoValidation:
     """Nothing to validate here (validation.mode=off, or a training rank that hands nothing off); `due`
     still answers, so that every training rank checkpoints at the validation steps (the best step always
     has a full checkpoint for retention to keep)."""
+    stall = "handoff"  # what the training thread's time in submit() is, for telemetry.stalls
 
     def __init__(self, cadence: Cadence = Cadence()):
         self.cadence = cadence
@@ -89,6 +90,7 @@ class _Validation(NoValidation):
 
 class InlineValidation(_Validation):
     """The classic, blocking way (kept as a baseline): evaluate inside the training loop."""
+    stall = "inline_validation"
 
     def __init__(self, cfg, rundir: RunDir, job, val_set, model, ema, micro: int, device, tel):
         super().__init__(cfg, rundir, tel)
@@ -123,23 +125,35 @@ class InlineValidation(_Validation):
 
 
 class _Handoff(_Validation):
-    """A hand-off Writer: the whole state (ddp, rank 0) or this rank's shards (fsdp: `world` training ranks)."""
+    """A hand-off Writer: the whole state (ddp, rank 0) or this rank's shards (fsdp: `world` training ranks).
+    With the Checkpointer (`ckpt`), a hand-off sends the weights of the checkpoint's snapshot of the same
+    step (every validation step checkpoints): one copy for both."""
 
-    def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, rank: int = 0, world: Optional[int] = None):
+    def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, rank: int = 0, world: Optional[int] = None,
+                 ckpt=None):
         super().__init__(cfg, rundir, tel)
-        self.model, self.ema = model, ema
+        self.model, self.ema, self.ckpt = model, ema, ckpt
         self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
-                                     fault=handoff_fault(cfg.debug), rank=rank, world=world)
-        self.writer.prepare(self._states())  # pinned buffers now, at setup, not on the training thread
+                                     fault=handoff_fault(cfg.debug), rank=rank, world=world,
+                                     on_written=self._written)
+        if ckpt is None:  # pinned buffers now, at setup, not on the training thread (else: the checkpoint's)
+            self.writer.prepare(self._states())
 
     def _states(self) -> dict:
         return {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
 
     def submit(self, step: int, epoch: int) -> None:
-        """The training thread's stall per validation is put()'s duration: event `handoff`, blocked_ms."""
-        blocked = self.writer.put(step, epoch, self._states())
-        if blocked is not None:
-            self.tel.event("handoff", step=step, blocked_ms=round(blocked * 1e3, 3))
+        """The training thread's stall per validation is put()'s duration (and the snapshot's, counted as the
+        checkpoint's): event `handoff` with blocked_ms, and write_s once written (the writer thread)."""
+        shared = self.ckpt.shared(kinds(self.cfg)) if self.ckpt is not None else None
+        states, snapshot = shared if shared is not None else (self._states(), None)
+        self.writer.put(step, epoch, states, shared=snapshot)
+
+    def _written(self, step: int, blocked_s: float, write_s: float) -> None:
+        """The writer thread, a snapshot on disk (a file append: safe from that thread)."""
+        self.tel.event("handoff", step=step, blocked_ms=round(blocked_s * 1e3, 3), write_s=round(write_s, 3))
+        if self.ckpt is not None:
+            self.ckpt.stalls.background("handoff", write_s)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -169,8 +183,8 @@ class AsyncValidation(_Handoff):
     """Hand snapshots to a validator elsewhere; read its results without blocking; drain at the end."""
 
     def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, child: Optional[subprocess.Popen],
-                 world: Optional[int] = None):
-        super().__init__(cfg, rundir, model, ema, device, tel, rank=0, world=world)
+                 world: Optional[int] = None, ckpt=None):
+        super().__init__(cfg, rundir, model, ema, device, tel, rank=0, world=world, ckpt=ckpt)
         self.child = child
         self.results = JsonlTail(rundir.results, from_end=True)
         self.skips = JsonlTail(rundir.skipped, from_end=True)
@@ -263,9 +277,10 @@ def cadence(cfg) -> Cadence:
 
 
 def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int, tel,
-                 sharded: bool = False) -> NoValidation:
+                 sharded: bool = False, ckpt=None) -> NoValidation:
     """This training rank's validation: rank 0's, and with a `sharded` model (fsdp) and an asynchronous
-    mode every rank's hand-off of its own shards."""
+    mode every rank's hand-off of its own shards. `ckpt` (the Checkpointer): hand-offs share its
+    snapshot of the step."""
     mode = validation_mode(cfg.validation.mode, env.world_size)
     if mode == "inline" and cfg.train.strategy == "fsdp" and env.train_world >= 2:  # checks.py says so first
         raise ConfigError("validation.mode=inline is not supported with train.strategy=fsdp on 2+ processes "
@@ -276,7 +291,7 @@ def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int,
         return InlineValidation(cfg, rundir, job, val_set, model, ema, micro, env.device, tel)
     world = env.train_world if sharded else None
     if not env.is_main:
-        return ShardHandoff(cfg, rundir, model, ema, env.device, tel, rank=env.train_rank, world=world)
+        return ShardHandoff(cfg, rundir, model, ema, env.device, tel, rank=env.train_rank, world=world, ckpt=ckpt)
     child = spawn(rundir, child_device(env), shares_gpu_with_validator(env, mode, torch.cuda.device_count())) \
         if mode == "process" else None  # rank/external: started elsewhere
-    return AsyncValidation(cfg, rundir, model, ema, env.device, tel, child, world=world)
+    return AsyncValidation(cfg, rundir, model, ema, env.device, tel, child, world=world, ckpt=ckpt)

@@ -109,8 +109,8 @@ def main() -> int:
         rundir.checkpoints.rmdir()
         rundir.checkpoints.write_text("not a directory")
     dist.barrier()
-    cfg = SimpleNamespace(checkpoint=SimpleNamespace(every_steps=args.every, keep_last=args.keep_last),
-                          run=SimpleNamespace(resume="auto", seed=0))
+    cfg = SimpleNamespace(checkpoint=SimpleNamespace(every_steps=args.every, keep_last=args.keep_last, drain_timeout_s=60),
+                          run=SimpleNamespace(resume="auto", seed=0), debug=SimpleNamespace(checkpoint_write_delay_s=0))
     torch.manual_seed(0)
     model = Net()
     if args.strategy == "fsdp":
@@ -157,13 +157,14 @@ def main() -> int:
         every = cfg.checkpoint.every_steps
         if state.step == args.steps or (every and state.step % every == 0):
             try:
-                ckpt.save()
+                ckpt.save(final=True)  # waits for its write, agrees on it: SaveError on every rank
             except SaveError as e:
                 (rundir.root / f"save-error-{env.train_rank}.txt").write_text(str(e))
                 dist.close()
                 return 3
         if args.die_at == state.step and env.restart_count == 0 and env.is_main:
             os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.close()
     final = full_state(model, opt, ema)
     if args.strategy == "fsdp":
         full_ema = fsdp.full_state(ema.shadow, keep=env.is_main)
