@@ -3,11 +3,19 @@
 `launch()` starts `python -m launcher ...` (or `torchrun ... -m launcher ...`)
 with the repository on PYTHONPATH, so the tests exercise this checkout whether or
 not it is pip-installed, and with a shared data cache so MNIST-1D is generated once.
+
+Under pytest-xdist (`-n 2`, README's test command) the workers share the session
+fixtures' runs (`_once`: computed by the first worker that needs them) and a test
+marked `serial` (one that measures time, or needs every core) runs while no other
+test does (`_turn`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -123,16 +131,56 @@ def assert_same_final_weights(a: Path, b: Path) -> None:
             assert torch.equal(sa[k], sb[k]), f"{part}.{k} differs"
 
 
+def _shared_root(tmp_path_factory) -> Path:
+    """The session's temporary directory, the same for every xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _once(tmp_path_factory, name: str, make):
+    """`make(directory)` run once per test session, whichever xdist worker asks first; the others wait
+    for it and get the same (pickled) result."""
+    root = _shared_root(tmp_path_factory)
+    directory, done = root / name, root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            done.write_bytes(pickle.dumps(make(directory)))
+        return pickle.loads(done.read_bytes())
+
+
+@contextlib.contextmanager
+def _turn(root: Path, alone: bool):
+    """A fair readers-writer lock over the xdist workers: every test holds the cpu lock shared, a
+    `serial` one exclusively. The turnstile keeps a waiting serial test from being starved."""
+    with open(root / "turnstile.lock", "w") as gate, open(root / "cpu.lock", "w") as cpu:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(cpu, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _serial(request, tmp_path_factory):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    with _turn(_shared_root(tmp_path_factory), alone=request.node.get_closest_marker("serial") is not None):
+        yield
+
+
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> dict:
     """Uninterrupted FAST runs to compare resumed runs with: 1: one process; 2: two processes with the
     default validation (one trainer + the validator rank); "ddp": two training ranks (validation inline)."""
-    root = tmp_path_factory.mktemp("reference")
-    launch(["train", *FAST, f"run.dir={root / 'one'}"])
-    two = launch(["train", *FAST, f"run.dir={root / 'two'}"], nproc=2)
-    (root / "two.stdout").write_text(two.stdout)  # what the console showed (tests/test_console.py)
-    launch(["train", *FAST, "validation.mode=inline", f"run.dir={root / 'ddp'}"], nproc=2)
-    return {1: root / "one", 2: root / "two", "ddp": root / "ddp"}
+    def make(root: Path) -> dict:
+        launch(["train", *FAST, f"run.dir={root / 'one'}"])
+        two = launch(["train", *FAST, f"run.dir={root / 'two'}"], nproc=2)
+        (root / "two.stdout").write_text(two.stdout)  # what the console showed (tests/telemetry/test_console.py)
+        launch(["train", *FAST, "validation.mode=inline", f"run.dir={root / 'ddp'}"], nproc=2)
+        return {1: root / "one", 2: root / "two", "ddp": root / "ddp"}
+    return _once(tmp_path_factory, "reference", make)
 
 
 def files_of(run: Path) -> dict:
@@ -145,15 +193,17 @@ def files_of(run: Path) -> dict:
 def relaunched(tmp_path_factory) -> dict:
     """One run over three launches: 20 steps; resumed to 40 (train.max_steps raised); the same command again,
     with nothing left to do. Each launch's process, and the run's files before and after the third."""
-    run = tmp_path_factory.mktemp("relaunched") / "run"
-    args = ["train", *FAST, "validation.every_steps=10", "validation.policy=all", f"run.dir={run}"]
-    first = launch([*args, "train.max_steps=20"])
-    first_summary = (run / "summary.json").read_bytes()
-    second = launch([*args, "train.max_steps=40"])
-    before = files_of(run)
-    third = launch([*args, "train.max_steps=40"])
-    return {"run": run, "procs": [first, second, third], "first_summary": first_summary, "before": before,
-            "after": files_of(run)}
+    def make(root: Path) -> dict:
+        run = root / "run"
+        args = ["train", *FAST, "validation.every_steps=10", "validation.policy=all", f"run.dir={run}"]
+        first = launch([*args, "train.max_steps=20"])
+        first_summary = (run / "summary.json").read_bytes()
+        second = launch([*args, "train.max_steps=40"])
+        before = files_of(run)
+        third = launch([*args, "train.max_steps=40"])
+        return {"run": run, "procs": [first, second, third], "first_summary": first_summary, "before": before,
+                "after": files_of(run)}
+    return _once(tmp_path_factory, "relaunched", make)
 
 
 @pytest.fixture

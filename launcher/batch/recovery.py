@@ -174,7 +174,7 @@ class Recovery:
         StepOOM on every rank if any rank ran out of memory or would."""
         world = self.env.train_world if self.distributed else 1
         short = self.headroom is not None and self.headroom.short(step)
-        mine = PHASES.index(failed) + 1 if failed else len(PHASES) * short
+        mine = PHASES.index(failed or "headroom") + 1 if failed or short else 0
         stops = self.guard.local() if self.guard is not None else []
         flags = torch.tensor([0] * world + stops, dtype=torch.int32)
         flags[max(self.env.train_rank, 0) if self.distributed else 0] = mine

@@ -9,10 +9,8 @@ so a checkpoint loads onto another number of ranks and into plain (ddp) tensors 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -20,17 +18,18 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from launcher.files import atomic_write, fsync_dir, read_json, write_json
+from launcher.files import Corrupt, atomic_write, file_sha256, fsync_dir, read_json, write_json
+from launcher.rundir import checkpoint_name, checkpoint_pattern
 from launcher.dist.shards import is_sharded, local_slice
 
-PATTERN = re.compile(r"^step-(\d+)\.dcp$")
+PATTERN = checkpoint_pattern(sharded=True)
 MANIFEST = "manifest.json"
 _JOINT = ("model", "optimizer")  # parts saved through get_state_dict: keyed by parameter name (FQN)
 _ADDED = (("ema", "pending"),)  # (part, key) that older checkpoints lack
 
 
 def dir_for(directory: Path, step: int) -> Path:
-    return Path(directory) / f"step-{step:08d}.dcp"
+    return Path(directory) / checkpoint_name(step, sharded=True)
 
 
 def steps(directory: Path) -> List[int]:
@@ -210,27 +209,23 @@ def checksums(path: Path) -> Dict[str, dict]:
     """sha256 and size of every file in a checkpoint directory but the manifest."""
     out = {}
     for f in sorted(p for p in Path(path).iterdir() if p.is_file() and p.name != MANIFEST):
-        digest = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        out[f.name] = {"sha256": digest.hexdigest(), "bytes": f.stat().st_size}
+        out[f.name] = {"sha256": file_sha256(f), "bytes": f.stat().st_size}
     return out
 
 
 # ------------------------------------------------------------------------------------------- load
 def verify(path: Path) -> dict:
-    """The manifest of a complete, intact checkpoint directory; ValueError naming the first bad file."""
+    """The manifest of a complete, intact checkpoint directory; files.Corrupt naming the first bad file."""
     path = Path(path)
     if not (path / MANIFEST).exists():
-        raise ValueError(f"{path.name}: no {MANIFEST} (not completely written)")
+        raise Corrupt(f"{path.name}: no {MANIFEST} (not completely written)")
     manifest = read_json(path / MANIFEST)
     have = checksums(path)
     for name, want in manifest["files"].items():
         if name not in have:
-            raise ValueError(f"{path.name}: {name} is missing")
-        if have[name]["sha256"] != want["sha256"]:
-            raise ValueError(f"{path.name}: {name}: checksum mismatch (file corrupt or truncated)")
+            raise Corrupt(f"{path.name}: {name} is missing")
+        if (have[name]["sha256"], have[name]["bytes"]) != (want["sha256"], want.get("bytes", have[name]["bytes"])):
+            raise Corrupt(f"{path.name}: {name}: sha256 checksum mismatch (file corrupt or truncated)")
     return manifest
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, List, Optional, Tuple
@@ -21,14 +20,15 @@ import torch
 
 from launcher.checkpoint import dcp
 from launcher.errors import SaveError
-from launcher.files import atomic_write, read_json, write_json
+from launcher.files import atomic_write, read_json, verify, write_json
+from launcher.rundir import checkpoint_name, checkpoint_pattern
 
 log = logging.getLogger(__name__)
-PATTERN = re.compile(r"^step-(\d+)\.pt$")
+PATTERN = checkpoint_pattern()
 
 
 def _pt(directory: Path, step: int) -> Path:
-    return Path(directory) / f"step-{step:08d}.pt"
+    return Path(directory) / checkpoint_name(step)
 
 
 def path_for(directory: Path, step: int) -> Path:
@@ -150,9 +150,8 @@ def load(path: Path, map_location: Any = "cpu") -> dict:
     data = Path(path).read_bytes()
     manifest = Path(path).with_suffix(".json")
     if manifest.exists():
-        want = read_json(manifest)["sha256"]
-        if hashlib.sha256(data).hexdigest() != want:
-            raise ValueError(f"{path.name}: checksum mismatch (file corrupt or truncated)")
+        want = read_json(manifest)
+        verify(data, want["sha256"], want.get("bytes"), path.name)
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 

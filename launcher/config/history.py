@@ -8,7 +8,7 @@ resolved configs, against the config the run last ran with) are printed on the c
 initial weights), the optimizer's kind and the EMA on/off (their checkpointed state would not fit).
 Every other change is applied by the resumed run: the optimizer's and the scheduler's settings are the
 config's, not the checkpoint's (optim.Settings); the EMA keeps its configured decay, ramp and tau; the
-rest is read from the config as the run goes. tests/test_resume_changes.py reads the effects back.
+rest is read from the config as the run goes. tests/config/test_resume_changes.py reads the effects back.
 `launcher validate` reads config.yaml with the recorded changes on top (`current`).
 """
 from __future__ import annotations

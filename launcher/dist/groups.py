@@ -108,13 +108,10 @@ class Dist(Group):
         if leaving_on is not None and self.env.world_size > 1 and fault(leaving_on):
             self.abandon(leaving_on)
             return
-        if dist.is_initialized():
-            store = dist.distributed_c10d._get_default_store() if finished else None
-            if finished:
-                dist.all_reduce(torch.zeros(1))
+        if dist.is_initialized() and finished:
+            destroy_together()
+        elif dist.is_initialized():
             dist.destroy_process_group()
-            if store is not None:
-                _leave_together(store, self.env.world_size)
 
     def abandon(self, exc: BaseException) -> NoReturn:
         """Leave now after a fault on 2+ processes: report `exc` as Python would, drop the process groups
@@ -123,7 +120,7 @@ class Dist(Group):
         `destroy_process_group()` waits for pending work (NCCL flushes it since torch 2.6; gloo joins a
         collective in flight), and so does finalizing the interpreter (the groups' destructors): one that
         a dead or diverged peer never joins would hold this rank, and the restarted group with it, for
-        `dist.timeout_s` or until torchrun's SIGKILL (tests/test_teardown.py). On NCCL the communicators
+        `dist.timeout_s` or until torchrun's SIGKILL (tests/dist/test_teardown.py). On NCCL the communicators
         are aborted (`_abort_process_group`); gloo's abort waits like its destroy, so there the sockets
         are left to the process's end. A rank leaving on an error (often a peer's doing: "Connection closed
         by peer") first waits LEAVE_AFTER_ERROR_S, so that torchrun, which polls its workers, names the
@@ -150,6 +147,15 @@ def fault(e: BaseException) -> bool:
     """Not a clean, agreed end: an error, or an OOM restart (exit 75). A stop signal's exit (128 + signal)
     is agreed by every rank at the same step, and exit 2 / 1 (bad input, a failed save) are returned."""
     return not isinstance(e, SystemExit) or e.code == EXIT_RESTART
+
+
+def destroy_together() -> None:
+    """Every rank got here normally: all meet (a CPU tensor: gloo even on CUDA), destroy the default
+    process group, and none exits before all have destroyed theirs (_leave_together)."""
+    store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+    dist.all_reduce(torch.zeros(1))
+    dist.destroy_process_group()
+    _leave_together(store, world)
 
 
 def _leave_together(store: dist.Store, world: int, timeout_s: float = 30.0) -> None:

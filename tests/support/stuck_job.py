@@ -2,7 +2,7 @@
 an all-reduce on a side group that the other ranks never join (a diverged peer, an NCCL kernel
 waiting for a dead one). Leaving cleanly would wait for that collective until dist.timeout_s.
 
-    job=custom job.target=tests.stuck_job:StuckJob +job.params.fail_at_forward=3
+    job=custom job.target=tests.support.stuck_job:StuckJob +job.params.fail_at_forward=3
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Run under torchrun (gloo): the sharded EMA against a plain one on an unsharded copy of the model.
 
 Every rank trains the same batch, so the averaged gradients equal the plain model's. Writes
-what tests/test_fsdp.py checks as JSON to argv[1] (rank 0).
+what tests/dist/test_fsdp.py checks as JSON to argv[1] (rank 0).
 """
 import io
 import json
@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.tensor  # noqa: F401 - torch.load(weights_only=True) of DTensors needs it
 
+from launcher.dist.groups import destroy_together
 from launcher.dist import fsdp
 from launcher.ema import EMA
 from launcher.jobs.mnist1d import CNN
@@ -21,8 +22,7 @@ dist.init_process_group("gloo")
 validator = len(sys.argv) > 2 and sys.argv[2] == "validator"
 group = dist.new_group(list(range(dist.get_world_size() - 1))) if validator else dist.group.WORLD
 if validator and dist.get_rank() == dist.get_world_size() - 1:  # waits for the others, then leaves with them
-    dist.barrier()
-    dist.destroy_process_group()
+    destroy_together()
     sys.exit(0)
 rank, world = dist.get_rank(), dist.get_world_size(group)
 torch.manual_seed(0)
@@ -69,5 +69,4 @@ if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
 del model, ref, ema, ema_ref, fresh, opt, opt_ref, weights, full, saved  # no sharded tensor outlives the group
-dist.barrier()  # every rank (the stand-in validator included) leaves together
-dist.destroy_process_group()
+destroy_together()  # every rank (the stand-in validator included) leaves together

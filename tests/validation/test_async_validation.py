@@ -21,7 +21,7 @@ from launcher.files import JsonlTail
 ARGS = ["train", *FAST, "checkpoint.every_steps=0"]
 # Steps that sleep 20 ms, like GPU-bound ones: how long training lasts does not depend on the shared CPUs.
 SLEEPY = [a for a in ARGS if not a.startswith("job.model")] + [
-    "job=custom", "job.target=tests.sleepy_job:SleepyJob", "+job.params.sleep_s=0.02"]
+    "job=custom", "job.target=tests.support.sleepy_job:SleepyJob", "+job.params.sleep_s=0.02"]
 
 
 def results(run_dir: Path, **match) -> list:
@@ -102,6 +102,7 @@ def test_rank_validator_validates_every_interval(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it compares run times
 def test_async_does_not_slow_training_but_inline_does(tmp_path):
     """A validation slower than a training interval: async (process) stays within 10% of off, inline pays it.
     Also: policy=latest skips the stale snapshots, and the drain still validates the final one.
@@ -238,7 +239,7 @@ def test_writer_buffers_are_allocated_before_the_first_put(tmp_path):
 
 
 NHWC = [a for a in ARGS if not a.startswith("job.model")] + [
-    "job=custom", "job.target=tests.nhwc_job:NhwcJob", "batch.size=32", "train.epochs=0", "train.max_steps=6",
+    "job=custom", "job.target=tests.support.nhwc_job:NhwcJob", "batch.size=32", "train.epochs=0", "train.max_steps=6",
     "validation.every_steps=3", "validation.batch_size=64", "validation.policy=all"]
 
 

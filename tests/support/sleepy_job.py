@@ -23,7 +23,7 @@ class Sleepy(nn.Module):
 
 
 class SleepyJob(Job):
-    """job=custom job.target=tests.sleepy_job:SleepyJob +job.params.sleep_s=0.01"""
+    """job=custom job.target=tests.support.sleepy_job:SleepyJob +job.params.sleep_s=0.01"""
 
     def model(self) -> nn.Module:
         return Sleepy(float(self.cfg.params.get("sleep_s", 0.01)))

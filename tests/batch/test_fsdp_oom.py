@@ -1,5 +1,5 @@
 """batch.size=auto and runtime OOM recovery under train.strategy=fsdp, with the agreement rules of ddp
-(tests/test_autobatch.py): real simulated OOMs on CPU, real torchrun with gloo.
+(tests/batch/test_autobatch.py): real simulated OOMs on CPU, real torchrun with gloo.
 
 Under fsdp the step's forwards and backwards run collectives (all-gather, reduce-scatter); the launcher
 gathers the parameters up front so that nothing before the last backward does, and probes in lockstep.
@@ -85,7 +85,7 @@ def test_batch_size_auto_under_fsdp_probes_in_lockstep_and_agrees_on_the_minimum
 
 def _probe_with_an_oom(tmp_path, where: str) -> list:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(ROOT / "tests" / "fsdp_scripts" / "probe_oom.py"),
+                           f"--master_port={free_port()}", str(ROOT / "tests" / "support" / "fsdp_scripts" / "probe_oom.py"),
                            "--out", str(tmp_path), "--where", where, "--limit", "20"],
                           env=child_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, "\n".join(ln for ln in proc.stderr.splitlines() if "rank1" in ln)[-4000:]

@@ -1,7 +1,7 @@
 """Sharded (fsdp) checkpoints: atomic DCP directories, checksums, retention across both kinds, exact resume
 after kill -9, resharding onto another number of ranks, and ddp <-> fsdp in both directions.
 
-The multi-process tests run tests/fsdp_scripts/ckpt_train.py under real torchrun (gloo, CPU): a tiny model
+The multi-process tests run tests/support/fsdp_scripts/ckpt_train.py under real torchrun (gloo, CPU): a tiny model
 fully_shard-ed per layer, AdamW, the real Checkpointer."""
 import shutil
 import subprocess
@@ -16,7 +16,7 @@ from conftest import ROOT, child_env, free_port, read_jsonl
 from launcher.checkpoint import dcp, store
 from launcher.errors import SaveError
 
-SCRIPT = ROOT / "tests" / "fsdp_scripts" / "ckpt_train.py"
+SCRIPT = ROOT / "tests" / "support" / "fsdp_scripts" / "ckpt_train.py"
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP says so
 NO_DIST = SimpleNamespace(group=None, all_reduce=lambda t, op="sum": t, any_rank=bool)  # one process: collectives are identities
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from launcher.dist.groups import destroy_together
 from launcher.validation import handoff
 from tests.support.handoff import idle
 
@@ -75,7 +76,7 @@ def main() -> None:
             time.sleep(0.01)
     w.flush()
     print(f"rank {rank}: blocked_ms {[round(b * 1e3, 3) for b in w.blocked_s]}", flush=True)
-    dist.destroy_process_group()
+    destroy_together()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from launcher.dist.groups import destroy_together
 from launcher import jobs
 from launcher.validation import trainer_side
 from launcher.cli import load_run_config
@@ -56,7 +57,7 @@ def main() -> None:
     summary = val.finish(a.steps, 0)
     tel.close()
     print(f"rank {rank} {type(val).__name__} summary " + json.dumps(summary), flush=True)
-    dist.destroy_process_group()
+    destroy_together()
 
 
 if __name__ == "__main__":

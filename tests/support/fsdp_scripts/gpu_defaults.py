@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from launcher.dist.groups import destroy_together
 from launcher import step
 from launcher.config.schema import Config, OptimConfig
 from launcher.dist import fsdp
@@ -99,5 +100,4 @@ dist.all_gather_object(results, out)
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(results, f)
-dist.barrier()
-dist.destroy_process_group()
+destroy_together()

@@ -41,7 +41,7 @@ class Net(nn.Module):
 
 
 class NhwcJob(Job):
-    """job=custom job.target=tests.nhwc_job:NhwcJob"""
+    """job=custom job.target=tests.support.nhwc_job:NhwcJob"""
 
     def model(self) -> nn.Module:
         return Net()

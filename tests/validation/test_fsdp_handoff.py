@@ -18,7 +18,7 @@ from conftest import FAST, child_env, free_port, launch, read_jsonl
 from launcher.files import Corrupt
 from launcher.validation import handoff, handoff_shards
 
-SCRIPT = Path(__file__).parent / "fsdp_scripts" / "handoff_put.py"
+SCRIPT = Path(__file__).parent.parent / "support" / "fsdp_scripts" / "handoff_put.py"
 
 
 def torchrun(nproc: int, run_dir: Path, *args: str) -> subprocess.Popen:
@@ -159,7 +159,7 @@ def test_fsdp_trainer_side_hands_off_on_every_rank_and_the_spawned_validator_val
     w = handoff.Writer(run, "all", keep=2, device=torch.device("cpu"))
     w.put(5, 0, {"ema": load_file(str(run / "ema.safetensors"))})  # the ddp snapshot, validated first
     w.flush()
-    script = Path(__file__).parent / "fsdp_scripts" / "handoff_train.py"
+    script = Path(__file__).parent.parent / "support" / "fsdp_scripts" / "handoff_train.py"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={free_port()}", str(script), f"--run-dir={run}", "--steps=30",
                           "validation.mode=process", "validation.every_steps=10", "validation.policy=all"],

@@ -53,7 +53,7 @@ def test_killed_validator_child_under_the_validator_rank_does_not_end_the_job(ru
     dist.timeout_s while the trainers still trained, and torchrun tore the job down. Now it restarts the
     child (an event) and joins only at the end: exit 0, every step, the final weights validated."""
     sleepy = [a for a in QUICK if not a.startswith("job.model")] + [
-        "job=custom", "job.target=tests.sleepy_job:SleepyJob", "+job.params.sleep_s=0.02"]
+        "job=custom", "job.target=tests.support.sleepy_job:SleepyJob", "+job.params.sleep_s=0.02"]
     args = ["train", *sleepy, f"run.dir={run_dir}", "dist.timeout_s=15", "train.epochs=100", "train.max_steps=300",
             "debug.step_delay_s=0.1", "validation.every_steps=50", "train.log_every=10"]
     proc = subprocess.Popen(command(args, nproc=3), env=child_env(), stdout=subprocess.PIPE,

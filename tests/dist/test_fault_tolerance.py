@@ -185,7 +185,7 @@ def test_a_stop_signal_on_one_rank_rides_in_the_oom_agreement_one_collective_per
     the OOM agreement, and both ranks still stop together when only rank 1 got the signal. With
     recovery off, the step-end agreement alone (also one)."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(ROOT / "tests" / "agreement_worker.py"), str(tmp_path)],
+                           f"--master_port={free_port()}", str(ROOT / "tests" / "support" / "agreement_worker.py"), str(tmp_path)],
                           env=child_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]

@@ -3,7 +3,7 @@
 Writer); `--ddp` (one process): the whole state through the single writer, as rank 0 does under ddp.
 Prints one JSON line per rank: the blocked times in ms (mean, max, all) and the bytes per rank.
 Not a test (a benchmark helper): run it by hand, e.g.
-  torchrun --nproc_per_node=2 tests/fsdp_scripts/handoff_stall.py --run-dir /tmp/stall
+  torchrun --nproc_per_node=2 tests/support/fsdp_scripts/handoff_stall.py --run-dir /tmp/stall
 """
 from __future__ import annotations
 

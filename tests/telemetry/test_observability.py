@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, launch, read_jsonl
+from conftest import FAST, ROOT, launch, read_jsonl
 
 NO_WANDB = [a for a in FAST if not a.startswith("logger.wandb")]
 
@@ -195,7 +195,7 @@ def test_broken_wandb_never_stops_training(run_dir, tmp_path):
     (broken / "wandb" / "__init__.py").write_text("raise ImportError('this wandb install is broken')\n")
     import os
 
-    env = {"PYTHONPATH": f"{broken}{os.pathsep}{Path(__file__).resolve().parent.parent}"}
+    env = {"PYTHONPATH": f"{broken}{os.pathsep}{ROOT}"}
     proc = launch(["train", *NO_WANDB, "logger.wandb.mode=offline", "train.max_steps=10", f"run.dir={run_dir}"], env=env)
     assert proc.stdout.count("cannot import wandb") == 1
     assert (run_dir / "summary.json").exists() and not (run_dir / "wandb").exists()

@@ -75,7 +75,7 @@ def test_the_sharded_ema_matches_a_plain_one_with_1_over_n_of_its_memory(tmp_pat
     trip (DTensors and full plain tensors), copy_to into the sharded model. `validator`: the last rank
     stays out of the training group, and the mesh spans the training ranks only."""
     out = tmp_path / "out.json"
-    script = str(ROOT / "tests" / "fsdp_scripts" / "ema_sharded.py")
+    script = str(ROOT / "tests" / "support" / "fsdp_scripts" / "ema_sharded.py")
     proc = subprocess.run(command([], nproc)[:5] + [script, str(out), "validator" if validator else "all"],
                           env=child_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]

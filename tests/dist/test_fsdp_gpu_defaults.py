@@ -19,7 +19,7 @@ def test_the_device_gate_bf16_batchnorm_and_sgd_on_a_real_fsdp_group(tmp_path):
     skip, with the average's bits kept; kept steps are bit-identical to the host path. A BatchNorm ResNet
     trains under the bf16 policy (its norms stay fp32), and SGD on sharded parameters is not fused."""
     out = tmp_path / "out.json"
-    script = str(ROOT / "tests" / "fsdp_scripts" / "gpu_defaults.py")
+    script = str(ROOT / "tests" / "support" / "fsdp_scripts" / "gpu_defaults.py")
     proc = subprocess.run(command([], 2)[:5] + [script, str(out)], env=child_env(), capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

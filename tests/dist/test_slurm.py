@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST, ROOT, assert_same_final_weights, child_env, free_port, read_jsonl
-from tests.test_fault_tolerance import SLOW, events, losses
+from test_fault_tolerance import SLOW, events, losses  # beside this file
 
 
 def _slurm_answers() -> bool:
@@ -30,7 +30,7 @@ def _slurm_answers() -> bool:
     return out.returncode == 0 and re.search(r"idle|mix|alloc", out.stdout) is not None
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.serial, pytest.mark.skipif(
     not _slurm_answers(), reason="no usable Slurm: `sinfo` does not answer (start one: slurm/local-cluster.sh start)")]
 
 
