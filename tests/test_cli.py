@@ -30,6 +30,7 @@ def test_bad_input_exits_2_with_one_line(args, key, tmp_path):
     assert not (tmp_path / "run").exists(), "bad input must not start a run"
 
 
+@pytest.mark.slow
 def test_bad_input_under_torchrun_fails_before_training(tmp_path):
     proc = launch(["train", "train.nope=1", f"run.dir={tmp_path}/run"], nproc=2, check=False, timeout=120)
     assert proc.returncode != 0

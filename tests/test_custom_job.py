@@ -2,9 +2,12 @@
 import json
 import re
 
+import pytest
+
 from conftest import ROOT, launch
 
 
+@pytest.mark.slow
 def test_readme_custom_job_trains(tmp_path):
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"<!-- custom-job -->\s*```python\n(.*?)```", readme, re.S).group(1)

@@ -120,6 +120,7 @@ def test_once_per_optimizer_step_with_accumulation_and_every(tmp_path):
     assert end["accum"] == 4 and end["ema_updates"] == 5
 
 
+@pytest.mark.slow
 def test_only_rank_zero_holds_the_ema(tmp_path):
     launch(["train", *FAST, "train.epochs=1", "validation.mode=inline", f"run.dir={tmp_path}/r"], nproc=2)
     logs = tmp_path / "r" / "logs"

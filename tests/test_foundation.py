@@ -7,6 +7,7 @@ import torch
 from conftest import FAST, final_weights, launch, read_jsonl
 
 
+@pytest.mark.slow
 def test_single_process_run_writes_the_run_directory(run_dir):
     out = launch(["train", *FAST, f"run.dir={run_dir}"]).stdout
     assert "done:" in out  # the closing summary line
@@ -22,6 +23,7 @@ def test_single_process_run_writes_the_run_directory(run_dir):
     assert (run_dir / "checkpoints" / "step-00000124.pt").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_share_one_run_directory(tmp_path):
     # No run.dir and no run.id: rank 0 picks a timestamp id and every rank must use it.
     launch(["train", *FAST, "train.epochs=1", "validation.mode=inline", f"run.root={tmp_path}/runs"], nproc=2,
@@ -39,6 +41,7 @@ def _weights(run_dir):
     return final_weights(run_dir)["model"]
 
 
+@pytest.mark.slow
 def test_ddp_equivalence_two_ranks_one_rank_and_accumulation(tmp_path):
     """2 ranks x 8 == 1 rank x 16 == 1 rank x 8 with 2 accumulation steps."""
     common = [*FAST, "train.epochs=0", "train.max_steps=6", "validation.mode=off", "optim.lr=0.01"]
@@ -54,6 +57,7 @@ def test_ddp_equivalence_two_ranks_one_rank_and_accumulation(tmp_path):
     assert start["step"] == 6
 
 
+@pytest.mark.slow
 def test_sgd_nesterov_warmup_and_yolo_warmups_run(run_dir):
     launch(["train", *FAST, "train.epochs=1", "optim=sgd", "sched.warmup_steps=20", "sched.warmup_momentum=0.8",
             "sched.warmup_bias_lr=0.1", "train.grad_clip=1.0", "train.log_every=1", f"run.dir={run_dir}"])

@@ -44,6 +44,7 @@ def args(folder: Path, run_dir: Path, *extra: str) -> list:
             "checkpoint.every_steps=0", *QUIET, f"run.dir={run_dir}", *extra]
 
 
+@pytest.mark.slow
 def test_single_process_trains_validates_both_and_reports(folder, tmp_path):
     import torch
 
@@ -86,6 +87,7 @@ def test_torchrun_with_validator_rank_then_resume(folder, tmp_path):
     (["job.model=no_such_model_xyz"], "not a model name"),
     (["job.pretrained=/nonexistent/w.pth"], "nothing is downloaded"),
 ])
+@pytest.mark.slow
 def test_bad_images_config_exits_2_with_one_line(folder, tmp_path, extra, words):
     base = ["train", "job=images", *QUIET, f"run.dir={tmp_path / 'run'}"]
     if not any(e.startswith("job.data_dir") for e in extra) and extra:

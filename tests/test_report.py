@@ -26,6 +26,7 @@ def finished(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_report_of_a_finished_run(finished):
     proc = launch(["report", str(finished)])
     out = finished / "report"
@@ -64,6 +65,7 @@ def test_report_of_a_partial_run_in_progress(finished, tmp_path):
     assert "`summary.json` not found: the run is in progress or was stopped" in md
 
 
+@pytest.mark.slow
 def test_report_compare_overlays_two_runs(finished, tmp_path):
     other = tmp_path / "other"
     launch(["train", *FAST, "train.max_steps=30", "optim.lr=0.01", "train.log_every=5", f"run.dir={other}"])

@@ -52,6 +52,7 @@ def test_ema_device_gate_is_the_host_path_without_a_sync():
     assert gated.state_dict()["updates"] == 5 and gated.current_decay == host.current_decay
 
 
+@pytest.mark.slow
 def test_persistent_loader_resumes_mid_epoch_like_a_fresh_loader(tmp_path):
     """One DataLoader for the whole run (a persistent worker, prefetch), hard-killed mid-epoch
     and relaunched, ends bit-identical to a run with a fresh single-process loader per epoch

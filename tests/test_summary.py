@@ -2,9 +2,12 @@
 nothing (issue 27, item 2). One run over three launches (conftest `relaunched`)."""
 import json
 
+import pytest
+
 from conftest import read_jsonl
 
 
+@pytest.mark.slow
 def test_the_summary_covers_every_launch(relaunched):
     run = relaunched["run"]
     first, summary = json.loads(relaunched["first_summary"]), json.loads((run / "summary.json").read_text())
@@ -19,6 +22,7 @@ def test_the_summary_covers_every_launch(relaunched):
     assert summary["wall_time_s"] > first["wall_time_s"] > 0
 
 
+@pytest.mark.slow
 def test_a_finished_run_relaunched_says_so_and_changes_nothing(relaunched):
     run, third = relaunched["run"], relaunched["procs"][2]
     assert third.returncode == 0
@@ -28,6 +32,7 @@ def test_a_finished_run_relaunched_says_so_and_changes_nothing(relaunched):
     assert relaunched["after"] == relaunched["before"]  # every file: same size, same mtime (summary.json too)
 
 
+@pytest.mark.slow
 def test_a_finished_run_asked_for_more_steps_trains_on(relaunched):
     """The second launch raised train.max_steps on the finished first one: it resumed, not 'nothing to do'."""
     second = relaunched["procs"][1]

@@ -2,6 +2,8 @@
 directory under one sweep directory and sums the sweep up; a failed point makes the exit status non-zero."""
 import json
 
+import pytest
+
 from conftest import FAST, launch, read_jsonl
 
 SHORT = [*FAST, "train.max_steps=12", "validation.every_steps=6"]
@@ -11,6 +13,7 @@ def _sweep(path):
     return json.loads((path / "sweep.json").read_text())
 
 
+@pytest.mark.slow
 def test_multirun_runs_each_point_in_its_own_dir_and_sums_up(tmp_path):
     sweep = tmp_path / "sweep"
     # Point 0 is killed hard at step 5 (a crash); point 1 trains to the end.
@@ -34,6 +37,7 @@ def test_multirun_runs_each_point_in_its_own_dir_and_sums_up(tmp_path):
     assert again.returncode == 1 and "best: point 1" in again.stdout
 
 
+@pytest.mark.slow
 def test_multirun_under_torchrun_every_rank_runs_the_same_points(tmp_path):
     sweep = tmp_path / "sweep"
     proc = launch(["train", "--multirun", "optim.lr=0.001,0.01", *SHORT, f"run.dir={sweep}"], nproc=2,
@@ -48,6 +52,7 @@ def test_multirun_under_torchrun_every_rank_runs_the_same_points(tmp_path):
         assert read_jsonl(run / "val" / "results.jsonl")
 
 
+@pytest.mark.slow
 def test_sweep_of_nothing_to_sweep_is_one_point(tmp_path):
     launch(["train", "-m", *SHORT, "validation.mode=off", f"run.dir={tmp_path}/s"], timeout=200)
     assert [p["status"] for p in _sweep(tmp_path / "s")["points"]] == ["completed"]

@@ -32,6 +32,7 @@ def composed(*overrides: str) -> dict:
     return yaml.safe_load(proc.stdout)
 
 
+@pytest.mark.slow
 def test_the_mnist1d_recipe_comes_with_the_job_only():
     default = composed()
     assert default["optim"]["lr"] == 1e-2 and default["optim"]["weight_decay"] == 0.05
@@ -45,6 +46,7 @@ def test_the_mnist1d_recipe_comes_with_the_job_only():
     assert sgd["job"]["name"] == "mnist1d" and sgd["train"]["epochs"] == 100
 
 
+@pytest.mark.slow
 def test_weights_both_reports_best_raw_and_best_ema_and_auto_tau(run_dir):
     launch(["train", *FAST, "validation.weights=both", "validation.every_steps=31", f"run.dir={run_dir}"])
     s = json.loads((run_dir / "summary.json").read_text())

@@ -182,6 +182,7 @@ def test_eval_probe_finds_the_limit_without_gradients_and_leaves_the_model_alone
 
 # --- real runs ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_auto_probes_once_resume_reuses_it_and_the_run_equals_a_fixed_size_run(tmp_path):
     auto, fixed = tmp_path / "auto", tmp_path / "fixed"
     args = [*QUICK, "batch.size=auto", "debug.simulate_oom_above=40", "train.max_steps=8", "checkpoint.every_steps=4",
@@ -362,6 +363,7 @@ def test_recovery_gives_up_after_max_retries(run_dir):
     assert [(e["micro_from"], e["micro_to"]) for e in retries] == [(64, 32), (32, 16)]
 
 
+@pytest.mark.slow
 def test_validator_process_probes_its_own_eval_batch(tmp_path):
     """validation.batch_size=auto: the validator (a separate process here) probes forward-only on its
     own device; with a simulated limit of 300 samples it must land just under it."""

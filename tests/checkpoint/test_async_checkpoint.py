@@ -197,6 +197,7 @@ def test_retention_never_deletes_the_newest_complete_checkpoint_or_a_protected_s
 
 
 # --------------------------------------------------------------------------- real processes
+@pytest.mark.slow
 def test_kill_9_mid_write_leaves_no_complete_checkpoint_resume_is_exact_and_the_end_waits(reference, tmp_path):
     """kill -9 while step 40's checkpoint is written but not visible: step 20 is the newest complete one.
     The relaunch resumes there bit-identically, and its end waits for the saves still in flight."""
@@ -248,6 +249,7 @@ def test_sigterm_mid_write_finishes_that_write_then_checkpoints_the_stop_step_on
     assert_same_final_weights(run, reference["ddp"])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_dir_made_read_only_mid_run_stops_cleanly_with_one_line_and_keeps_the_last(tmp_path):
     """The write fails in the background; the next step's agreement stops the run (every rank, in a
     multi-rank run: test_fault_tolerance's full disk) with exit status 1 and one line."""

@@ -22,6 +22,7 @@ def _same_run(a, b):
     assert ma == mb
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_is_bit_identical(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     launch(["train", *ARGS, f"run.dir={ref}"])
@@ -35,6 +36,7 @@ def test_killed_mid_epoch_then_resumed_is_bit_identical(tmp_path):
     _same_run(ref, run)
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     launch(["train", *ARGS, f"run.dir={ref}"])
@@ -56,6 +58,7 @@ def test_resume_must_without_checkpoint_exits_2(tmp_path):
     assert proc.returncode == 2 and "run.resume=must" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_never_starts_fresh(tmp_path):
     launch(["train", *FAST, "train.epochs=1", f"run.dir={tmp_path}/r"])
     launch(["train", *FAST, "train.epochs=1", "run.resume=never", f"run.dir={tmp_path}/r"])
@@ -63,6 +66,7 @@ def test_resume_never_starts_fresh(tmp_path):
     assert starts == [0, 0]
 
 
+@pytest.mark.slow
 def test_resume_with_changed_options_keeps_the_config_records_and_refuses_breaking_ones(tmp_path):
     """Issue 15 item 10: config.yaml stays the first launch's; each resume's changes are on the console,
     in config-history.yaml and a config_changed event; model/batch geometry/seed changes exit 2."""
@@ -103,6 +107,7 @@ def test_resume_with_changed_options_keeps_the_config_records_and_refuses_breaki
 
 
 @pytest.mark.parametrize("mode", ["process", "inline"])
+@pytest.mark.slow
 def test_the_best_steps_full_checkpoint_is_kept_and_loads(tmp_path, mode):
     """Issue 15 item 14: checkpoints keep the last K plus the best. Every validation step writes one,
     so the best step has one; retention keeps it, and drops the other older ones."""

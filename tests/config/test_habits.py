@@ -155,6 +155,7 @@ def test_resume_must_without_checkpoint_creates_nothing(tmp_path, empty):
     assert (list(run.iterdir()) == []) if empty else not run.exists()
 
 
+@pytest.mark.slow
 def test_resume_must_under_torchrun_creates_nothing(tmp_path):
     run = tmp_path / "run"
     proc = launch(["train", "run.resume=must", *FAST, f"run.dir={run}"], nproc=2, check=False, timeout=120)
@@ -173,6 +174,7 @@ def test_wandb_mode_disabled_in_the_environment_is_honoured(tmp_path):
     assert not (run / "wandb").exists() and not (run / "wandb_id").exists()
 
 
+@pytest.mark.slow
 def test_wandb_environment_fills_defaults_and_the_command_line_wins(tmp_path):
     run = tmp_path / "run"
     launch(["train", *NO_WANDB, "logger.wandb.mode=offline", f"run.dir={run}"], timeout=180,
@@ -190,6 +192,7 @@ def test_bad_wandb_mode_in_the_environment_is_one_line(tmp_path):
 
 
 # --------------------------------------------------------------- 13: a finished validator is not dead
+@pytest.mark.slow
 def test_default_torchrun_run_has_no_validator_down(tmp_path):
     run = tmp_path / "run"
     proc = launch(["train", *FAST, "train.max_steps=20", "validation.every_steps=10", f"run.dir={run}"],
@@ -202,6 +205,7 @@ def test_default_torchrun_run_has_no_validator_down(tmp_path):
 
 # ---------------------------------------------------------------------------- 15: CPU threads
 @pytest.mark.parametrize("setting", ["auto", "OMP_NUM_THREADS", "train.threads"])
+@pytest.mark.slow
 def test_cpu_threads_are_split_between_trainer_and_validator(tmp_path, setting):
     """One thread per core in every process oversubscribes the CPU (trainer + validator process): the
     cores are split between them unless OMP_NUM_THREADS or train.threads says otherwise."""

@@ -1,6 +1,8 @@
 """Silent misconfiguration made loud: a metric the job lacks, a run whose every checkpoint is corrupt."""
 from collections import Counter
 
+import pytest
+
 from conftest import FAST, ROOT, launch, read_jsonl
 
 TINY_JOB = '''
@@ -43,6 +45,7 @@ def test_an_undeclared_metric_is_said_loudly_at_the_first_validation(tmp_path):
     assert not (tmp_path / "run" / "best" / "best.json").exists()
 
 
+@pytest.mark.slow
 def test_every_checkpoint_corrupt_restarts_loudly_with_consistent_metrics(tmp_path):
     run = tmp_path / "run"
     args = ["train", *FAST, "train.epochs=1", "validation.mode=off", "checkpoint.every_steps=20",

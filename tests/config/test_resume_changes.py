@@ -25,6 +25,7 @@ def resumed(tmp_path_factory):
     return run, proc
 
 
+@pytest.mark.slow
 def test_the_resume_announces_the_changes(resumed):
     _, proc = resumed
     assert "optim.lr: 0.01 -> 0.001" in proc.stderr and "ema.decay: 0.9999 -> 0.5" in proc.stderr

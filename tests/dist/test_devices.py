@@ -98,6 +98,7 @@ def test_share_gpu_is_only_for_the_validator_rank():
         check(cfg, 9)
 
 
+@pytest.mark.slow
 def test_global_size_floor_is_refused_before_training_under_torchrun(tmp_path):
     """4 processes = 3 trainers + the validator rank: batch.size=auto used to floor 256 to 255 and train."""
     proc = launch(["train", *FAST, "batch.size=auto", "batch.global_size=256", f"run.dir={tmp_path}/run"],

@@ -44,6 +44,7 @@ def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float =
     wait_until(proc, lambda: any(r["step"] >= step for r in read_jsonl(run / "metrics.jsonl")), f"step {step}", timeout)
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_agent_stops_all_ranks_then_relaunch_is_exact(reference, run_dir):
     proc = start(["train", *FAST, *SLOW, f"run.dir={run_dir}"], nproc=2)
     wait_for_step(proc, run_dir, 30)
@@ -67,6 +68,7 @@ def test_sigterm_to_torchrun_agent_stops_all_ranks_then_relaunch_is_exact(refere
     assert_same_final_weights(run_dir, reference[2])
 
 
+@pytest.mark.slow
 def test_sigusr1_single_process_exit_status_and_exact_resume(reference, run_dir):
     proc = start(["train", *FAST, *SLOW, f"run.dir={run_dir}"])
     wait_for_step(proc, run_dir, 20)
@@ -83,6 +85,7 @@ def test_sigusr1_single_process_exit_status_and_exact_resume(reference, run_dir)
     assert_same_final_weights(run_dir, reference[1])
 
 
+@pytest.mark.slow
 def test_stop_signals_is_configurable(run_dir):
     # A signal not in the list keeps its default action (SIGUSR1: terminate, no checkpoint).
     proc = start(["train", *FAST, *SLOW, f"run.dir={run_dir}", "run.stop_signals=[SIGUSR2]"])
@@ -147,6 +150,7 @@ def _small_fs(path: Path, size: str) -> None:
         pytest.skip(f"cannot mount a small tmpfs to fill up (needs root/CAP_SYS_ADMIN): {r.stderr.decode().strip()}")
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_stops_every_rank(run_dir):
     ckpts = run_dir / "checkpoints"
     _small_fs(ckpts, "400k")  # room for one checkpoint (~270 KB), not for the next beside it
@@ -180,6 +184,7 @@ def test_unwritable_checkpoint_dir_is_a_clear_error(run_dir):
         subprocess.run(["chattr", "-i", str(ckpts)], check=False)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_on_one_rank_rides_in_the_oom_agreement_one_collective_per_step(tmp_path):
     """Issue 14 (b): with OOM recovery on, a step makes ONE host-side agreement: the stop flags ride in
     the OOM agreement, and both ranks still stop together when only rank 1 got the signal. With

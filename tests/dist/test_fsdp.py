@@ -70,6 +70,7 @@ def test_inline_validation_with_fsdp_on_two_processes_is_refused():
 
 
 @pytest.mark.parametrize("nproc,validator", [(2, False), (3, True)])  # 3 training ranks: below
+@pytest.mark.slow
 def test_the_sharded_ema_matches_a_plain_one_with_1_over_n_of_its_memory(tmp_path, nproc, validator):
     """Unit level, under torchrun: update, memory per rank, aliasing of the flat buffers, state_dict round
     trip (DTensors and full plain tensors), copy_to into the sharded model. `validator`: the last rank
@@ -128,6 +129,7 @@ def test_fsdp_and_ddp_give_the_same_weights_and_ema(tmp_path, nproc, ema, retrie
     assert all(s <= full / nproc * 1.25 for s in shards) and abs(sum(shards) - full) <= 1e-4 * nproc
 
 
+@pytest.mark.slow
 def test_a_nan_loss_on_rank_1_is_skipped_by_every_ranks_ema_shards(run_dir):
     """The EMA gate reads the global norm of the sharded gradients (one all-reduce that every rank runs),
     so all ranks skip the same step: the gathered EMA has no NaN (rank 1's shards skipped too)."""

@@ -61,6 +61,7 @@ def test_what_fsdp_cannot_shard_or_step_is_refused_before_anything_runs(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_on_a_torch_without_the_fsdp2_api_is_refused_with_one_line(tmp_path):
     """torch < 2.6 has no public torch.distributed.fsdp.fully_shard: emulated by removing it at start-up."""
     site = tmp_path / "site"

@@ -20,6 +20,7 @@ from launcher.validation import handoff
 QUICK = [*FAST, "checkpoint.every_steps=0", "train.log_every=1"]
 
 
+@pytest.mark.slow
 def test_nan_loss_on_rank_1_of_2_is_skipped_by_the_ema_on_rank_0(run_dir):
     """Rank 1's NaN reaches rank 0 only through the averaged gradients: rank 0's own loss is finite. The
     EMA gate looks at the synced gradients' norm, so the EMA skips that step and stays finite."""

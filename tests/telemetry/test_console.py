@@ -4,11 +4,14 @@ the rich bar keeps its step count and ETA on an 80-column terminal."""
 import io
 import re
 
+import pytest
+
 from conftest import read_jsonl
 
 HUMAN = ("train step=", "training ", "resuming ", "done: ", "telemetry: ", "wandb: ")
 
 
+@pytest.mark.slow
 def test_a_resume_says_where_it_continues_and_nothing_else_is_noise(relaunched):
     run, second = relaunched["run"], relaunched["procs"][1]
     lines = [ln for ln in second.stdout.splitlines() if ln.strip()]
@@ -21,6 +24,7 @@ def test_a_resume_says_where_it_continues_and_nothing_else_is_noise(relaunched):
     assert log.count("event checkpoint") == events.count("checkpoint")
 
 
+@pytest.mark.slow
 def test_two_processes_say_one_training_rank_and_one_validator_rank(reference):
     stdout = (reference[2].parent / "two.stdout").read_text()
     starts = [ln for ln in stdout.splitlines() if ln.startswith("training ")]

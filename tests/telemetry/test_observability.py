@@ -70,6 +70,7 @@ def two_rank_run(tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.slow
 def test_wandb_offline_has_train_and_val_series_on_their_axes(two_rank_run):
     run_dir, proc = two_rank_run
     files = offline_runs(run_dir)

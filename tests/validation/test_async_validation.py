@@ -207,6 +207,7 @@ def test_standalone_validate_skips_corrupt_snapshots_and_revalidates_checkpoints
     assert sorted((r["step"], r["weights"]) for r in again) == [(10, "raw"), (20, "raw")]
 
 
+@pytest.mark.slow
 def test_bad_validation_input_is_one_line_and_status_2(tmp_path):
     p = launch(["train", *FAST, "validation.device=gpu7", f"run.dir={tmp_path}/r"], check=False)
     assert p.returncode == 2 and "validation.device" in p.stderr and len(p.stderr.strip().splitlines()) == 1
@@ -244,6 +245,7 @@ NHWC = [a for a in ARGS if not a.startswith("job.model")] + [
 
 
 @pytest.mark.parametrize("mode,train_nhwc", [("process", "true"), ("inline", "false")])
+@pytest.mark.slow
 def test_channels_last_in_the_device_copy_and_validation_throughput(tmp_path, mode, train_nhwc):
     """train.channels_last converts each batch in its copy to the device, never on the host (the job's
     images refuse a host-side conversion, its model an input that is not NHWC); a conv net evaluates

@@ -56,6 +56,7 @@ def assert_snapshot_is(q: Path, run: Path, step: int) -> None:
 
 
 @pytest.mark.parametrize("nproc,state", [(2, "module"), (3, "synthetic")])
+@pytest.mark.slow
 def test_snapshot_appears_only_once_every_piece_is_in(tmp_path, nproc, state):
     """Rank 1 is held back: the other ranks' pieces are on disk but no manifest is; once rank 1 writes,
     the snapshot is committed (once), and it assembles to exactly the full tensors. A snapshot whose
@@ -88,6 +89,7 @@ def test_snapshot_appears_only_once_every_piece_is_in(tmp_path, nproc, state):
     assert [(r["step"], r["reason"]) for r in read_jsonl(run / "val" / "skipped.jsonl")] == [(20, "corrupt")]
 
 
+@pytest.mark.slow
 def test_latest_policy_drops_stale_sharded_snapshots_with_their_pieces(tmp_path):
     """policy=latest, keep=1: the rank that completes a snapshot drops the older unclaimed one, pieces and all."""
     run, q = tmp_path / "run", tmp_path / "run" / "handoff"

@@ -11,6 +11,7 @@ import torch
 from conftest import FAST, launch, read_jsonl
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_validation_halves_its_batch_and_keeps_it(run_dir):
     """validation.batch_size=400 on a (simulated) device where more than 150 samples run out of memory: the
     first validation retries at 200, then 100, and validates; the next starts at 100. Training never notices."""
