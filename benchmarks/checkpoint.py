@@ -65,14 +65,14 @@ def training_state(strategy: str, device: torch.device):
     torch.nn.functional.cross_entropy(net(x), y).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    ema = EMA(model, 0.999, "none") if env.is_main or fsdp.is_sharded(model) else NoEMA()
+    ema = EMA(model, 0.999, "none") if env.is_main or fsdp.is_fsdp(model) else NoEMA()
     return cfg, env, dist, model, opt, ema
 
 
 def stall_worker(out: Path, strategy: str, saves: int) -> None:
     """One process (or one torchrun worker): the real Checkpointer saving the ViT-B state `saves` times."""
-    from launcher.batch.geometry import Batch
     from launcher.checkpoint.checkpointer import Checkpointer, TrainState
+    from launcher.dist import fsdp
     from launcher.checkpoint.staging import flatten
     from launcher.rundir import RunDir
     from launcher.step import LossMeter
@@ -82,11 +82,12 @@ def stall_worker(out: Path, strategy: str, saves: int) -> None:
     rundir = RunDir(out / "run").make()
     cfg.checkpoint.keep_last = 1
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    state = TrainState(Batch(2, 2, env.train_world))
+    state = TrainState()
     tel = SimpleNamespace(event=lambda kind, **fields: None, wandb_id=None)
-    ckpt = Checkpointer(cfg, env, dist, rundir, tel, state, per_rank={"meter": LossMeter(device)},
+    ckpt = Checkpointer(cfg.checkpoint, env, dist, rundir, tel, state, per_rank={"meter": LossMeter(device)},
                         parts={"model": model, "optimizer": opt, "scheduler": sched,
-                               "scaler": torch.amp.GradScaler(device.type, enabled=False), "ema": ema})
+                               "scaler": torch.amp.GradScaler(device.type, enabled=False), "ema": ema},
+                        sharded=fsdp.is_fsdp(model))
     opt.step()  # (lr 0 gradients: none) the optimizer post-hook prepares the buffers in the background
     _, tensors = flatten(ckpt._state())
     stalls = []

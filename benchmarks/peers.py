@@ -239,9 +239,11 @@ def measures(marks: List[list], global_batch: int, val_ms: List[float], ckpt_ms:
 
 
 def read_launcher(run_dir: Path, metric: str, goal: str, cpu_marks: Dict[int, float]) -> dict:
-    """From the run directory: metrics.jsonl marks, `handoff` stalls, checkpoint stalls (`blocked_ms` where the
-    event has it, else the time from the step's hand-off event to its checkpoint event, which is the save),
-    the EMA results of val/results.jsonl, and the training time from the `start` to the `end` event."""
+    """From the run directory: metrics.jsonl marks, checkpoint stalls (`blocked_ms` where the event has it,
+    else the time from the step's hand-off event to its checkpoint event, which is the save), the stall per
+    validation (the `handoff` event's blocked_ms plus its step's checkpoint stall: the hand-off sends that
+    checkpoint's snapshot, which the training thread took once for both), the EMA results of
+    val/results.jsonl, and the training time from the `start` to the `end` event."""
     events = jsonl(run_dir / "events.jsonl")
     kind = lambda name: [e for e in events if e["event"] == name]  # noqa: E731
     start, end, summary = kind("start")[0], kind("end")[0], json.loads((run_dir / "summary.json").read_text())
@@ -255,7 +257,9 @@ def read_launcher(run_dir: Path, metric: str, goal: str, cpu_marks: Dict[int, fl
     rows = [{"step": r["step"], "metrics": r["metrics"]} for r in jsonl(run_dir / "val" / "results.jsonl")
             if r.get("weights") == "ema" and not r.get("source")]
     marks = [[r["step"], r["time"], cpu_marks.get(r["step"])] for r in jsonl(run_dir / "metrics.jsonl")]
-    out = measures(marks, start["global_batch"], [e["blocked_ms"] for e in handoff.values()], ckpt, rows, metric, goal)
+    shared = {} if estimated else ckpt  # an estimate holds the save itself, not a shared snapshot
+    val_ms = [e["blocked_ms"] + shared.get(step, 0.0) for step, e in handoff.items()]
+    out = measures(marks, start["global_batch"], val_ms, ckpt, rows, metric, goal)
     threads = (kind("threads") or [{}])[0]
     return {**out, "train_s": end["time"] - start["time"], "threads": threads.get("trainer"),
             "validator_threads": threads.get("validator"), "ckpt_estimated": estimated,
