@@ -13,6 +13,7 @@ streams of collectives in its own order).
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import secrets
@@ -108,7 +109,9 @@ class Dist(Group):
         if leaving_on is not None and self.env.world_size > 1 and fault(leaving_on):
             self.abandon(leaving_on)
             return
+        self.group = self.background.group = None  # the groups' C++ objects go in destroy, not at exit
         if dist.is_initialized() and finished:
+            gc.collect()  # a finished run's DDP and fsdp modules hold groups too (cycles): freed now
             destroy_together()
         elif dist.is_initialized():
             dist.destroy_process_group()
@@ -150,8 +153,11 @@ def fault(e: BaseException) -> bool:
 
 
 def destroy_together() -> None:
-    """Every rank got here normally: all meet (a CPU tensor: gloo even on CUDA), destroy the default
-    process group, and none exits before all have destroyed theirs (_leave_together)."""
+    """Every rank got here normally: all meet (a CPU tensor: gloo even on CUDA), destroy the process
+    groups, and none exits before all have destroyed theirs (_leave_together). The caller drops its own
+    references to the groups first: a group object still referenced outlives the destroy, and its
+    destructor then runs at the interpreter's exit, after a peer may have closed its sockets ("terminate
+    called without an active exception", exit -6)."""
     store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
     dist.all_reduce(torch.zeros(1))
     dist.destroy_process_group()

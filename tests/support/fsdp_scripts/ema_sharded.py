@@ -22,6 +22,7 @@ dist.init_process_group("gloo")
 validator = len(sys.argv) > 2 and sys.argv[2] == "validator"
 group = dist.new_group(list(range(dist.get_world_size() - 1))) if validator else dist.group.WORLD
 if validator and dist.get_rank() == dist.get_world_size() - 1:  # waits for the others, then leaves with them
+    group = None  # no reference outlives the destroy
     destroy_together()
     sys.exit(0)
 rank, world = dist.get_rank(), dist.get_world_size(group)
@@ -69,4 +70,5 @@ if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
 del model, ref, ema, ema_ref, fresh, opt, opt_ref, weights, full, saved  # no sharded tensor outlives the group
+group = None  # no reference outlives the destroy
 destroy_together()  # every rank (the stand-in validator included) leaves together

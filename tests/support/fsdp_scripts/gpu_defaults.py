@@ -100,4 +100,5 @@ dist.all_gather_object(results, out)
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(results, f)
+group = None  # no reference outlives the destroy
 destroy_together()
