@@ -253,7 +253,7 @@ class Checkpointer:
         timeout = self.cfg.drain_timeout_s
         if not self.wait(timeout) and self.error is None:
             self.error = f"the checkpoint of step {step} was not written within checkpoint.drain_timeout_s={timeout:g}"
-        if self.dist.all_reduce(torch.tensor([float(self.error is not None)]), "max").item():
+        if self.dist.any_rank(self.error is not None):
             raise SaveError(self.error or f"another training rank could not write its part of the step-{step} "
                             "checkpoint (see its log); the previous checkpoints are intact")
 
