@@ -258,9 +258,9 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     from launcher.batch.geometry import Batch
     from launcher.batch.recovery import Headroom, Recovery
     from launcher.config.schema import Config
-    from launcher.dist.env import Env
-    from launcher.dist.groups import Dist
-    from launcher.dist.signals import Guard
+    from launcher.distributed.env import Env
+    from launcher.distributed.groups import Dist
+    from launcher.distributed.signals import Guard
     from launcher.rundir import RunDir
     from launcher.step import forward_backward
     from launcher.telemetry.off import OFF

@@ -43,9 +43,9 @@ VIT_B = {"model": "vit", "image_size": 32, "num_classes": 1000}  # ViT-B/16's we
 def training_state(strategy: str, device: torch.device):
     """The launcher's own pieces: the synthetic job's ViT-B/16, AdamW, the EMA, one step taken."""
     from launcher.config.schema import Config
-    from launcher.dist import fsdp
-    from launcher.dist.env import detect
-    from launcher.dist.groups import Dist
+    from launcher.distributed import fsdp
+    from launcher.distributed.env import detect
+    from launcher.distributed.groups import Dist
     from launcher.ema import EMA, NoEMA
     from launcher.jobs.synthetic import Synthetic, SyntheticJob
     from launcher.optim import build_optimizer
@@ -72,7 +72,7 @@ def training_state(strategy: str, device: torch.device):
 def stall_worker(out: Path, strategy: str, saves: int) -> None:
     """One process (or one torchrun worker): the real Checkpointer saving the ViT-B state `saves` times."""
     from launcher.checkpoint.checkpointer import Checkpointer, TrainState
-    from launcher.dist import fsdp
+    from launcher.distributed import fsdp
     from launcher.checkpoint.staging import flatten
     from launcher.rundir import RunDir
     from launcher.step import LossMeter
@@ -110,7 +110,7 @@ def stall_worker(out: Path, strategy: str, saves: int) -> None:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from launcher.dist.shards import is_sharded
+    from launcher.distributed.shards import is_sharded
     return t.to_local() if is_sharded(t) else t
 
 

@@ -31,19 +31,19 @@ MB = 2 ** 20
 
 
 def _local_bytes(t: torch.Tensor) -> int:
-    from launcher.dist.shards import local_and_layout
+    from launcher.distributed.shards import local_and_layout
     local, _ = local_and_layout(t)
     return local.numel() * local.element_size()
 
 
 def worker(strategy: str, layers: int, puts: int) -> None:
     """One rank under torchrun: one step, then count and time; rank 0 prints every rank's figures."""
-    from launcher.dist import wrap
+    from launcher.distributed import wrap
     from launcher.validation import handoff
     from tests.support.handoff import idle
-    from launcher.dist.groups import Dist
+    from launcher.distributed.groups import Dist
     from launcher.ema import EMA
-    from launcher.dist.env import Env
+    from launcher.distributed.env import Env
     from launcher.jobs.synthetic import Synthetic, SyntheticJob
     from launcher.optim import build_optimizer
     from launcher.config.schema import Config

@@ -6,7 +6,7 @@
 One line per check: PASS, FAIL or SKIP (a GPU-only check on a CPU), then a JSON summary line; the exit
 status is the number of FAILs.
 
-  api       torch, CUDA, the FSDP2 API the launcher calls (launcher.dist.fsdp.api_missing, can_reset)
+  api       torch, CUDA, the FSDP2 API the launcher calls (launcher.distributed.fsdp.api_missing, can_reset)
   race      every hand-off snapshot's file bit-equal to the EMA at put() time (checksums on the device),
             and, as its control, the same without the fence(): it must tear, else the check is blind
   gate      the EMA's device gate bit-equal to the host path; a skipped step keeps the bits; the fp16
@@ -51,7 +51,7 @@ def checksum(t: torch.Tensor) -> torch.Tensor:
 
 
 def api() -> None:
-    from launcher.dist import fsdp
+    from launcher.distributed import fsdp
     from torch.distributed.fsdp import FSDPModule
 
     missing = fsdp.api_missing()
@@ -143,7 +143,7 @@ def fsdp() -> None:
 
     from launcher import step
     from launcher.config.schema import Config, OptimConfig
-    from launcher.dist import fsdp as F
+    from launcher.distributed import fsdp as F
     from launcher.ema import EMA
     from launcher.jobs.synthetic import ResNet
     from launcher.optim import build_optimizer, build_scheduler

@@ -1,11 +1,8 @@
-"""launcher: DDP or FSDP2 training with an EMA of the weights and validation that never blocks training."""
-import os as _os
+"""launcher: DDP or FSDP2 training with an EMA of the weights and validation that never blocks training.
+
+The shipped jobs are the package `launcher.jobs` and the configs `launcher.conf`: the repository's
+top-level jobs/ and conf/ folders, mapped there by pyproject.toml's package-dir (a wheel copies them;
+`pip install -e .` maps them in place). Run a checkout through that install, not from a bare path.
+"""
 
 __version__ = "0.1.0"
-
-# The shipped jobs are the package `launcher.jobs`: a wheel installs the repository's top-level jobs/
-# folder there. In a source checkout (no launcher/jobs beside this file) the checkout's own jobs/ is
-# found through the repository root on this package's path, so a checkout always runs its own jobs.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "jobs")) and _os.path.isfile(_os.path.join(_root, "jobs", "__init__.py")):
-    __path__.append(_root)

@@ -92,7 +92,7 @@ def _debug_logging(loggers: List[str]) -> None:
 def _check_point(overrides: List[str], here: bool) -> Config:
     """One point of a sweep, checked as `train` checks it (`here`: it runs on this machine)."""
     from launcher.config.schema import validation_mode
-    from launcher.dist.env import detect
+    from launcher.distributed.env import detect
 
     cfg, _ = load_config(overrides)
     if not here:
@@ -107,7 +107,7 @@ def _check_point(overrides: List[str], here: bool) -> Config:
 def train_command(overrides: List[str]) -> int:
     from launcher import sweep
     from launcher.config.schema import validation_mode
-    from launcher.dist.env import detect
+    from launcher.distributed.env import detect
 
     try:
         if sweep.is_multirun(overrides):
@@ -121,9 +121,9 @@ def train_command(overrides: List[str]) -> int:
     except ConfigError as e:
         return fail(str(e))
 
-    from launcher.dist import threads
+    from launcher.distributed import threads
     from launcher.errors import SaveError
-    from launcher.dist.groups import Dist
+    from launcher.distributed.groups import Dist
     from launcher.faults import fail_at_start
     from launcher.telemetry.logs import FILE_ONLY, setup_logging
     from launcher.train import Trainer

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from launcher.dist.shards import is_sharded, local_and_layout, local_slice, replicated
+from launcher.distributed.shards import is_sharded, local_and_layout, local_slice, replicated
 
 
 def decay_at(n: int, decay: float, ramp: str, tau: float) -> float:

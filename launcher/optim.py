@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from launcher.config.schema import OptimConfig, SchedConfig
-from launcher.dist.shards import is_sharded
+from launcher.distributed.shards import is_sharded
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:

@@ -25,8 +25,8 @@ def precheck(cfg: Config, world_size: int, train_world: int, data: bool = True) 
     per process; training reuses them) to check the batch against the training set."""
     from launcher import jobs
     from launcher.batch.geometry import plan, steps_per_epoch
-    from launcher.dist import fsdp
-    from launcher.dist.env import require_cuda
+    from launcher.distributed import fsdp
+    from launcher.distributed.env import require_cuda
     from launcher.jobs.base import declared_metrics
 
     checks.check(cfg, world_size)
@@ -74,7 +74,7 @@ def make_run_dir(cfg: Config, config_text: str, overrides: List[str]) -> Tuple[R
     from launcher import summary
     from launcher.checkpoint import store
     from launcher.config import history
-    from launcher.dist.env import run_id
+    from launcher.distributed.env import run_id
     from launcher.files import atomic_write
     from launcher.validation import control
 

@@ -13,8 +13,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from launcher.batch.recovery import Recovery
-from launcher.dist.groups import Dist
-from launcher.dist.shards import replicated
+from launcher.distributed.groups import Dist
+from launcher.distributed.shards import replicated
 from launcher.optim import set_momentum
 from launcher.precision import autocast
 

@@ -88,7 +88,7 @@ def expand(overrides: List[str]) -> Tuple[List[List[str]], List[str]]:
 
 def sweep_root(cfg: Any) -> Path:
     """run.dir, else <run.root>/<run.id, SLURM_JOB_ID, TORCHELASTIC_RUN_ID..., else sweep-<time>>."""
-    from launcher.dist.env import run_id, run_id_from_env
+    from launcher.distributed.env import run_id, run_id_from_env
 
     if cfg.run.dir:
         return Path(cfg.run.dir).resolve()
@@ -158,7 +158,7 @@ def run_local(sweep: SweepDir, plan: dict) -> int:
                 print(f"launcher: sweep point {n + 1}/{total}: {params} -> {sweep.point(n).root}", file=sys.stderr,
                       flush=True)
             env = dict(os.environ)
-            if "TORCHELASTIC_RUN_ID" in env:  # each point's ranks find their own store (launcher/dist.py)
+            if "TORCHELASTIC_RUN_ID" in env:  # each point's ranks find their own store (launcher/distributed.py)
                 env["TORCHELASTIC_RUN_ID"] = f"{env['TORCHELASTIC_RUN_ID']}-sweep{n}"
             args = [sys.executable, "-m", "launcher", "train", *point_args(sweep, plan, n)]
             child[0] = subprocess.Popen(args, env=env)

@@ -25,11 +25,11 @@ from launcher.checkpoint.checkpointer import Checkpointer, TrainState
 from launcher.checkpoint.export import save_weights
 from launcher.config.schema import Config, validation_mode
 from launcher.data import DevicePrefetcher, EpochIndices, train_loader_options
-from launcher.dist import fsdp, wrap
-from launcher.dist.env import Env, layout
-from launcher.dist.groups import Dist
-from launcher.dist.rng import seed_everything
-from launcher.dist.signals import Guard, Stop
+from launcher.distributed import fsdp, wrap
+from launcher.distributed.env import Env, layout
+from launcher.distributed.groups import Dist
+from launcher.distributed.rng import seed_everything
+from launcher.distributed.signals import Guard, Stop
 from launcher.ema import EMA, NoEMA, auto_tau
 from launcher.faults import Faults
 from launcher.optim import Settings, build_optimizer, build_scheduler, warmup_steps

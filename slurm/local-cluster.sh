@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node Slurm on this machine, for the tests in tests/dist/test_slurm.py and for trying the sbatch scripts.
+# A one-node Slurm on this machine, for the tests in tests/distributed/test_slurm.py and for trying the sbatch scripts.
 #
 #   slurm/local-cluster.sh start    install (apt, as root) if needed, configure, start munged/slurmctld/slurmd
 #   slurm/local-cluster.sh status   exit 0 when `sinfo` answers and the node is usable

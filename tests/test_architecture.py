@@ -14,7 +14,7 @@ PACKAGES = {"launcher": "launcher", "jobs": "launcher.jobs"}  # folder -> the pa
 LAYERS = [
     ("errors", "files", "jobs"),
     ("config", "rundir"),
-    ("dist", "telemetry", "precision", "optim", "ema", "faults", "data", "summary"),
+    ("distributed", "telemetry", "precision", "optim", "ema", "faults", "data", "summary"),
     ("batch",),
     ("checkpoint",),
     ("validation",),

@@ -192,7 +192,7 @@ def test_fp16_skip_is_read_from_the_scale_on_the_device(monkeypatch):
 def test_backend_flags_are_config_keys(on):
     """train.cudnn_benchmark and train.tf32, applied once by wrap.setup (with channels_last weights)."""
     from launcher.config.schema import TrainConfig
-    from launcher.dist import wrap
+    from launcher.distributed import wrap
     model = wrap.setup(nn.Conv2d(3, 4, 3), TrainConfig(cudnn_benchmark=on, tf32=on, channels_last=on))
     assert torch.backends.cudnn.benchmark is on and torch.backends.cuda.matmul.allow_tf32 is on
     assert torch.backends.cudnn.allow_tf32 is on

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from launcher.batch.geometry import Batch, plan
-from launcher.dist.env import shares_gpu_with_validator
-from launcher.dist.rng import rng_state, set_rng_state
+from launcher.distributed.env import shares_gpu_with_validator
+from launcher.distributed.rng import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
-from launcher.dist.fsdp import default_resharding, is_fsdp, reset_step
+from launcher.distributed.fsdp import default_resharding, is_fsdp, reset_step
 from launcher.batch.memory import DeviceMemory
 from launcher.batch.recovery import Lockstep, Recovery, StepOOM, cleanup, is_oom
 from launcher.config.schema import validation_mode

@@ -36,7 +36,7 @@ from torch import nn
 
 from launcher.batch.geometry import Batch
 from launcher.config.schema import AutobatchConfig
-from launcher.dist.fsdp import accumulate, can_reset, is_fsdp, reset_step, stand_in_grads, unshard_for_step
+from launcher.distributed.fsdp import accumulate, can_reset, is_fsdp, reset_step, stand_in_grads, unshard_for_step
 from launcher.errors import EXIT_RESTART, OutOfMemory
 from launcher.telemetry.off import OFF
 

@@ -32,8 +32,8 @@ from launcher.checkpoint import dcp, store
 from launcher.checkpoint.background import Background
 from launcher.checkpoint.staging import Snapshot, Stage, flatten
 from launcher.config.schema import CheckpointConfig
-from launcher.dist import shards
-from launcher.dist.rng import rng_state, set_rng_state
+from launcher.distributed import shards
+from launcher.distributed.rng import rng_state, set_rng_state
 from launcher.ema import EMA
 from launcher.errors import SaveError
 from launcher.files import read_json

@@ -20,7 +20,7 @@ from torch import nn
 
 from launcher.files import Corrupt, atomic_write, file_sha256, fsync_dir, read_json, write_json
 from launcher.rundir import checkpoint_name, checkpoint_pattern
-from launcher.dist.shards import is_sharded, local_slice
+from launcher.distributed.shards import is_sharded, local_slice
 
 PATTERN = checkpoint_pattern(sharded=True)
 MANIFEST = "manifest.json"

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from launcher.dist.shards import is_sharded
+from launcher.distributed.shards import is_sharded
 
 
 # ------------------------------------------------------------------------------ the state's tensors

@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load
 
 from launcher.files import atomic_write, fsync_dir, read_json, verify, write_json, write_safetensors
 from launcher.rundir import SNAPSHOT_PIECE, Manifest, piece_name, snapshot_name, step_stem, ticket_name
-from launcher.dist.shards import Layout, assemble, is_sharded, local_and_layout
+from launcher.distributed.shards import Layout, assemble, is_sharded, local_and_layout
 
 
 

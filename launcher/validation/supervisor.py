@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from launcher.dist.env import child_environ
+from launcher.distributed.env import child_environ
 from launcher.rundir import RunDir
 from launcher.validation import control
 
@@ -45,7 +45,7 @@ def spawn(rundir: RunDir, device: str, shared: bool = False) -> subprocess.Popen
 
 def child_device(env) -> str:
     """mode=process: the validator's own GPU if the node has one no training rank uses, else the same device
-    (then it shares it: dist.env.shares_gpu_with_validator)."""
+    (then it shares it: distributed.env.shares_gpu_with_validator)."""
     if env.device.type == "cuda" and torch.cuda.device_count() > env.local_world_size:
         return f"cuda:{env.local_world_size}"
     return str(env.device)
@@ -63,7 +63,7 @@ def training_over(rundir: RunDir) -> bool:
 
 def shares_gpu(env) -> bool:
     """The validator rank shares its GPU with a trainer only with validation.share_gpu, the one launch with
-    more processes on a node than GPUs (dist.env.assign_device)."""
+    more processes on a node than GPUs (distributed.env.assign_device)."""
     return env.device.type == "cuda" and env.local_world_size > torch.cuda.device_count()
 
 

@@ -24,7 +24,7 @@ from launcher.validation import control
 from launcher.validation import handoff
 from launcher.validation.supervisor import child_device, spawn
 from launcher.config.schema import validation_mode
-from launcher.dist.env import shares_gpu_with_validator
+from launcher.distributed.env import shares_gpu_with_validator
 from launcher.validation.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
 from launcher.faults import handoff_fault
 from launcher.files import JsonlTail

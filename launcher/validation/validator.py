@@ -22,8 +22,8 @@ from launcher.validation.evaluation import Tracker, fmt, kinds, val_batch_size, 
 from launcher.files import Corrupt
 from launcher.rundir import RunDir, ValResult
 from launcher.config.checks import check_device
-from launcher.dist.env import require_cuda
-from launcher.dist.wrap import backend_flags
+from launcher.distributed.env import require_cuda
+from launcher.distributed.wrap import backend_flags
 from launcher.faults import oom_above, simulated_limit
 from launcher.validation.supervisor import SHARED_GPU
 

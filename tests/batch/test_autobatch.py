@@ -218,8 +218,8 @@ def test_auto_probes_once_resume_reuses_it_and_the_run_equals_a_fixed_size_run(t
 def test_cpu_without_a_simulated_limit_uses_the_jobs_default(tmp_path):
     from launcher import jobs
     from launcher.cli import load_config
-    from launcher.dist.groups import Dist
-    from launcher.dist.env import detect
+    from launcher.distributed.groups import Dist
+    from launcher.distributed.env import detect
     from launcher.rundir import RunDir
 
     cfg, _ = load_config(["job.model=mlp", "batch.size=auto", "batch.global_size=256", "train.device=cpu"])

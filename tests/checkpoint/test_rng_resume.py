@@ -13,7 +13,7 @@ import io
 import pytest
 import torch
 
-from launcher.dist.rng import cuda_state_for, rng_state, set_rng_state
+from launcher.distributed.rng import cuda_state_for, rng_state, set_rng_state
 
 
 def old_layout_state(devices: int) -> dict:

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as tdist
 
 from launcher.batch.geometry import Batch
-from launcher.dist.groups import Dist
-from launcher.dist.env import Env
+from launcher.distributed.groups import Dist
+from launcher.distributed.env import Env
 from launcher.batch.recovery import Headroom, Recovery
 from launcher.rundir import RunDir
 from launcher.config.schema import Config
-from launcher.dist.signals import Guard
+from launcher.distributed.signals import Guard
 from launcher.telemetry.off import OFF
 
 

@@ -182,7 +182,7 @@ def test_inline_validation_is_refused_under_fsdp():
     """Inline validation needs the full model on one rank: under fsdp it is a clear config error."""
     from types import SimpleNamespace
 
-    from launcher.dist.env import Env
+    from launcher.distributed.env import Env
     from launcher.validation import trainer_side
     from launcher.errors import ConfigError
 

@@ -30,7 +30,7 @@ def test_an_out_of_memory_validation_halves_its_batch_and_keeps_it(run_dir):
 def test_the_validators_gpu_is_known_from_the_launch_alone():
     """Which training rank's GPU also runs the validator (pure: no GPU needed): training rank 0 with
     validation.mode=process when no GPU is free; with validation.share_gpu the last GPU's trainer."""
-    from launcher.dist.env import Env, shares_gpu_with_validator
+    from launcher.distributed.env import Env, shares_gpu_with_validator
 
     def env(rank, world, local_world, device, validator=None):
         return Env(rank=rank, world_size=world, local_rank=rank, local_world_size=local_world, restart_count=0,

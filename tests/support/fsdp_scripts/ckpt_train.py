@@ -25,14 +25,14 @@ from torch import nn
 from launcher.checkpoint.checkpointer import Checkpointer, TrainState
 from launcher.errors import SaveError
 from launcher.checkpoint.export import save_weights
-from launcher.dist import fsdp
-from launcher.dist.groups import Dist
-from launcher.dist.rng import seed_everything
+from launcher.distributed import fsdp
+from launcher.distributed.groups import Dist
+from launcher.distributed.rng import seed_everything
 from launcher.ema import EMA, NoEMA
-from launcher.dist.env import detect
+from launcher.distributed.env import detect
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.rundir import RunDir
-from launcher.dist.shards import is_sharded
+from launcher.distributed.shards import is_sharded
 
 
 class Net(nn.Module):

@@ -1,7 +1,7 @@
 """Run under torchrun (gloo): the sharded EMA against a plain one on an unsharded copy of the model.
 
 Every rank trains the same batch, so the averaged gradients equal the plain model's. Writes
-what tests/dist/test_fsdp.py checks as JSON to argv[1] (rank 0).
+what tests/distributed/test_fsdp.py checks as JSON to argv[1] (rank 0).
 """
 import io
 import json
@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.tensor  # noqa: F401 - torch.load(weights_only=True) of DTensors needs it
 
-from launcher.dist.groups import destroy_together
-from launcher.dist import fsdp
+from launcher.distributed.groups import destroy_together
+from launcher.distributed import fsdp
 from launcher.ema import EMA
 from launcher.jobs.mnist1d import CNN
-from launcher.dist.shards import local_and_layout
+from launcher.distributed.shards import local_and_layout
 
 dist.init_process_group("gloo")
 # argv[2] == "validator": the last rank stands for the validator, outside the training group (as in training).

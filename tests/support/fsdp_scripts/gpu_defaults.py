@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.dist.groups import destroy_together
+from launcher.distributed.groups import destroy_together
 from launcher import step
 from launcher.config.schema import Config, OptimConfig
-from launcher.dist import fsdp
+from launcher.distributed import fsdp
 from launcher.ema import EMA
 from launcher.jobs.synthetic import ResNet
 from launcher.optim import build_optimizer, build_scheduler

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from launcher.dist.groups import destroy_together
+from launcher.distributed.groups import destroy_together
 from launcher.validation import handoff
 from tests.support.handoff import idle
 

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from launcher.dist.groups import destroy_together
+from launcher.distributed.groups import destroy_together
 from launcher import jobs
 from launcher.validation import trainer_side
 from launcher.cli import load_run_config
-from launcher.dist.env import Env
+from launcher.distributed.env import Env
 from launcher.rundir import RunDir
 from launcher.telemetry import Telemetry
 

@@ -14,9 +14,9 @@ from launcher.batch import probe, recovery
 from launcher.batch.memory import DeviceMemory
 from launcher.batch.recovery import Lockstep
 from launcher.config.schema import Config
-from launcher.dist import fsdp
-from launcher.dist.env import detect
-from launcher.dist.groups import Dist
+from launcher.distributed import fsdp
+from launcher.distributed.env import detect
+from launcher.distributed.groups import Dist
 from launcher.ema import NoEMA
 from launcher.errors import OutOfMemory
 from launcher.optim import build_optimizer, build_scheduler

@@ -23,7 +23,7 @@ def test_a_bad_strategy_exits_2_with_one_clear_line(tmp_path):
 def test_blocks_the_automatic_rule_and_the_jobs_own_classes():
     from torch import nn
 
-    from launcher.dist.fsdp import blocks
+    from launcher.distributed.fsdp import blocks
     from launcher.jobs.mnist1d import CNN, MLP
 
     mlp, cnn = MLP(hidden=8), CNN(channels=4)

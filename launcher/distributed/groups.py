@@ -25,7 +25,7 @@ from typing import Any, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
-from launcher.dist.env import Env
+from launcher.distributed.env import Env
 from launcher.errors import EXIT_RESTART
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class Dist(Group):
         `destroy_process_group()` waits for pending work (NCCL flushes it since torch 2.6; gloo joins a
         collective in flight), and so does finalizing the interpreter (the groups' destructors): one that
         a dead or diverged peer never joins would hold this rank, and the restarted group with it, for
-        `dist.timeout_s` or until torchrun's SIGKILL (tests/dist/test_teardown.py). On NCCL the communicators
+        `dist.timeout_s` or until torchrun's SIGKILL (tests/distributed/test_teardown.py). On NCCL the communicators
         are aborted (`_abort_process_group`); gloo's abort waits like its destroy, so there the sockets
         are left to the process's end. A rank leaving on an error (often a peer's doing: "Connection closed
         by peer") first waits LEAVE_AFTER_ERROR_S, so that torchrun, which polls its workers, names the

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from launcher.dist import fsdp
+from launcher.distributed import fsdp
 from launcher.config.checks import FSDP_FP16
 from launcher.config.schema import Config, TrainConfig
 from launcher.errors import ConfigError

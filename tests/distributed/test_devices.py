@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import FAST, launch
-from launcher.dist.env import assign_device
+from launcher.distributed.env import assign_device
 from launcher.config.checks import check_global_size
 from launcher.config.schema import Config
 from launcher.errors import ConfigError
