@@ -258,9 +258,11 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     from launcher.batch.geometry import Batch
     from launcher.batch.recovery import Headroom, Recovery
     from launcher.config.schema import Config
+    from launcher.distributed.agreement import Agreement
     from launcher.distributed.env import Env
     from launcher.distributed.groups import Dist
-    from launcher.distributed.signals import Guard
+    from launcher.distributed.signals import StopFlag
+    from launcher.distributed.wrap import GradSync
     from launcher.rundir import RunDir
     from launcher.step import forward_backward
     from launcher.telemetry.off import OFF
@@ -281,17 +283,21 @@ def _overhead_worker(rank: int, world: int, port: int, steps: int, micro: int, a
     for retries in (0, 3, 0, 3):  # interleaved, best of two
         cfg = Config()
         cfg.autobatch.max_retries = retries
-        guard = Guard(cfg.run, dist, tel)
-        oom = Recovery(cfg.autobatch, env, dist, RunDir(tempfile.mkdtemp()), ddp, tel, Batch(micro, micro * accum, world),
-                       Headroom(env.device, None, rank, lambda step: False), guard)
+        flag = StopFlag(cfg.run.stop_signals)
+        agreement = Agreement(dist, env)  # the Trainer's flags: a stop signal, early stop, a failed save
+        for name, read in (("stop", lambda: flag.signum), ("early_stop", lambda: 0), ("save_failed", lambda: 0)):
+            agreement.flag(name, read)
+        oom = Recovery(cfg.autobatch, env, RunDir(tempfile.mkdtemp()), tel, Batch(micro, micro * accum, world),
+                       agreement, Headroom(env.device, None, rank, lambda step: False))
+        grads = GradSync(ddp)
         times = []
         for i in range(steps):
             dist.barrier()
             t0 = time.perf_counter()
-            forward_backward(x, y, oom, ddp, job, scaler, env.device, "fp32", i)  # the training step's own
+            forward_backward(x, y, oom, grads, ddp, job, scaler, env.device, "fp32", i)  # the training step's own
             opt.step()
             opt.zero_grad(set_to_none=True)
-            guard.step_end()
+            agreement.step_end()
             times.append(time.perf_counter() - t0)
         med = sorted(times[2:])[len(times[2:]) // 2]
         res[retries] = min(res.get(retries, med), med)

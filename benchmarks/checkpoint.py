@@ -88,14 +88,14 @@ def stall_worker(out: Path, strategy: str, saves: int) -> None:
                         parts={"model": model, "optimizer": opt, "scheduler": sched,
                                "scaler": torch.amp.GradScaler(device.type, enabled=False), "ema": ema},
                         sharded=fsdp.is_fsdp(model))
-    opt.step()  # (lr 0 gradients: none) the optimizer post-hook prepares the buffers in the background
+    ckpt.prepare()  # as the loop does after the first step: the buffers, allocated in the background
     _, tensors = flatten(ckpt._state())
     stalls = []
     for step in range(1, saves + 1):
         ckpt.wait()  # the previous write finished: the save's stall is its snapshot (the speed runs show the rest)
         state.step = step
         t0 = time.perf_counter()
-        ckpt.save()
+        ckpt.save(ckpt.snapshot())
         _sync(device)
         stalls.append(time.perf_counter() - t0)
     ckpt.close()

@@ -40,7 +40,8 @@ def worker(strategy: str, layers: int, puts: int) -> None:
     """One rank under torchrun: one step, then count and time; rank 0 prints every rank's figures."""
     from launcher.distributed import wrap
     from launcher.validation import handoff
-    from tests.support.handoff import idle
+    from launcher.checkpoint.staging import Stage
+    from tests.support.handoff import idle, put
     from launcher.distributed.groups import Dist
     from launcher.ema import EMA
     from launcher.distributed.env import Env
@@ -75,12 +76,12 @@ def worker(strategy: str, layers: int, puts: int) -> None:
     if ema is not None:
         run = tempfile.mkdtemp()
         os.makedirs(os.path.join(run, "val"), exist_ok=True)
-        writer = handoff.Writer(run, "all", 0, device, rank=rank, world=world if sharded else None)
-        writer.prepare({"ema": ema.shadow})
+        writer = handoff.Writer(run, "all", 0, rank=rank, world=world if sharded else None)
+        stage = Stage(device)  # the checkpoint's snapshot the hand-off shares, as in training
         for i in range(puts + 1):
             while not idle(writer):  # validations are further apart than one write
                 time.sleep(0.01)
-            writer.put(i + 1, 0, {"ema": ema.shadow})
+            put(writer, i + 1, {"ema": ema.shadow}, stage)
         writer.flush()
         stall = writer.blocked_s[1:]
     mine["stall_ms"] = 1e3 * sum(stall) / len(stall) if stall else 0.0
@@ -130,7 +131,7 @@ def main() -> None:
               f"{stall['ddp']:.1f} ms vs fsdp {stall['fsdp']:.1f} ms")
     path = common.write("fsdp", torch.device("cpu"), rows, quick=a.quick, per_rank=detail,
                         notes=["bytes counted from the tensors each rank holds after one AdamW step (fp32); "
-                               "the stall is Writer.put() on the training thread (pinned host copy)"])
+                               "the stall is Writer.put() on the training thread (the snapshot's copy is the checkpoint's)"])
     print(f"wrote {path}")
 
 

@@ -7,8 +7,9 @@ One line per check: PASS, FAIL or SKIP (a GPU-only check on a CPU), then a JSON 
 status is the number of FAILs.
 
   api       torch, CUDA, the FSDP2 API the launcher calls (launcher.distributed.fsdp.api_missing, can_reset)
-  race      every hand-off snapshot's file bit-equal to the EMA at put() time (checksums on the device),
-            and, as its control, the same without the fence(): it must tear, else the check is blind
+  race      every hand-off snapshot's file bit-equal to the EMA when its snapshot was taken (checksums on
+            the device), and, as its control, the same without the staging fence() the training step
+            calls before its optimizer step: it must tear, else the check is blind
   gate      the EMA's device gate bit-equal to the host path; a skipped step keeps the bits; the fp16
             scaler's skip flag stays on the device
   fsdp      a 1-rank NCCL group: a BatchNorm ResNet sharded at bf16 trains (forward, backward, AdamW and
@@ -63,6 +64,7 @@ def api() -> None:
 def _race(fence: bool, steps: int, numel: int) -> list:
     from safetensors.torch import load_file
 
+    from launcher.checkpoint.staging import Stage
     from launcher.ema import EMA
     from launcher.validation.handoff import Writer, data_path
 
@@ -72,18 +74,19 @@ def _race(fence: bool, steps: int, numel: int) -> list:
     tmp = Path(tempfile.mkdtemp(prefix="gpu-checks-race-"))
     try:
         (tmp / "val").mkdir()
-        w = Writer(tmp, "all", keep=10**6, device=DEV)
-        w.prepare({"ema": ema.shadow})
+        w = Writer(tmp, "all", keep=10**6)
+        stage = Stage(DEV)  # the checkpoint's snapshot, which the hand-off shares
         sums = []
         for i in range(steps):
+            if fence:
+                stage.fence()  # what the training step does before its optimizer step
             with torch.no_grad():
                 model.w.add_(1.0)  # the optimizer step
-            if fence:
-                w.fence()  # what the loop does before every EMA update
             ema.update(model, skip=torch.zeros((), dtype=torch.bool, device=DEV))
             sums.append(checksum(ema.shadow["w"]))  # on the training stream, right after the update
-            w.put(i, 0, {"ema": ema.shadow})
-        w.fence()
+            snap = stage.take({"ema": ema.shadow}, i)
+            w.put(i, 0, snap, {"ema": snap.state["ema"]})
+        stage.fence()
         w.flush()
         return [i for i in range(steps) if checksum(load_file(str(data_path(w.dir, i)))["ema/w"]).item() != sums[i].item()]
     finally:
@@ -93,7 +96,7 @@ def _race(fence: bool, steps: int, numel: int) -> list:
 def race() -> None:
     steps, numel = (6, 32 * 2**20) if GPU else (4, 1000)  # 128 MiB fp32 on a GPU: a copy long enough to race
     bad = _race(True, steps, numel)
-    report("race: snapshots equal the EMA at put()", not bad, f"{len(bad)}/{steps} differ")
+    report("race: snapshots equal the EMA when taken", not bad, f"{len(bad)}/{steps} differ")
     if not GPU:
         return report("race: control without fence() tears", None, "needs a GPU (the CPU copy is synchronous)")
     bad = _race(False, steps, numel)

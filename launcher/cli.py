@@ -91,22 +91,21 @@ def _debug_logging(loggers: List[str]) -> None:
 
 def _check_point(overrides: List[str], here: bool) -> Config:
     """One point of a sweep, checked as `train` checks it (`here`: it runs on this machine)."""
-    from launcher.config.schema import validation_mode
     from launcher.distributed.env import detect
 
     cfg, _ = load_config(overrides)
     if not here:
         checks.check(cfg, world_size=None)  # its processes are known where it runs
         return cfg
-    env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device,
-                 cfg.validation.share_gpu)
+    env = detect(cfg.validation.mode, cfg.validation.rank, cfg.train.device, cfg.validation.share_gpu)
     startup.precheck(cfg, env.world_size, env.train_world, data=False)  # each point's launch checks its data
     return cfg
 
 
 def train_command(overrides: List[str]) -> int:
+    """`python -m launcher train [overrides]` (or a sweep with -m): check, then validate (the validator rank)
+    or train; the exit status (errors.py)."""
     from launcher import sweep
-    from launcher.config.schema import validation_mode
     from launcher.distributed.env import detect
 
     try:
@@ -115,8 +114,7 @@ def train_command(overrides: List[str]) -> int:
         overrides = sweep.from_plan(overrides)  # train --sweep-point <dir> <n> (slurm/sweep.sbatch)
         cfg, text = load_config(overrides)
         debug, _ = hydra_keys(split_config_dir(overrides)[1])
-        env = detect(validation_mode(cfg.validation.mode, _world()), cfg.validation.rank, cfg.train.device,
-                     cfg.validation.share_gpu)
+        env = detect(cfg.validation.mode, cfg.validation.rank, cfg.train.device, cfg.validation.share_gpu)
         startup.precheck(cfg, env.world_size, env.train_world, data=not env.is_validator)
     except ConfigError as e:
         return fail(str(e))
@@ -131,7 +129,7 @@ def train_command(overrides: List[str]) -> int:
     from launcher.validation.supervisor import run_validator_rank
 
     fail_at_start(cfg.debug.fail_at_start, env)
-    child = env.is_main and validation_mode(cfg.validation.mode, env.world_size) == "process"
+    child = env.is_main and env.validation_mode == "process"
     cpu = threads.apply(cfg.train.threads, env.local_world_size, child)  # before any work: see threads.py
     dist, rundir, created = None, None, False
     finished = False

@@ -86,6 +86,13 @@ class _Group:
 
 
 class EMA:
+    """The fp32 moving average of `model`'s state (this rank's shards under FSDP2), updated once per
+    optimizer step (every `ema.every`) by `update(model, skip)` and read as `shadow` ({name: tensor},
+    the model's keys and shapes). Build it after the model is on its device and sharded (its buffers
+    follow the model's tensors as they are then) and before DDP or compile wrap it: it reads the model's
+    own state_dict. The decay ramps up (`ramp`, `tau`) with the number of updates, counted on the host;
+    `updates` and `skipped` read a device flag (a host sync) where a gated update's was not read yet."""
+
     def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: str = "exp", tau: float = 2000.0):
         self.decay, self.ramp, self.tau = decay, str(ramp), tau  # plain values: checkpoints load weights_only
         self._pending: Optional[torch.Tensor] = None  # skips decided on the device, not yet counted
@@ -207,19 +214,22 @@ class EMA:
         """Load the averaged weights into `model` (its own dtypes kept)."""
         model.load_state_dict(self.shadow, strict=True)
 
-    def state_dict(self, live: bool = False) -> dict:
-        """The average and its counters. Sharded values are DTensors over *copies* of the local views:
-        torch.save cannot pickle a DTensor whose local tensor starts inside its storage (torch 2.13), and
-        the views sit back to back in one flat buffer. Load with `load_state_dict`, not in place.
-        `live` (a checkpoint's snapshot, which copies every tensor itself): the shadow's own tensors, no
-        copy, and the counters without a host sync: `pending` counts, on the device, the gated updates
-        whose skip flag was not read yet (load_state_dict settles it)."""
-        if live:
-            return {"shadow": dict(self.shadow), "updates": self._updates, "skipped": self._skipped,
-                    "pending": torch.zeros((), dtype=torch.long) if self._pending is None else self._pending,
-                    "decay": self.decay, "ramp": self.ramp, "tau": self.tau}
+    def state_dict(self) -> dict:
+        """The average and its counters (settled: a host sync where a gated update's flag is unread).
+        Sharded values are DTensors over *copies* of the local views: torch.save cannot pickle a DTensor
+        whose local tensor starts inside its storage (torch 2.13), and the views sit back to back in one
+        flat buffer. Load with `load_state_dict`, not in place."""
         shadow = {k: _like(local_and_layout(v)[0].clone(), v) if is_sharded(v) else v for k, v in self.shadow.items()}
         return {"shadow": shadow, "updates": self.updates, "skipped": self.skipped,
+                "decay": self.decay, "ramp": self.ramp, "tau": self.tau}
+
+    def snapshot_state(self) -> dict:
+        """The state as a checkpoint's snapshot takes it (checkpoint/staging.py copies every tensor itself):
+        the shadow's own tensors, no copy, and the counters without a host sync: `pending` counts, on the
+        device, the gated updates whose skip flag was not read yet (load_state_dict settles it). The
+        snapshot's copy reads the shadow until the training step's fence, before the next update."""
+        return {"shadow": dict(self.shadow), "updates": self._updates, "skipped": self._skipped,
+                "pending": torch.zeros((), dtype=torch.long) if self._pending is None else self._pending,
                 "decay": self.decay, "ramp": self.ramp, "tau": self.tau}
 
     def load_state_dict(self, state: dict) -> None:
@@ -233,7 +243,7 @@ class EMA:
             elif is_sharded(dst):
                 v = local_slice(v, dst)
             local_and_layout(dst)[0].copy_(v)
-        pending = int(state.get("pending", 0))  # skipped gated updates counted in `updates` (a live state)
+        pending = int(state.get("pending", 0))  # skipped gated updates counted in `updates` (snapshot_state)
         self.updates = int(state["updates"]) - pending
         self.skipped = int(state.get("skipped", 0)) + pending
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from launcher.batch.recovery import Recovery
 from launcher.distributed.groups import Dist
+from launcher.distributed.wrap import GradSync
 from launcher.distributed.shards import replicated
 from launcher.optim import set_momentum
 from launcher.precision import autocast
@@ -58,25 +59,27 @@ class StepParts:
     scaler: torch.amp.GradScaler
     ema: "EMA | NoEMA"
     warmup: int = 0  # warmup steps: momentum warmup follows them
-    fence: Callable[[], None] = lambda: None  # before the EMA moves: the hand-off's copy out of it is done
 
 
-def forward_backward(x: torch.Tensor, y: torch.Tensor, recovery: Recovery, net: nn.Module, job,
-                     scaler: torch.amp.GradScaler, device: torch.device, precision: str, step: int) -> torch.Tensor:
-    """The step batch's gradients, micro-batch by micro-batch (`recovery.batch.micro`); returns its
-    (detached) mean loss. Gradients are synchronized in the last backward only; the ranks agree once,
-    just before it (see batch/recovery.py)."""
+def forward_backward(x: torch.Tensor, y: torch.Tensor, recovery: Recovery, grads: GradSync, wrapped: nn.Module,
+                     job, scaler: torch.amp.GradScaler, device: torch.device, precision: str,
+                     step: int) -> torch.Tensor:
+    """The step batch's gradients, micro-batch by micro-batch (`recovery.batch.micro`) through `wrapped` (the
+    module the loop calls: DDP around the model, or the model itself); returns its (detached) mean loss.
+    Gradients are synchronized in the last backward only (`grads`, distributed/wrap.GradSync); the ranks
+    agree once, just before it (see batch/recovery.py)."""
     step_loss = torch.zeros((), device=device)
     xs, ys = x.split(recovery.batch.micro), y.split(recovery.batch.micro)
-    with recovery.attempt(step) as attempt:  # an OOM before the agreement skips this rank's rest, straight to it
+    with recovery.attempt(step, grads) as attempt:  # an OOM before the agreement skips this rank's rest, straight to it
         for i, (xb, yb) in enumerate(zip(xs, ys)):
-            sync = recovery.syncs(last=i == len(xs) - 1)
+            sync = grads.syncs(last=i == len(xs) - 1)
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            with attempt.phase("forward"), recovery.no_sync(sync), autocast(device, precision):
-                loss = job.loss(net(xb), yb) * (len(xb) / len(x))
+            with attempt.phase("forward"), grads.forward(sync), autocast(device, precision):
+                loss = job.loss(wrapped(xb), yb) * (len(xb) / len(x))
             if sync:
                 attempt.agree()  # any OOM so far on any rank, or too little memory for this backward: StepOOM
             with attempt.phase("last backward" if sync else "backward"):
+                grads.backward_begins(sync)
                 scaler.scale(loss).backward()
             step_loss += loss.detach()
     return step_loss

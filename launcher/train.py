@@ -1,14 +1,17 @@
 """The training process: `Trainer.build()` wires the run, `run()` is the loop, `finish()` the end.
 
-Each optimizer step consumes one per-rank *step batch* of `micro * accum` samples
-from the loader and splits it into micro-batches. The effective batch is therefore
-fixed by the data, not by the micro-batch: changing `micro` (autobatch, OOM
-recovery) only changes how the same samples are cut up.
+Each optimizer step consumes one per-rank *step batch* of `batch.step_samples` samples from the
+loader and splits it into micro-batches of `micro` (the last one smaller where the cut is uneven).
+The effective batch is therefore fixed by the data, not by the micro-batch: changing `micro`
+(autobatch, OOM recovery) only changes how the same samples are cut up.
 
-Every collaborator owns its state and its cadence (telemetry decides when to log,
-validation when to validate, the checkpointer when to save); the loop only asks.
-The recurring questions of a run (is it sharded, who keeps the EMA) are answered
-once, by the build.
+Every collaborator owns its state and its cadence (telemetry decides when to log, validation when
+to validate, the checkpointer when to save), and the loop passes the values between them at the
+step boundary: the step's agreement (`Agreement.step_end`: stop, early stop, a failed save), the
+checkpoint's snapshot of the step (taken once: its weights to the hand-off, the snapshot itself to
+the checkpointer's save, with the steps validation protects), and what a restore found (told to
+telemetry here). The recurring questions of a run (is it sharded, who keeps the EMA, the validation
+mode) are answered once, by the build or the launch's Env.
 """
 from __future__ import annotations
 
@@ -19,17 +22,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from launcher import jobs
 from launcher.batch import probe
-from launcher.batch.geometry import steps_per_epoch
+from launcher.batch.geometry import share, steps_per_epoch
 from launcher.batch.recovery import Headroom, Recovery, StepOOM
-from launcher.checkpoint.checkpointer import Checkpointer, TrainState
+from launcher.checkpoint.checkpointer import Checkpointer, Restored, Resumed, TrainState
 from launcher.checkpoint.export import save_weights
-from launcher.config.schema import Config, validation_mode
+from launcher.checkpoint.staging import Stage
+from launcher.config.schema import Config
 from launcher.data import DevicePrefetcher, EpochIndices, train_loader_options
 from launcher.distributed import fsdp, wrap
+from launcher.distributed.agreement import Agreement
 from launcher.distributed.env import Env, layout
 from launcher.distributed.groups import Dist
 from launcher.distributed.rng import seed_everything
-from launcher.distributed.signals import Guard, Stop
+from launcher.distributed.signals import StopFlag, exit_stopped, log_restart
+from launcher.distributed.wrap import GradSync
 from launcher.ema import EMA, NoEMA, auto_tau
 from launcher.faults import Faults
 from launcher.optim import Settings, build_optimizer, build_scheduler, warmup_steps
@@ -40,10 +46,31 @@ from launcher.summary import whole_run
 from launcher.telemetry import Telemetry
 from launcher.telemetry.logs import FILE_ONLY
 from launcher.telemetry.stalls import Stalls
-from launcher.validation.evaluation import best_by_weights
+from launcher.validation.evaluation import Tracker
 from launcher.validation.trainer_side import for_training
 
 log = logging.getLogger("launcher.train")
+
+
+def told(found: Restored, tel, rundir: RunDir, env: Env, state: TrainState) -> "Resumed | None":
+    """What a restore found, told to telemetry (events, and the logs truncated to the checkpoint's step, the
+    wandb run adopted); the checkpoint resumed from, or None."""
+    for reason in found.skipped:
+        tel.event("checkpoint_skipped", reason=reason)
+    resumed = found.resumed
+    if resumed is None:
+        if found.skipped:  # every checkpoint unreadable: say so, and forget the steps logged before
+            log.warning("no checkpoint in %s could be loaded (%s); starting again from step 0", rundir.checkpoints,
+                        "; ".join(found.skipped))
+            tel.truncate_after(0)
+            tel.event("restart_from_scratch", skipped=len(found.skipped))
+        return None
+    if not resumed.per_rank:  # another number of ranks: per-rank randomness is reseeded (Trainer.build)
+        tel.event("resume_world_changed", saved=resumed.saved_world, now=env.train_world)
+    tel.truncate_after(resumed.step, wandb_id=resumed.wandb_id)
+    tel.event("resume", step=resumed.step, epoch=state.epoch, checkpoint=resumed.checkpoint,
+              restart_count=env.restart_count)
+    return resumed
 
 
 class Trainer:
@@ -64,17 +91,18 @@ class Trainer:
         self.job = jobs.load(cfg.job)
         model = wrap.setup(self.job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last
         group = self.dist.group if self.dist.distributed_training else None
-        self.model = wrap.shard(model, cfg.train.strategy, group, device, self.precision, self.job)
+        self.model = wrap.shard(model, cfg.train.strategy, group, device, self.precision, self.job)  # the weights
         self.sharded = fsdp.is_fsdp(self.model)  # every training rank keeps its shards (of the EMA too)
         self.keeps_ema = cfg.ema.enabled and (env.is_main or self.sharded)
-        self.train_set, self.val_set = jobs.datasets(self.job)  # built once: the start-up checks already did
+        self.train_set, self.val_set = jobs.datasets(self.job)  # the start-up checks built them for a fixed size
+        self.staging = Stage(device)  # the checkpoint's snapshots: every training step fences on it
         self.faults = Faults(cfg.debug, env, self.rundir)
         self.faults.arm_forward(self.model)
 
         # The micro-batch, probed with the real step (and a throwaway optimizer) and agreed by every rank.
-        choice = probe.choose(cfg, env, self.dist, self.rundir, self.model, self.job, self.train_set,
+        chosen = probe.choose(cfg, env, self.dist, self.rundir, self.model, self.job, self.train_set,
                               self.precision, trial=self._trial)
-        batch = choice.batch
+        batch = chosen.batch
         self.sampler = DistributedSampler(self.train_set, num_replicas=env.train_world, rank=env.train_rank,
                                           shuffle=True, seed=cfg.run.seed, drop_last=True)
         self.steps_per_epoch = steps_per_epoch(len(self.train_set), batch)  # batch.size=auto: checked after the probe
@@ -87,9 +115,11 @@ class Trainer:
                                GradScaler(device.type, enabled=self.precision == "fp16"),
                                self._ema(self.model, self.total // cfg.ema.every), self.warmup)
         log.info(self.parts.ema.describe(), extra=FILE_ONLY)
-        self.net = wrap.wrap(self.model, cfg, group, device)  # DDP (fsdp: the sharded model itself), compile
+        # What the loop calls forward on: DDP around the model (fsdp: the sharded model itself), compiled.
+        self.wrapped = wrap.wrap(self.model, cfg, group, device)
+        self.grads = GradSync(self.wrapped)
         self.tel = Telemetry(self.rundir, cfg, env, self.total, enabled=env.is_main)
-        self.tel.event("autobatch", **choice.event)
+        self.tel.event("autobatch", **chosen.event)
 
         self.state, self.meter = TrainState(), LossMeter(device)
         self.stalls = Stalls()  # where the training thread waited, by cause (summary.json's stall_by_cause)
@@ -97,17 +127,21 @@ class Trainer:
                                  parts={"model": self.model, "optimizer": opt, "scheduler": self.parts.sched,
                                         "scaler": self.parts.scaler, "ema": self.parts.ema},
                                  per_rank={"meter": self.meter}, sharded=self.sharded, stalls=self.stalls,
-                                 write_delay_s=cfg.debug.checkpoint_write_delay_s)
+                                 write_delay_s=cfg.debug.checkpoint_write_delay_s, staging=self.staging)
         self.validation = for_training(cfg, env, self.rundir, self.job, self.val_set, self.model, self.parts.ema,
-                                       batch.micro, self.tel, self.sharded, self.ckpt)  # shares its snapshots
-        self.parts.fence = self.validation.fence  # the EMA waits for the hand-off's copy out of it
-        self.guard = Guard(cfg.run, self.dist, self.tel, early_stop=self.validation.stop_requested,
-                           save_failed=self.ckpt.failed, stalls=self.stalls)  # a failed background save stops all
-        self.recovery = Recovery(cfg.autobatch, env, self.dist, self.rundir, self.net, self.tel, batch,
-                                 Headroom(device, choice.headroom, env.train_rank, self.faults.low_memory),
-                                 self.guard)
+                                       batch.micro, self.tel, self.stalls, self.sharded)
+        # The step's one cross-rank decision, and what each rank brings to it.
+        self.stop_flag = StopFlag(cfg.run.stop_signals)
+        self.agreement = Agreement(self.dist, env, self.stalls)
+        self.agreement.flag("stop", lambda: self.stop_flag.signum)
+        self.agreement.flag("early_stop", self.validation.stop_requested)
+        self.agreement.flag("save_failed", lambda: self.ckpt.failed() is not None)  # a failed background save
+        self.recovery = Recovery(cfg.autobatch, env, self.rundir, self.tel, batch, self.agreement,
+                                 Headroom(device, chosen.headroom, env.train_rank, self.faults.low_memory),
+                                 record=chosen.record, sharded=self.sharded)
         settings = Settings.of(opt, self.parts.sched)  # the config's: a restore brings back the previous launch's
-        resumed = self.ckpt.restore() if cfg.run.resume != "never" else None
+        resumed = told(self.ckpt.restore(), self.tel, self.rundir, env, self.state) if cfg.run.resume != "never" \
+            else None
         if resumed is not None:
             settings.apply(opt, self.parts.sched)  # a resume that changed optim.* applies it
             log.info("resuming %s from step %d (epoch %d); %d steps left", self.rundir, self.state.step,
@@ -119,7 +153,7 @@ class Trainer:
         if self.recovery.enabled:
             self.faults.arm_oom(self.model, self.state, lambda: self.recovery.phase)
         self.faults.arm_nan(self.model, self.state)
-        self.guard.log_restart(env.restart_count, self.state.step)
+        log_restart(self.dist, self.tel, env.restart_count, self.state.step)
         self.tel.event("start", world=env.world_size, train_world=env.train_world, micro_batch=batch.micro,
                        accum=batch.accum, global_batch=batch.global_size, steps=self.total,
                        steps_per_epoch=self.steps_per_epoch, precision=self.precision, device=str(device),
@@ -144,10 +178,11 @@ class Trainer:
                           self._ema(self.model))
         x, y = probe.probe_batch(self.job, self.train_set, n, self.device)
         global_size = self.cfg.batch.global_size
-        ahead = probe.probe_batch(self.job, self.train_set, global_size // self.env.train_world if global_size else n,
-                                  self.device) if self.device.type == "cuda" else None  # DevicePrefetcher's next batch
+        ahead = probe.probe_batch(self.job, self.train_set, share(global_size, self.env.train_world) if global_size
+                                  else n, self.device) if self.device.type == "cuda" else None  # the prefetched batch
+        grads = GradSync(self.model, probe=True)
         for step in range(2):
-            self.train_step(x, y, parts, self.model, recovery, step)
+            self.train_step(x, y, parts, self.model, grads, recovery, step)
         del ahead
 
     # -------------------------------------------------------------------------------------- run
@@ -160,26 +195,26 @@ class Trainer:
             self.ckpt.close()
 
     def _loop(self) -> dict:
-        cfg, state = self.cfg, self.state
-        batch, env = self.recovery.batch, self.env
-        log.info("training %d steps on %s: micro-batch %d x accum %d = batch %d, %s on %s", self.total,
-                 layout(env, validation_mode(cfg.validation.mode, env.world_size), self.sharded), batch.micro,
-                 batch.accum, batch.global_size, self.precision, self.device)
-        state.started, early, stop = time.time(), False, Stop()  # wall_time_s counts training, not set-up
-        step_batch = self.recovery.batch.step
+        cfg, state, batch = self.cfg, self.state, self.recovery.batch
+        log.info("training %d steps on %s: %s, %s on %s", self.total, layout(self.env, self.sharded),
+                 batch.describe(), self.precision, self.device)
+        state.started, agreed, final = time.time(), None, False  # wall_time_s counts training, not set-up
+        step_samples, start = batch.step_samples, state.step
         indices = EpochIndices()  # one loader for the run: its workers persist across epochs
-        loader = DataLoader(self.train_set, batch_size=step_batch, sampler=indices, drop_last=True,
+        loader = DataLoader(self.train_set, batch_size=step_samples, sampler=indices, drop_last=True,
                             **train_loader_options(cfg.data, self.device))
         batches = DevicePrefetcher(loader, self.device, cfg.train.channels_last)
-        self.net.train()
-        while state.step < self.total and not early and not stop:
+        self.wrapped.train()
+        while state.step < self.total and not final:
             self.sampler.set_epoch(state.epoch)
-            indices.set(list(self.sampler)[state.batch_in_epoch * step_batch: self.steps_per_epoch * step_batch])
+            indices.set(list(self.sampler)[state.batch_in_epoch * step_samples: self.steps_per_epoch * step_samples])
             for x, y in batches:  # on the device already: each copied ahead, on a side stream (a GPU)
                 loss = self._step(x, y)
                 state.step += 1
                 state.batch_in_epoch += 1
                 self.meter.add(loss, self.recovery.batch.global_size)
+                if state.step == start + 1:  # the optimizer's state exists now: the snapshot's buffers, in the background
+                    self.ckpt.prepare()
 
                 last = state.step == self.total
                 if self.tel.should_log(state.step, last):
@@ -191,35 +226,41 @@ class Trainer:
                         self.validation.poll()  # new validation results, skipped snapshots, a dead validator
                 end_of_epoch = state.batch_in_epoch == self.steps_per_epoch
                 validating = self.validation.due(state.step, state.epoch, end_of_epoch, last)  # every rank
-                if validating:  # a hand-off shares the checkpoint's snapshot of this step
+                snap = self.ckpt.snapshot() if validating else None  # the step's one copy: every validation step saves
+                if validating:
                     with self.stalls.measure(self.validation.stall):
-                        self.validation.submit(state.step, state.epoch)
+                        self.validation.submit(state.step, state.epoch, snap)  # a hand-off sends snap's weights
                 if end_of_epoch:
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                # A stop signal or the validator's early stop: every training rank stops at this same step.
-                stop, early = self.guard.step_end(again=validating)
-                if early:
+                # The step's one decision, on every training rank alike: a stop signal, the validator's early
+                # stop, a failed background save (SaveError on every rank).
+                agreed = self.agreement.step_end(again=validating)
+                self.ckpt.stop_if_failed(agreed.save_failed)
+                if agreed.early_stop:
                     log.info("early stop at step %d", state.step)
-                self.ckpt.step_end(state.step, force=validating, protect=self.validation.protected_steps,
-                                   final=last or early or bool(stop))  # in the background; a final one is waited for
+                final = last or agreed.early_stop or bool(agreed.stop)  # its save is waited for
+                if snap is not None or final or self.ckpt.due(state.step):
+                    self.ckpt.save(snap or self.ckpt.snapshot(), protect=self.validation.protected_steps(), final=final)
                 self.faults.step_end(state.step, self.tel, self.dist, settle=self.ckpt.wait)
-                if last or early or stop:
+                if final:
                     break
-        if stop and state.step < self.total:  # preempted: checkpointed, not finished; exit 128 + signal
+        if agreed is not None and agreed.stop and state.step < self.total:  # preempted: checkpointed, not finished
             self.validation.flush()  # snapshots already handed off reach the disk
-            self.guard.exit(stop, state.step)
-        return self.finish(early)
+            exit_stopped(self.tel, self.stop_flag, agreed.stop, state.step)  # exit 128 + signal
+        return self.finish(agreed is not None and agreed.early_stop)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, parts: StepParts, net, recovery: Recovery,
-                   step: int) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, parts: StepParts, wrapped, grads: GradSync,
+                   recovery: Recovery, step: int) -> torch.Tensor:
         """One optimizer step, as training and the batch probe's trial run it: forward and backward over the
-        micro-batches (an OOM before the last backward is agreed on by every rank: StepOOM), the optimizer
-        step, then the EMA unless the step must not count (see step.optimizer_step)."""
-        loss = forward_backward(x, y, recovery, net, self.job, parts.scaler, self.device, self.precision, step)
+        micro-batches (an OOM before the last backward is agreed on by every rank: StepOOM), the wait for the
+        last snapshot's copy out of the state, the optimizer step, then the EMA unless the step must not
+        count (see step.optimizer_step)."""
+        loss = forward_backward(x, y, recovery, grads, wrapped, self.job, parts.scaler, self.device, self.precision,
+                                step)
+        self.staging.fence()  # before the state moves (even in a step the GradScaler skips): a wait on the device
         gate = self.keeps_ema and (step + 1) % self.cfg.ema.every == 0
         skip = optimizer_step(self.model, parts, self.cfg, step, gate)
         if gate:
-            parts.fence()  # the hand-off's last copy out of the EMA finished (a wait on the device)
             parts.ema.update(self.model, skip=skip)
         return loss
 
@@ -227,10 +268,10 @@ class Trainer:
         """The loop's step: an OOM agreed on by every rank redoes it with half the micro-batch."""
         while True:
             try:
-                return self.train_step(x, y, self.parts, self.net, self.recovery, self.state.step)
+                return self.train_step(x, y, self.parts, self.wrapped, self.grads, self.recovery, self.state.step)
             except StepOOM as e:
                 self.parts.opt.zero_grad(set_to_none=True)
-                self.recovery.recover(e, self.state.step)
+                self.recovery.recover(e, self.state.step, self.grads)
 
     # ----------------------------------------------------------------------------------- finish
     def finish(self, early: bool) -> dict:
@@ -242,10 +283,10 @@ class Trainer:
                    "wall_time_s": round(state.wall_time_s, 2),
                    "stall_by_cause": self.stalls.summary(time.time() - state.started)}  # this launch's waits
         final_ema = fsdp.full_state(ema.shadow, keep=env.is_main)  # fsdp: every training rank gathers
-        summary.update(self.validation.finish(state.step, state.epoch))  # drains: the final weights validated
-        self.ckpt.prune(self.validation.protected_steps())  # retention again: the true best, the unvalidated
-        if cfg.validation.weights == "both":  # best and final raw and EMA side by side
-            summary.update(best_by_weights(self.rundir.read_results(), cfg.validation.metric, cfg.validation.goal))
+        summary.update(self.validation.finish(state.step, state.epoch, self.ckpt.snapshot()))  # the final weights
+        self.ckpt.retain(self.validation.protected_steps())  # retention again: the true best, the unvalidated
+        if cfg.validation.weights == "both":  # best and final raw and EMA side by side, by the validation's rule
+            summary.update(Tracker(self.rundir, cfg).by_weights())
         if env.is_main:
             if self.keeps_ema:
                 save_weights(self.rundir.ema_weights, final_ema, {"step": state.step, "updates": ema.updates})

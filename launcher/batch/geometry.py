@@ -17,21 +17,41 @@ from launcher.errors import ConfigError
 
 @dataclass(frozen=True)
 class Batch:
-    """`step` samples per rank per optimizer step, cut into micro-batches of at most `micro`."""
+    """`step_samples` samples per rank per optimizer step, cut into micro-batches of at most `micro` (the
+    last one smaller where `micro` does not divide it), over `world` training ranks."""
     micro: int
-    step: int
+    step_samples: int
     world: int
 
     @property
     def accum(self) -> int:
-        return -(-self.step // self.micro)
+        """Micro-batches per step (the last one may be smaller)."""
+        return -(-self.step_samples // self.micro)
 
     @property
     def global_size(self) -> int:
-        return self.step * self.world
+        return self.step_samples * self.world
 
     def halved(self) -> "Batch":
         return dataclasses.replace(self, micro=-(-self.micro // 2))
+
+    def describe(self) -> str:
+        """The cut in words, arithmetically true: `micro-batch 16 x accum 2 x 2 ranks = batch 64`; an uneven cut
+        names its last micro-batch: `micro-batches 13 x 7 + 9 = batch 100`."""
+        rest = self.step_samples - self.micro * (self.accum - 1)
+        if rest == self.micro:
+            cut = f"micro-batch {self.micro} x accum {self.accum}"
+        else:
+            cut = f"micro-batches {self.micro} x {self.accum - 1} + {rest}"
+            cut = f"({cut})" if self.world > 1 else cut
+        ranks = f" x {self.world} ranks" if self.world > 1 else ""
+        return f"{cut}{ranks} = batch {self.global_size}"
+
+
+def share(global_size: int, world: int) -> int:
+    """A rank's samples per optimizer step of `batch.global_size` over `world` training ranks (checks.py
+    refuses one that does not divide)."""
+    return global_size // world
 
 
 def geometry(micro: int, global_size: Optional[int], world: int, exact: bool = False) -> Batch:
@@ -47,8 +67,8 @@ def geometry(micro: int, global_size: Optional[int], world: int, exact: bool = F
         if global_size % per_step:
             raise ConfigError(f"batch.global_size={global_size} is not a multiple of batch.size x "
                               f"training ranks = {micro} x {world}; choose a multiple of {per_step}")
-        return Batch(micro, global_size // world, world)
-    step = global_size // world
+        return Batch(micro, share(global_size, world), world)
+    step = share(global_size, world)
     accum = -(-step // micro)
     return Batch(-(-step // accum), step, world)
 
@@ -65,7 +85,7 @@ def plan(cfg: BatchConfig, world: int, micro: Optional[int] = None) -> Batch:
 def steps_per_epoch(samples: int, batch: Batch) -> int:
     """Optimizer steps in one pass over a training set of `samples` (each rank drops its remainder); a
     ConfigError when the effective batch does not fit even once."""
-    steps = samples // batch.world // batch.step
+    steps = samples // batch.world // batch.step_samples
     if steps == 0:
         raise ConfigError(f"the effective batch {batch.global_size} is larger than the training set "
                           f"({samples} samples); lower batch.size or batch.global_size")

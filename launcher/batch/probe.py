@@ -1,14 +1,15 @@
 """The largest micro-batch that trains safely on every rank, agreed by all, cached in autobatch.json.
 
 Before training, every training rank probes the *real* step (forward, backward,
-optimizer step so its state exists, GradScaler, the EMA update on rank 0) at
+optimizer step so its state exists, GradScaler, the EMA update where the EMA is kept:
+rank 0 under ddp, every rank under fsdp) at
 growing micro-batches, then bisects between the last fit and the first failure.
 A size fits when it ran without an out-of-memory error and its peak (what the
 step reserved, measured on an emptied cache, + memory used outside the allocator +
 what training adds beyond the step: DDP buckets, inline validation's copy; see
 memory.py) stays under `autobatch.fraction` of the device. Ranks take the MIN, so mixed GPUs or another
 tenant on one GPU cannot make one rank OOM later. The micro-batch only decides how
-the fixed per-rank step batch is cut (see batch.py). Under fsdp the probe runs the sharded
+the fixed per-rank step batch is cut (see geometry.py). Under fsdp the probe runs the sharded
 step as training does (all-gathers and reduce-scatters measured) in lockstep: every rank
 tries the same sizes and a size fits where it fits on all.
 
@@ -30,14 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from launcher.batch.geometry import Batch, plan
+from launcher.batch.geometry import Batch, plan, share
 from launcher.distributed.env import shares_gpu_with_validator
 from launcher.distributed.rng import rng_state, set_rng_state
 from launcher.faults import oom_above, simulated_limit
 from launcher.distributed.fsdp import default_resharding, is_fsdp, reset_step
 from launcher.batch.memory import DeviceMemory
 from launcher.batch.recovery import Lockstep, Recovery, StepOOM, cleanup, is_oom
-from launcher.config.schema import validation_mode
 from launcher.errors import OutOfMemory
 from launcher.rundir import AutobatchRecord, RunDir
 
@@ -174,7 +174,7 @@ def train_trial(trial: Callable[[int, Recovery], None], env, dist, model: nn.Mod
     cuda = env.device.type == "cuda"
 
     def run(n: int) -> int:
-        recovery = Recovery.for_probe(env, dist, model, n)
+        recovery = Recovery.for_probe(env, dist, is_fsdp(model), n)
         try:
             trial(n, recovery)
         except StepOOM as e:
@@ -252,44 +252,31 @@ def _signature(cfg, device: torch.device, precision: str) -> dict:
 
 
 @dataclass
-class Choice:
+class Chosen:
     """The probe's answer: the batch geometry, each training rank's backward headroom (CUDA; else None),
-    and what to say about it (the `autobatch` event)."""
+    what to say about it (the `autobatch` event), and the autobatch.json record (on every training rank:
+    Recovery writes the reductions into it)."""
     batch: Batch
     headroom: Optional[List[Optional[int]]]
     event: dict
-
-
-def _with_restarts(record: AutobatchRecord, events: List[dict]) -> AutobatchRecord:
-    """`record` with the reductions of OOM restarts (exit 75) not yet in it: the rank that ran out of
-    memory recorded them as `oom_restart` events on its way out."""
-    done = {(r["step"], tuple(r["ranks"])) for r in record.oom_retries if r.get("restart")}
-    for e in events:
-        if e.get("event") == "oom_restart" and "accum" in e and (e["step"], (e["rank"],)) not in done:
-            record = record.reduced(e["step"], e["phase"], [e["rank"]], e["micro_to"], e["accum"], restart=True)
-    return record
+    record: AutobatchRecord
 
 
 def choose(cfg, env, dist, rundir: RunDir, model: nn.Module, job, dataset, precision: str,
-           trial: Callable[[int, Recovery], None]) -> Choice:
+           trial: Callable[[int, Recovery], None]) -> Chosen:
     """The run's batch, agreed by every training rank, probed with `trial` (the trainer's own step) and
     written to autobatch.json by training rank 0, or taken from it on a resume with the same devices and
-    settings (with any runtime reduction since). Every training rank calls this, with
-    debug.simulate_oom_above already armed on `model` (faults.py)."""
+    settings (with any runtime reduction since: Recovery wrote each into it). Every training rank calls
+    this, with debug.simulate_oom_above already armed on `model` (faults.py)."""
     device, world = env.device, env.train_world
     sig = dist.all_gather_object(_signature(cfg, device, precision))
     cached = rundir.read_autobatch() if env.is_main else None
-    if cached and cached.signature == sig:
-        record = _with_restarts(cached, rundir.read_events())
-        if record != cached:
-            rundir.write_autobatch(record)
-        cached = record
     cached = dist.broadcast_train(cached if cached and cached.signature == sig else None)
     if cached:  # a resume: the same devices and settings, and any runtime reduction, kept
         batch = Batch(cached.micro_batch, cached.step_batch, world)
-        return Choice(batch, cached.backward_headroom_bytes,
+        return Chosen(batch, cached.backward_headroom_bytes,
                       {"cached": True, "micro_batch": batch.micro, "accum": batch.accum,
-                       "global_batch": batch.global_size})
+                       "global_batch": batch.global_size}, cached)
     record = AutobatchRecord(signature=sig, requested=cfg.batch.size, global_size=cfg.batch.global_size,
                              train_world=world)
     if cfg.batch.size != "auto":
@@ -303,7 +290,7 @@ def choose(cfg, env, dist, rundir: RunDir, model: nn.Module, job, dataset, preci
     else:
         batch = _probe(cfg, env, dist, model, job, trial, record, sig)
     record.micro_batch, record.step_batch, record.accum, record.global_batch = \
-        batch.micro, batch.step, batch.accum, batch.global_size
+        batch.micro, batch.step_samples, batch.accum, batch.global_size
     if env.is_main:
         rundir.write_autobatch(record)
     data = record.to_dict()
@@ -312,7 +299,7 @@ def choose(cfg, env, dist, rundir: RunDir, model: nn.Module, job, dataset, preci
     if record.per_rank:  # the curve: [size, peak bytes, ok, seconds] per probe, per rank
         event["curve"] = [[[p["size"], p["peak_bytes"], p["ok"], p["seconds"]] for p in r["probes"]]
                           for r in record.per_rank]
-    return Choice(batch, record.backward_headroom_bytes, {"cached": False, **event})
+    return Chosen(batch, record.backward_headroom_bytes, {"cached": False, **event}, record)
 
 
 def _probe(cfg, env, dist, model: nn.Module, job, trial, record: AutobatchRecord, sig: List[dict]) -> Batch:
@@ -325,13 +312,13 @@ def _probe(cfg, env, dist, model: nn.Module, job, trial, record: AutobatchRecord
         dist.all_reduce(torch.zeros(1, device=device))
     # Under fsdp the trial runs the sharded step itself: its all-gathers are measured.
     sharded = is_fsdp(model)
-    copies = (world > 1 and not sharded) + (env.is_main and cfg.validation.mode == "inline")
-    share = cfg.validation.gpu_share if shares_gpu_with_validator(  # a validator on this GPU: its budget
-        env, validation_mode(cfg.validation.mode, env.world_size), torch.cuda.device_count()) else 0.0
-    memory = DeviceMemory(device, cfg.autobatch.fraction - share, copies * weights)
-    record.validator_budget_bytes = int(share * memory.total) or None
+    copies = (world > 1 and not sharded) + (env.is_main and env.validation_mode == "inline")
+    validator = cfg.validation.gpu_share if shares_gpu_with_validator(  # a validator on this GPU: its budget
+        env, torch.cuda.device_count()) else 0.0
+    memory = DeviceMemory(device, cfg.autobatch.fraction - validator, copies * weights)
+    record.validator_budget_bytes = int(validator * memory.total) or None
     snap = Rollback(model, device)
-    start = min(job.cfg.batch_size, cfg.batch.global_size // world if cfg.batch.global_size else cfg.autobatch.max)
+    start = min(job.cfg.batch_size, share(cfg.batch.global_size, world) if cfg.batch.global_size else cfg.autobatch.max)
     try:
         lockstep = Lockstep(dist) if sharded else None
         mine = search(train_trial(trial, env, dist, model), start, cfg.autobatch.max, cfg.autobatch.max_probes,

@@ -1,20 +1,22 @@
 """Out-of-memory errors at run time: recognise them, agree once per step, redo the step with less.
 
 With 2+ training ranks DDP keeps its overlapped, bucketed all-reduce: every micro-batch but
-the last runs under `no_sync`, so its forward and backward run no collective, and an OOM
-there is caught on that rank alone (it skips its remaining micro-batches). After the last
-forward and before the last backward, the only backward that runs DDP's collectives, the
-ranks agree once: a tiny CPU all-reduce (gloo, no device sync) of "I ran out of memory in
-<phase>" or "I would: my free memory (host-side allocator counters) is below the backward
-headroom the probe measured". If any rank says so, every rank drops the step's gradients
-and redoes the same samples with half the micro-batch.
+the last runs under `no_sync` (distributed/wrap.GradSync), so its forward and backward run no
+collective, and an OOM there is caught on that rank alone (it skips its remaining
+micro-batches). After the last forward and before the last backward, the only backward that
+runs DDP's collectives, the ranks agree once (the step's Agreement, distributed/agreement.py: a
+tiny CPU all-reduce, gloo, no device sync) on "I ran out of memory in <phase>" or "I would: my
+free memory (host-side allocator counters) is below the backward headroom the probe measured".
+If any rank says so, every rank drops the step's gradients and redoes the same samples with half
+the micro-batch.
 
 An OOM *inside* the last backward cannot be agreed on: the other ranks are in DDP's
-all-reduce. That rank records the halved micro-batch in autobatch.json and exits with status
-75 (EXIT_RESTART, EX_TEMPFAIL); torchrun tears the group down (the others' all-reduce fails
-or they are stopped) and `--max-restarts` (or a Slurm requeue) resumes from the last checkpoint
-with the halved micro-batch. With one training rank every phase is local, the last backward
-included, so everything is redone in place. `autobatch.max_retries=0` turns all of this off.
+all-reduce. That rank writes the halved micro-batch to autobatch.json (rank 0 may be the one
+waiting) and exits with status 75 (EXIT_RESTART, EX_TEMPFAIL); torchrun tears the group down
+(the others' all-reduce fails or they are stopped) and `--max-restarts` (or a Slurm requeue)
+resumes from the last checkpoint with the halved micro-batch. With one training rank every
+phase is local, the last backward included, so everything is redone in place.
+`autobatch.max_retries=0` turns all of this off.
 
 Under fsdp the same holds because every rank all-gathers the step's parameters up front, before
 anything that can run out of memory (fsdp.unshard_for_step), and keeps them until the last
@@ -31,13 +33,13 @@ from contextlib import nullcontext
 from typing import Callable, List, Optional
 
 import torch
-import torch.distributed as tdist
-from torch import nn
 
 from launcher.batch.geometry import Batch
 from launcher.config.schema import AutobatchConfig
-from launcher.distributed.fsdp import accumulate, can_reset, is_fsdp, reset_step, stand_in_grads, unshard_for_step
+from launcher.distributed.agreement import Agreement
+from launcher.distributed.wrap import GradSync
 from launcher.errors import EXIT_RESTART, OutOfMemory
+from launcher.rundir import AutobatchRecord
 from launcher.telemetry.off import OFF
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,8 @@ log = logging.getLogger(__name__)
 OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
                 "CUDNN_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory", "HIP out of memory",
                 "hipErrorOutOfMemory")
-# What a rank reports in the agreement (index + 1; 0 = fine). "headroom": it would run out in the last backward;
-# "unshard": fsdp's up-front all-gather failed (the probe).
+# What a rank reports in the step's agreement (index + 1; 0 = fine). "headroom": it would run out in the last
+# backward; "unshard": fsdp's up-front all-gather failed (the probe).
 PHASES = ("forward", "backward", "last backward", "headroom", "unshard")
 
 
@@ -98,10 +100,11 @@ class Headroom:
 
 
 class Recovery:
-    """The policy: agree once per step, halve the micro-batch and redo the step, at most
-    `autobatch.max_retries` times in place; an OOM inside the last backward on 2+ ranks ends this
-    attempt with EXIT_RESTART. It owns the run's one current `batch` and is the only writer of its
-    reductions.
+    """The run's current micro-batch (`batch`) and its reductions: the policy is to agree once per step,
+    halve the micro-batch and redo the step, at most `autobatch.max_retries` times in place; an OOM
+    inside the last backward on 2+ ranks ends this attempt with EXIT_RESTART. After the probe wrote its
+    choice to autobatch.json (`record`, on every rank), Recovery is the file's one writer: each
+    reduction, in place by training rank 0, a restart's by the rank that ran out of memory.
 
     The GradScaler needs no reset: an OOM in forward or backward comes before unscale_/step, so the
     scaler has recorded nothing for this step. Not covered: an OOM in the optimizer step (the probe ran
@@ -114,35 +117,37 @@ class Recovery:
     where the gather itself completed (its copy-out failed); one before a rank issued its all-gather
     leaves the others waiting in it, and ends with the process group aborted (Dist.close)."""
 
-    def __init__(self, cfg: AutobatchConfig, env, dist, rundir, net: nn.Module, tel, batch: Batch,
-                 headroom: "Headroom | None" = None, guard=None, probe: bool = False):
-        self.guard = guard  # its stop flags ride in the agreement: one collective per step, not two
+    def __init__(self, cfg: AutobatchConfig, env, rundir, tel, batch: Batch, agreement: Agreement,
+                 headroom: "Headroom | None" = None, record: Optional[AutobatchRecord] = None,
+                 sharded: bool = False, probe: bool = False):
         self.enabled = probe or cfg.max_retries > 0
         self.max_retries, self.retries, self.probe = cfg.max_retries, 0, probe
-        self.env, self.dist, self.rundir, self.net, self.tel = env, dist, rundir, net, tel
-        self.batch = batch
-        self.distributed = dist.distributed_training and (not probe or is_fsdp(net))
+        self.env, self.rundir, self.tel = env, rundir, tel
+        self.batch, self.record = batch, record
+        self.agreement, self.sharded = agreement, sharded
+        self.distributed = agreement.distributed
         self.headroom = headroom
         self.phase = ""  # what this rank is doing in the current attempt (faults.py reads it)
         self.allocated_before_backward = 0  # CUDA, probe: what forward left allocated (the backward headroom)
 
     @classmethod
-    def for_probe(cls, env, dist, model: nn.Module, n: int) -> "Recovery":
+    def for_probe(cls, env, dist, sharded: bool, n: int) -> "Recovery":
         """The probe's trial at micro-batch n: the unwrapped model on its own (ddp), the sharded one in
-        lockstep with every training rank (fsdp)."""
-        return cls(AutobatchConfig(), env, dist, None, model, OFF, Batch(n, n, 1), probe=True)
+        lockstep with every training rank (fsdp), agreeing on nothing but its OOMs."""
+        agreement = Agreement(dist, env, distributed=dist.distributed_training and sharded)
+        return cls(AutobatchConfig(), env, None, OFF, Batch(n, n, 1), agreement, sharded=sharded, probe=True)
 
-    def attempt(self, step: int) -> "_Attempt":
+    def attempt(self, step: int, grads: GradSync) -> "_Attempt":
         """One try at the step's forwards and backwards (a context manager); see the module's docstring.
-        Under fsdp on 2+ ranks, first the step's all-gathers, on every rank (fsdp.unshard_for_step);
-        with recovery off (autobatch.max_retries=0) FSDP's own step instead: gather per block, reshard
-        after its forward (the least memory)."""
+        Under fsdp on 2+ ranks, first the step's all-gathers, on every rank (GradSync.gather); with recovery
+        off (autobatch.max_retries=0) FSDP's own step instead: gather per block, reshard after its forward
+        (the least memory)."""
         if not self.enabled:
-            return _OFF
-        attempt = _Attempt(self, step)
-        if self.distributed and is_fsdp(self.net):
+            return _NO_RECOVERY
+        attempt = _Attempt(self, step, grads)
+        if self.distributed and self.sharded:
             try:
-                unshard_for_step(self.net)
+                grads.gather()
             except Exception as e:  # noqa: BLE001 - the others may be inside the all-gather
                 if not is_oom(e):
                     raise
@@ -151,75 +156,51 @@ class Recovery:
                 attempt.failed = "unshard"  # the probe: nothing is pending after it, agree at once
         return attempt
 
-    def syncs(self, last: bool) -> bool:
-        """Whether gradients are synchronized in this micro-batch's backward: in the last one only; except
-        before ddp.static_graph has recorded its graph, in a first backward that must sync (DDP fails an
-        unsynced one then); never in the probe's trial."""
-        if self.probe:
-            return False
-        recording = getattr(self.net, "static_graph", False) and not self.net._static_graph_delay_allreduce_enqueued
-        return last or recording
-
-    def no_sync(self, sync: bool):
-        """The micro-batch's forward runs in this. DDP: `no_sync()` unless it syncs. FSDP: the flags its
-        backward reads (after this block), set by every micro-batch for its own (fsdp.accumulate)."""
-        if is_fsdp(self.net):
-            accumulate(self.net, sync)
-            return nullcontext()
-        return nullcontext() if sync or not hasattr(self.net, "no_sync") else self.net.no_sync()
-
-    def agree(self, step: int, failed: str = "") -> None:
-        """The step's one agreement: per rank 0 (fine) or 1 + the index of its phase in PHASES, then the
-        Guard's stop flags; MAX over the training group (a CPU tensor: gloo, no device sync). Raises
-        StepOOM on every rank if any rank ran out of memory or would."""
-        world = self.env.train_world if self.distributed else 1
+    def agree(self, step: int, grads: GradSync, failed: str = "") -> None:
+        """The step's one agreement, with this rank's OOM phase in it (1 + its index in PHASES; 0: fine).
+        Raises StepOOM on every rank if any rank ran out of memory or would."""
         short = self.headroom is not None and self.headroom.short(step)
-        mine = PHASES.index(failed or "headroom") + 1 if failed or short else 0
-        stops = self.guard.local() if self.guard is not None else []
-        flags = torch.tensor([0] * world + stops, dtype=torch.int32)
-        flags[max(self.env.train_rank, 0) if self.distributed else 0] = mine
-        if self.distributed:
-            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self.dist.group)
-        flags = flags.tolist()
-        if self.guard is not None:
-            self.guard.carried(flags[world:])
-        bad = {r: PHASES[v - 1] for r, v in enumerate(flags[:world]) if v}
+        agreed = self.agreement.agree(PHASES.index(failed or "headroom") + 1 if failed or short else 0)
+        bad = {r: PHASES[v - 1] for r, v in agreed.oom.items()}
         if bad:
             raise StepOOM(", ".join(sorted(set(bad.values()), key=PHASES.index)), sorted(bad))
-        if self.probe and is_fsdp(self.net):
-            stand_in_grads(self.net)  # no reduce-scatter ran: the optimizer state must still be allocated
+        if self.probe:
+            grads.stand_in_grads()  # fsdp: no reduce-scatter ran, the optimizer state must still be allocated
 
-    def recover(self, e: StepOOM, step: int) -> None:
+    def recover(self, e: StepOOM, step: int, grads: GradSync) -> None:
         """After every rank dropped the step's graph and gradients: halve the batch, or give up clearly.
         fsdp on a torch that cannot reset an aborted step (fsdp.can_reset): a restart instead (exit 75)."""
-        if is_fsdp(self.net) and not can_reset(self.net):
+        if not grads.can_reset():
             self.restart(step, e.phase)
         cleanup(self.env.device)
-        self._reset_net()
+        grads.reset()
         batch = self.batch
         self._check_can_halve(e.phase, e.ranks, step, str(e))
         self.retries += 1
         self.batch = batch.halved()
         log.warning("%s at step %d: redoing it with micro-batch %d -> %d, accumulation %d (same %d samples)",
-                    e, step + 1, batch.micro, self.batch.micro, self.batch.accum, self.batch.step)
+                    e, step + 1, batch.micro, self.batch.micro, self.batch.accum, self.batch.step_samples)
         self.tel.event("oom_retry", step=step, phase=e.phase, ranks=e.ranks, micro_from=batch.micro,
-                       micro_to=self.batch.micro, accum=self.batch.accum, step_batch=self.batch.step,
+                       micro_to=self.batch.micro, accum=self.batch.accum, step_batch=self.batch.step_samples,
                        retry=self.retries)
-        if self.env.is_main:  # a resume continues with the reduced micro-batch
-            record = self.rundir.read_autobatch()
-            if record is not None:
-                self.rundir.write_autobatch(record.reduced(step, e.phase, e.ranks, self.batch.micro, self.batch.accum))
+        if self.record is not None:  # a resume continues with the reduced micro-batch
+            self.record = self.record.reduced(step, e.phase, e.ranks, self.batch.micro, self.batch.accum)
+            if self.env.is_main:
+                self.rundir.write_autobatch(self.record)
 
     def restart(self, step: int, phase: str = "last backward") -> None:
         """An OOM inside the last backward on 2+ ranks (or in fsdp's all-gather at the step's start): the
-        others wait in a collective, so nothing can be agreed. Record the halved micro-batch in an
-        `oom_restart` event (this rank's events; training rank 0 folds them in and applies the reduction
-        when the group restarts: rank 0 may be the one waiting) and exit with EXIT_RESTART; torchrun ends
-        the others."""
+        others wait in a collective, so nothing can be agreed. This rank writes the halved micro-batch to
+        autobatch.json itself (rank 0 may be the one waiting; no other rank writes it at this point of a
+        step), logs an `oom_restart` event (this rank's events; training rank 0 folds them in) and exits
+        with EXIT_RESTART; torchrun ends the others, and the restarted group resumes with it."""
         rank, batch = self.env.train_rank, self.batch
         what = f"out of memory in the {phase} on training rank {rank}"
         self._check_can_halve(phase, [rank], step, what, everywhere=False)
         smaller = batch.halved()
+        if self.record is not None:
+            self.rundir.write_autobatch(self.record.reduced(step, phase, [rank], smaller.micro, smaller.accum,
+                                                            restart=True))
         self.rundir.rank_event(self.env.rank, "oom_restart", step=step, rank=rank, phase=phase,
                                micro_from=batch.micro, micro_to=smaller.micro, accum=smaller.accum,
                                exit_code=EXIT_RESTART)
@@ -244,22 +225,10 @@ class Recovery:
             self.rundir.rank_event(self.env.rank, "oom_giveup", **fields)
         raise OutOfMemory(msg) from None
 
-    def _reset_net(self) -> None:
-        """A redo after the agreement: ranks that ran the last (synced) forward expect its backward; clear
-        DDP's reducer so the redo's no_sync backwards stay local, and have the redo's first forward
-        broadcast rank 0's buffers on every rank (a rank that failed early would skip it otherwise).
-        FSDP: drop the gradients accumulated unsharded before the OOM."""
-        if is_fsdp(self.net):
-            reset_step(self.net)
-        reducer = getattr(self.net, "reducer", None)
-        if reducer is not None:
-            reducer._reset_state()  # as DDP does itself when its process group changes
-            self.net.require_forward_param_sync = True
-
 
 class Lockstep:
     """fsdp's batch probe: its trial runs collectives, so every training rank runs the same trials.
-    Agreements over the training group (CPU tensors, as Recovery.agree)."""
+    Agreements over the training group (CPU tensors, as the step's Agreement)."""
 
     def __init__(self, dist):
         self.dist = dist
@@ -275,8 +244,8 @@ class _Attempt:
     """Catches an OOM in its block. Before the agreement (a forward, a non-last backward) this rank goes
     straight to the agreement and reports it; after it (the last backward) see Recovery.restart."""
 
-    def __init__(self, rec: Recovery, step: int):
-        self.rec, self.step, self.agreed, self.failed = rec, step, False, ""
+    def __init__(self, rec: Recovery, step: int, grads: GradSync):
+        self.rec, self.step, self.grads, self.agreed, self.failed = rec, step, grads, False, ""
 
     def __enter__(self) -> "_Attempt":
         if self.failed:  # fsdp's up-front all-gather failed (the probe): straight to the agreement
@@ -294,7 +263,7 @@ class _Attempt:
         (the probe): the attempt's one agreement."""
         if not self.agreed:
             self.agreed = True
-            self.rec.agree(self.step, self.failed)
+            self.rec.agree(self.step, self.grads, self.failed)
 
     def __exit__(self, typ, exc, tb) -> bool:
         phase, self.rec.phase = self.rec.phase, ""
@@ -309,14 +278,14 @@ class _Attempt:
             self.rec.restart(self.step)
         if self.agreed:  # one rank: nothing runs a collective, the agreement is local
             raise StepOOM(phase, [0]) from None
-        self.rec.agree(self.step, failed=phase)
+        self.rec.agree(self.step, self.grads, failed=phase)
         return False  # not reached: agree raises StepOOM on every rank
 
 
-class _Off:
-    """Recovery off (autobatch.max_retries=0): no agreement, an OOM ends the process."""
+class _NoRecovery:
+    """Recovery off (autobatch.max_retries=0): no agreement in the step, an OOM ends the process."""
 
-    def __enter__(self) -> "_Off":
+    def __enter__(self) -> "_NoRecovery":
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -329,4 +298,4 @@ class _Off:
         pass
 
 
-_OFF = _Off()
+_NO_RECOVERY = _NoRecovery()

@@ -3,18 +3,21 @@
 One table of parts, read by save and by restore alike, so the two cannot drift apart.
 Where the files go and how they are found again: store.py (.pt) and dcp.py (sharded).
 
-Saving is asynchronous. The training thread only takes the snapshot (staging.py: a copy into host
-buffers allocated once, on a GPU a side-stream copy that the next optimizer step waits for on the
-device); a background thread (background.py) serializes, checksums, writes, commits and applies
-retention. At most one save is in flight: a save that comes due while the previous one is still being
+Saving is asynchronous, and the loop passes the values: `snapshot()` takes this step's snapshot
+once (staging.py: a copy into host buffers allocated once; on a GPU a side-stream copy that the
+training step waits for on the device before its next optimizer step, `fence()`), the loop hands
+its weights to the hand-off and the snapshot itself to `save(snapshot, protect, final)`, and a
+background thread (background.py) serializes, checksums, writes and commits it, then applies
+retention (`retain`: the last `checkpoint.keep_last` and the protected steps, the one place that
+prunes). At most one save is in flight: a snapshot taken while the previous save is still being
 written waits for it (the wait counts as the checkpoint's stall). A checkpoint becomes visible only
-once complete on every rank (store.py, dcp.py); retention, with the validator's protected steps, runs
-after that commit. A failed background write is reported by `failed()`, which rides in the step's
-agreement (signals.Guard), so every rank stops at the same step with SaveError (exit status 1) and
-the earlier checkpoints intact. A final save (the end, an early stop, a stop signal) waits for its
-own write, at most `checkpoint.drain_timeout_s`; `close()` waits as long for one still in flight
-when training ends any other way (an exit 75 OOM restart, an error), so a stop or a restart resumes
-from the newest step that could be written.
+once complete on every rank (store.py, dcp.py). A failed background write is reported by
+`failed()`, a flag of the step's agreement, so every rank stops at the same step with SaveError
+(exit status 1; `stop_if_failed`) and the earlier checkpoints intact. A final save (the end, an
+early stop, a stop signal) waits for its own write, at most `checkpoint.drain_timeout_s`; `close()`
+waits as long for one still in flight when training ends any other way (an exit 75 OOM restart, an
+error), so a stop or a restart resumes from the newest step that could be written. `restore()`
+loads the newest checkpoint that loads and says what it found; the Trainer tells telemetry.
 """
 from __future__ import annotations
 
@@ -30,11 +33,10 @@ import torch
 
 from launcher.checkpoint import dcp, store
 from launcher.checkpoint.background import Background
-from launcher.checkpoint.staging import Snapshot, Stage, flatten
+from launcher.checkpoint.staging import Snapshot, Stage, flatten, snapshot_state
 from launcher.config.schema import CheckpointConfig
 from launcher.distributed import shards
 from launcher.distributed.rng import rng_state, set_rng_state
-from launcher.ema import EMA
 from launcher.errors import SaveError
 from launcher.files import read_json
 from launcher.telemetry.stalls import Stalls
@@ -65,13 +67,6 @@ class TrainState:
         self.earlier_s = float(state.get("wall_time_s", 0.0))  # older checkpoints lack it
 
 
-def step_epoch(state: dict) -> int:
-    """The epoch a checkpoint's step belongs to, as metrics.jsonl and the hand-off record it. The checkpoint holds
-    where the *next* step starts: after an epoch's last step that is the next epoch, at batch 0."""
-    done_an_epoch = state["batch_in_epoch"] == 0 and state["step"] > 0
-    return state["epoch"] - 1 if done_an_epoch else state["epoch"]
-
-
 class _RNG:
     """Every RNG of this process (of its own CUDA device only), as a part."""
 
@@ -87,48 +82,22 @@ class _RNG:
 
 @dataclass(frozen=True)
 class Resumed:
-    """What `restore` found: the step, and whether every rank got its own per-rank parts (RNG, loss
-    meter) back, which needs the same number of training ranks as the saving run."""
+    """The checkpoint `restore` loaded: its step and name, the number of training ranks that saved it,
+    whether every rank got its own per-rank parts (RNG, loss meter) back (the same number of ranks),
+    and the wandb run id it recorded."""
     step: int
+    checkpoint: str
+    saved_world: int
     per_rank: bool
+    wandb_id: Optional[str] = None
 
 
-class _Scaler:
-    """The GradScaler as a part, read without a host sync: its scale and growth tracker stay device
-    tensors in the snapshot (GradScaler.state_dict() calls .item()); load_state_dict takes either."""
-
-    def __init__(self, scaler: torch.amp.GradScaler):
-        self.scaler = scaler
-
-    def state_dict(self) -> dict:
-        s = self.scaler
-        if not s.is_enabled() or s._scale is None:
-            return s.state_dict()
-        return {"scale": s._scale.reshape(()), "growth_factor": s._growth_factor, "backoff_factor": s._backoff_factor,
-                "growth_interval": s._growth_interval, "_growth_tracker": s._growth_tracker.reshape(())}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scaler.load_state_dict({k: v.item() if torch.is_tensor(v) else v for k, v in state.items()})
-
-
-class _Live:
-    """A part read for a snapshot with state_dict(live=True): the EMA's own tensors (the snapshot copies
-    them), its counters without a host sync."""
-
-    def __init__(self, part: Any):
-        self.part = part
-
-    def state_dict(self) -> dict:
-        return self.part.state_dict(live=True)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.part.load_state_dict(state)
-
-
-def _as_part(part: Any) -> Any:
-    if isinstance(part, torch.amp.GradScaler):
-        return _Scaler(part)
-    return _Live(part) if isinstance(part, EMA) else part
+@dataclass(frozen=True)
+class Restored:
+    """What `restore` found: the checkpoint it loaded (None: none loads), and why each newer one was
+    skipped (training rank 0's reasons, newest first; empty elsewhere)."""
+    resumed: Optional[Resumed]
+    skipped: List[str]
 
 
 class Checkpointer:
@@ -136,42 +105,47 @@ class Checkpointer:
 
     `parts` (model, optimizer, scheduler, scaler, EMA) are training rank 0's, saved once and loaded
     by every rank; `state` (the loop's position) is stored at the top level. `per_rank` parts (RNG,
-    the loss meter) come from every training rank, and each rank takes its own back.
+    the loss meter) come from every training rank, and each rank takes its own back. A part is read
+    through staging.snapshot_state (its own `snapshot_state()` where it offers one).
     `sharded` (fsdp): every rank saves its own shards of every part into one .dcp directory; restore
-    loads either kind into either strategy. `stalls` (telemetry.stalls.Stalls) gets the training
+    loads either kind into either strategy. `staging`: the Stage the snapshots go to (the Trainer's,
+    whose `fence()` its training step calls). `stalls` (telemetry.stalls.Stalls) gets the training
     thread's time under `checkpoint`, and the writer's under background. `write_delay_s`
     (debug.checkpoint_write_delay_s): each background write waits this long, durable but not visible."""
 
     def __init__(self, cfg: CheckpointConfig, env, dist, rundir, tel, state: TrainState, parts: Dict[str, Any],
                  per_rank: Dict[str, Any], sharded: bool = False, stalls: Optional[Stalls] = None,
-                 write_delay_s: float = 0.0):
+                 write_delay_s: float = 0.0, staging: Optional[Stage] = None):
         self.cfg, self.env, self.dist, self.rundir, self.tel = cfg, env, dist, rundir, tel
         self.state, self.per_rank = state, {"rng": _RNG(env.device), **per_rank}
-        self.parts = {name: _as_part(part) for name, part in parts.items()}
+        self.parts = parts
         self.stalls = stalls if stalls is not None else Stalls()
         self.sharded, self.write_delay_s = sharded, write_delay_s
         self._live = dcp.Live(self.parts)  # fsdp: what state_of() returns, without get_state_dict's cost
-        self.staging, self.worker = Stage(env.device), Background(env.device)
-        self.snapshot: Optional[Snapshot] = None  # the last one taken
+        self.staging = staging if staging is not None else Stage(env.device)
+        self.worker = Background(env.device)
+        self.last: Optional[Snapshot] = None  # the last snapshot taken
         self.pending: Optional[Future] = None  # the job in flight (a save, or preparing the buffers)
         self.error: Optional[str] = None  # this rank's failed save: sticky, every rank then stops
         self._buffers = {b.data_ptr() for b in self.parts["model"].buffers()}  # updated by every forward
-        opt = self.parts["optimizer"]
-        opt.register_step_pre_hook(lambda *_: self.staging.fence())  # a GPU: the copy finished before the state moves
         self._prepared = False
-        opt.register_step_post_hook(self._prepare_buffers)
 
-    def step_end(self, step: int, force: bool, protect: Callable[[], Iterable[int]], final: bool = False) -> None:
-        """After every optimizer step, on every training rank: save every `checkpoint.every_steps` steps,
-        and whenever the loop says a checkpoint must exist (`force`: a validation step; `final`: a stop,
-        an early stop, the end, whose save is also waited for). `protect()`: steps retention must keep
-        (the best, the ones still being validated)."""
+    def due(self, step: int) -> bool:
+        """Whether `step` saves on its own account (`checkpoint.every_steps`); the loop also saves at every
+        validation step (the best step must have a full checkpoint) and at a final one."""
         every = self.cfg.every_steps
-        if force or final or (every and step % every == 0):
-            self.save(protect(), final=final)
+        return bool(every) and step % every == 0
 
-    def prune(self, protect: Iterable[int] = ()) -> None:
-        """Retention again (rank 0), with what is known now: the last `keep_last`, and `protect`."""
+    def fence(self) -> None:
+        """Before the optimizer step (the training step calls it): the training stream waits, on the device,
+        for the last snapshot's copy out of the state (free once it finished; no host sync)."""
+        self.staging.fence()
+
+    def retain(self, protect: Iterable[int] = ()) -> None:
+        """Retention, the one place that prunes (training rank 0): the last `keep_last` complete checkpoints
+        and `protect` (the best, the steps still being validated). After every commit (the writer thread,
+        with the steps protected when that save was asked for) and once more at the end, with what is
+        known then."""
         if self.env.is_main:
             store.prune(self.rundir.checkpoints, self.cfg.keep_last, protect)
 
@@ -181,61 +155,61 @@ class Checkpointer:
         if self.sharded:
             parts = self._live()
         elif self.env.is_main:
-            parts = {name: part.state_dict() for name, part in self.parts.items()}
+            parts = {name: snapshot_state(part) for name, part in self.parts.items()}
         else:
             parts = {}
         return {"parts": parts, "own": {name: part.state_dict() for name, part in self.per_rank.items()}}
 
-    def _prepare_buffers(self, *_: Any) -> None:
-        """After the first optimizer step (the optimizer's state exists now): the snapshot's buffers are
-        allocated, pinned and touched by the background thread, not by the first save."""
+    def prepare(self) -> None:
+        """Once, after the first optimizer step (the optimizer's state exists then; later calls do nothing):
+        the snapshot's buffers are allocated, pinned and touched by the background thread, not by the
+        first snapshot."""
         if self._prepared:
             return
         self._prepared = True
         _, tensors = flatten(self._state())
         self.pending = self.worker.submit(lambda: self.staging.prepare(tensors))
 
-    def stage(self) -> Snapshot:
-        """This step's snapshot: the one a save (or a hand-off) of this step took already, else taken now,
-        after the save in flight has finished (at most one in flight)."""
-        if self.snapshot is not None and self.snapshot.step == self.state.step:
-            return self.snapshot
+    def snapshot(self) -> Snapshot:
+        """This step's snapshot: the one taken already at this step, else taken now, after the save in
+        flight has finished (at most one in flight). Its `weights` are what a hand-off sends."""
+        if self.last is not None and self.last.step == self.state.step:
+            return self.last
         with self.stalls.measure("checkpoint"):
             t0 = time.perf_counter()
             self.wait()
-            self.snapshot = self.staging.take(self._state(), self.state.step,
-                                            early=lambda t: not shards.is_sharded(t) and t.data_ptr() in self._buffers)
-            self.snapshot.blocked_s = time.perf_counter() - t0
-        return self.snapshot
+            self.last = self.staging.take(self._state(), self.state.step,
+                                          early=lambda t: not shards.is_sharded(t) and t.data_ptr() in self._buffers)
+            self.last.weights = store.weights(self.last.state["parts"])
+            self.last.blocked_s = time.perf_counter() - t0
+        return self.last
 
-    def shared(self, kinds: Iterable[str]) -> Optional[Tuple[Dict[str, dict], Snapshot]]:
-        """For a hand-off at a step that also checkpoints (every validation step does): this step's
-        snapshot of the weights it sends, {kind: state dict} of host tensors (`ema`: the average, `raw`:
-        the model), taken once for both. None where this rank's checkpoint holds no such weights."""
-        snap = self.stage()
-        parts = snap.state["parts"]
-        found = {"ema": (parts.get("ema") or {}).get("shadow"), "raw": parts.get("model")}
-        if any(found.get(kind) is None for kind in kinds):
-            return None
-        return {kind: found[kind] for kind in kinds}, snap
-
-    def save(self, protect: Iterable[int] = (), final: bool = False) -> None:
-        """Every training rank calls this. Takes (or reuses) this step's snapshot and hands it to the
-        background writer. `final` (the end, an early stop, a stop signal): also wait for the write, at most
-        checkpoint.drain_timeout_s, and agree on the outcome: SaveError on every rank if any failed."""
+    def save(self, snap: Snapshot, protect: Iterable[int] = (), final: bool = False) -> None:
+        """Every training rank calls this with this step's snapshot: the background writer writes and
+        commits it, then applies retention keeping `protect` (the steps the validation still needs). `final`
+        (the end, an early stop, a stop signal): also wait for the write, at most checkpoint.drain_timeout_s,
+        and agree on the outcome: SaveError on every rank if any failed."""
         with self.stalls.measure("checkpoint"):
-            snap = self.stage()
             t0 = time.perf_counter()
+            self.wait()  # the snapshot's own wait already waited for the previous save: free
             info = {"train": self.state.state_dict(), "train_world": self.env.train_world,
                     "wandb_id": self.tel.wandb_id}
             release = snap.lease()
             snap.blocked_s += time.perf_counter() - t0  # the event's blocked_ms: all but a final save's own wait
-            self.pending = self.worker.submit(lambda: self._write(snap, info, list(protect), release))
+            protect = list(protect)
+            self.pending = self.worker.submit(lambda: self._write(snap, info, protect, release))
             if final:
                 self._finish(snap.step)
 
+    def stop_if_failed(self, anywhere: bool) -> None:
+        """`anywhere`: the step's agreement says a background save failed on some training rank. Then every
+        rank raises SaveError at this same step (this rank's reason where it is the one that failed)."""
+        if anywhere:
+            raise SaveError(self.error or "another training rank could not write its checkpoint (see its log); "
+                            "the previous checkpoints are intact")
+
     def failed(self) -> Optional[str]:
-        """Why this rank's last background save failed, or None (the Guard's flag for the step's agreement)."""
+        """Why this rank's last background save failed, or None (a flag of the step's agreement)."""
         return self.error
 
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -269,7 +243,8 @@ class Checkpointer:
         t0 = time.perf_counter()
         try:
             snap.synchronize()
-            path = self._write_dcp(snap, info, protect) if self.sharded else self._write_pt(snap, info, protect)
+            path = self._write_dcp(snap, info) if self.sharded else self._write_pt(snap, info)
+            self.retain(protect)  # committed: retention may now drop the older ones
         except Exception as e:  # noqa: BLE001 - a failed write must not kill the thread; training stops cleanly
             self.error = str(e) if isinstance(e, SaveError) else \
                 f"could not save checkpoint step {snap.step}: {type(e).__name__}: {e}"
@@ -284,7 +259,7 @@ class Checkpointer:
             self.tel.event("checkpoint", step=snap.step, path=path.name, blocked_ms=round(snap.blocked_s * 1e3, 3),
                            write_s=round(write_s, 3))
 
-    def _write_pt(self, snap: Snapshot, info: dict, protect: List[int]) -> Optional[Path]:
+    def _write_pt(self, snap: Snapshot, info: dict) -> Optional[Path]:
         """ddp: every rank's own parts reach training rank 0 (a gather over the background group), which
         writes the .pt file."""
         buf = io.BytesIO()  # tensors travel as torch.save bytes: pickling them through gloo fails
@@ -295,8 +270,7 @@ class Checkpointer:
             return None
         data = {**snap.state["parts"], **info["train"], "train_world": info["train_world"], "ranks": ranks,
                 "wandb_id": info["wandb_id"]}
-        return store.save(self.rundir.checkpoints, snap.step, data, self.cfg.keep_last, protect,
-                          before_commit=lambda: self._pause(snap.step))
+        return store.save(self.rundir.checkpoints, snap.step, data, before_commit=lambda: self._pause(snap.step))
 
     def _pause(self, step: int) -> None:
         """debug.checkpoint_write_delay_s: the data is durable but not visible yet (a slow disk), so a test can
@@ -306,39 +280,28 @@ class Checkpointer:
                      step, self.write_delay_s)
             time.sleep(self.write_delay_s)
 
-    def _write_dcp(self, snap: Snapshot, info: dict, protect: List[int]) -> Optional[Path]:
+    def _write_dcp(self, snap: Snapshot, info: dict) -> Optional[Path]:
         """fsdp: every rank writes its shards (DCP over the background group); rank 0 commits."""
         path = store.save_sharded(self.rundir.checkpoints, snap.step, snap.state["parts"], snap.state["own"], info,
-                                  self.dist.background, self.env.train_rank, self.cfg.keep_last, protect,
+                                  self.dist.background, self.env.train_rank,
                                   before_commit=lambda: self._pause(snap.step))
         return path if self.env.is_main else None
 
-    def restore(self) -> Optional[Resumed]:
-        """Rank 0 picks the newest checkpoint that loads; every rank loads that one. None: there is none."""
+    def restore(self) -> Restored:
+        """Rank 0 picks the newest checkpoint that loads; every rank loads that one. Says what it found (the
+        Trainer tells telemetry): `resumed` None when none loads."""
         path, data, skipped = store.load_latest(self.rundir.checkpoints) if self.env.is_main else (None, None, [])
-        for reason in skipped:
-            self.tel.event("checkpoint_skipped", reason=reason)
         found = self.dist.broadcast_train(str(path) if path else None)
         if not found:
-            if skipped:  # every checkpoint unreadable: say so, and forget the steps logged before
-                log.warning("no checkpoint in %s could be loaded (%s); starting again from step 0",
-                            self.rundir.checkpoints, "; ".join(skipped))
-                self.tel.truncate_after(0)
-                self.tel.event("restart_from_scratch", skipped=len(skipped))
-            return None
+            return Restored(None, skipped)
         found = Path(found)
         data, own, saved_world = self._load_dir(found) if found.is_dir() else self._load_pt(found, data)
         self.state.load_state_dict(data)
-        step = self.state.step
         if own is not None:
             for name, part in self.per_rank.items():
                 part.load_state_dict(own[name])
-        else:  # another number of ranks: the caller reseeds per-rank randomness
-            self.tel.event("resume_world_changed", saved=saved_world, now=self.env.train_world)
-        self.tel.truncate_after(step, wandb_id=data.get("wandb_id"))
-        self.tel.event("resume", step=step, epoch=self.state.epoch, checkpoint=found.name,
-                       restart_count=self.env.restart_count)
-        return Resumed(step, own is not None)
+        return Restored(Resumed(self.state.step, found.name, saved_world, own is not None, data.get("wandb_id")),
+                        skipped)
 
     def _load_dir(self, found: Path) -> Tuple[dict, Optional[dict], int]:
         """A sharded checkpoint, into either strategy: each rank reads what its template needs (its rows of

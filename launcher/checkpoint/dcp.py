@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from launcher.checkpoint.staging import snapshot_state
 from launcher.files import Corrupt, atomic_write, file_sha256, fsync_dir, read_json, write_json
 from launcher.rundir import checkpoint_name, checkpoint_pattern
 from launcher.distributed.shards import is_sharded, local_slice
@@ -46,14 +47,14 @@ def _rank_file(rank: int) -> str:
 def state_of(parts: Dict[str, Any]) -> Dict[str, Any]:
     """What a checkpoint holds of `parts`, as DCP saves it and as the template it loads into: model and
     optimizer from get_state_dict (names as keys, DTensors under fsdp, plain tensors under ddp), every
-    other part its state_dict(). A part without state (NoEMA) is left out."""
+    other part its staging.snapshot_state(). A part without state (NoEMA) is left out."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     out: Dict[str, Any] = {}
     if "model" in parts:
         out["model"], out["optimizer"] = get_state_dict(parts["model"], parts["optimizer"])
     for name, part in parts.items():
-        if name not in _JOINT and (sd := part.state_dict()) is not None:
+        if name not in _JOINT and (sd := snapshot_state(part)) is not None:
             out[name] = sd
     return out
 
@@ -79,7 +80,7 @@ class Live:
                              "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]}
                                               for g in sd["param_groups"]]}}
         out.update({name: sd for name, part in self.parts.items()
-                    if name not in _JOINT and (sd := part.state_dict()) is not None})
+                    if name not in _JOINT and (sd := snapshot_state(part)) is not None})
         if self.agrees is None:
             slow = state_of({name: self.parts[name] for name in _JOINT})
             self.agrees = _alike({name: out[name] for name in _JOINT}, slow)

@@ -7,18 +7,23 @@ to a power of two), touched once when allocated, so a snapshot faults no page an
 Each place is a tensor that owns exactly its byte range of the buffer (torch.frombuffer), so
 torch.save and DCP write it as is, without the copy they make of a view into a larger storage.
 Everything else in the state (ints, floats, lists: the scheduler, param groups, RNG tuples) is
-deep-copied on the host, a few KB.
+deep-copied on the host, a few KB. A part offers its state through `snapshot_state()` where it has
+one (the EMA, precision.GradScaler: their own tensors, counters without a host sync), else
+`state_dict()`.
 
 On a GPU the copy runs on a side stream after the work queued so far, device to pinned host, without
 a host sync: the model's buffers first (the next forward updates BatchNorm statistics, so the
-training stream waits for those right away: microseconds), then the rest, which the next optimizer
-step waits for on the device (`fence()`, an optimizer step pre-hook), the same fence the hand-off
-uses. The writer thread waits for the copy (`Snapshot.synchronize()`) before it reads. On the CPU the copy
-is a memcpy, done when `take()` returns. The CUDA calls sit behind `DeviceCopy(cuda=...)`, so the
+training stream waits for those right away: microseconds), then the rest, which the training step
+waits for on the device with `fence()`, called explicitly before its optimizer step (whether or not
+the GradScaler then skips the step: its update rewrites the scale the snapshot copies). The writer
+threads wait for the copy (`Snapshot.synchronize()`) before they read. On the CPU the copy is a
+memcpy, done when `take()` returns. The CUDA calls sit behind `DeviceCopy(cuda=...)`, so the
 ordering is tested on the CPU with a recording stand-in.
 
-The buffers are in use until every reader of a snapshot (the checkpoint writer, a hand-off of the
-same step) has released its lease; `take()` waits for that before it copies again.
+The buffers are in use until every reader of a snapshot has released its lease: the checkpoint
+writer (whose save the next snapshot waits for anyway: at most one in flight) and the hand-off
+writer, which copies the weights out at once and releases them before it writes its file, so no
+snapshot waits for a hand-off file. `take()` waits for the leases before it copies again.
 """
 from __future__ import annotations
 
@@ -178,22 +183,33 @@ class DeviceCopy:
         return events[1]
 
     def fence(self) -> None:
-        """Before the state changes (the next optimizer step): the training stream waits, on the device,
-        for the copy. Free when it finished long ago; no host sync either way."""
+        """Before the state changes (the training step calls it before its optimizer step): the training
+        stream waits, on the device, for the copy. Free when it finished long ago; no host sync either way."""
         if self.pending is not None:
             self.cuda.current_stream().wait_event(self.pending)
             self.pending = None
 
 
 # ------------------------------------------------------------------------------------ the snapshot
+def snapshot_state(part: Any) -> Any:
+    """What a snapshot (and the template a checkpoint loads into) holds of `part`: its `snapshot_state()`
+    where it offers one (tensors as they are, which the snapshot copies; counters without a host sync),
+    else its `state_dict()`. Either loads back with the part's `load_state_dict()`."""
+    own = getattr(part, "snapshot_state", None)
+    return own() if own is not None else part.state_dict()
+
+
 @dataclass
 class Snapshot:
-    """One step's staged state (host tensors, DTensors over them where sharded) and its readers."""
+    """One step's staged state (host tensors, DTensors over them where sharded) and its readers.
+    `weights`: the weights it holds, by kind (`ema`: the average, `raw`: the model), as host state
+    dicts inside `state`, for a hand-off (the Checkpointer fills it)."""
     step: int
     state: Any
     done: Optional[object]  # a GPU: the copy's event; None once finished (the CPU)
     blocked_s: float = 0.0  # the training thread's time on this snapshot (the copy, waiting for buffers)
     stage: Optional["Stage"] = field(default=None, repr=False)
+    weights: Dict[str, Dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def synchronize(self) -> None:
         """Called by a reader thread before it reads: the device copy has finished (as a CUDA event's)."""
@@ -206,7 +222,8 @@ class Snapshot:
 
 
 class Stage:
-    """The staging area of one rank: `take(state, step, early)` -> Snapshot; `fence()`."""
+    """The staging area of one rank: `take(state, step, early)` -> Snapshot; `fence()`, before the state
+    moves; `lease()`, for a reader of the buffers."""
 
     def __init__(self, device: torch.device, copier: Any = None):
         self.device = device

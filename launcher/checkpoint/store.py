@@ -4,8 +4,10 @@
 holds its sha256 and is written after it, so a checkpoint whose manifest exists
 was completely written. A sharded (fsdp) run writes `step-00000123.dcp/` instead
 (dcp.py); retention and resume count both kinds alike, and either kind loads into
-either strategy. Retention runs only after a save succeeded: a failed save (disk
-full, read-only directory) never costs the previous checkpoint.
+either strategy. Retention (`prune`) is the Checkpointer's: it runs it after a save was
+committed, so a failed save (disk full, read-only directory) never costs the previous
+checkpoint. What a checkpoint's state holds (`weights`, `step_epoch`) is read here too, by the
+trainer's hand-off and by the validator re-validating a finished run alike.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import io
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -37,11 +39,10 @@ def path_for(directory: Path, step: int) -> Path:
     return sharded if sharded.is_dir() else _pt(directory, step)
 
 
-def save(directory: Path, step: int, state: dict, keep_last: int, protect: Iterable[int] = (),
-         before_commit: Callable[[], None] = lambda: None) -> Path:
+def save(directory: Path, step: int, state: dict, before_commit: Callable[[], None] = lambda: None) -> Path:
     """Write `state` as the .pt checkpoint of `step` (streamed to the file and hashed on the way: no
-    in-memory copy of it), then its manifest, then retention. SaveError if it cannot be written; the
-    earlier checkpoints are then untouched. The checkpointer calls it from its background thread.
+    in-memory copy of it), then its manifest. SaveError if it cannot be written; the earlier
+    checkpoints are then untouched. The checkpointer calls it from its background thread.
     `before_commit` runs once the data is durable, before the file gets its name."""
     directory = Path(directory)
     path = _pt(directory, step)
@@ -62,7 +63,6 @@ def save(directory: Path, step: int, state: dict, keep_last: int, protect: Itera
         raise SaveError(f"could not save checkpoint {path} ({tensor_bytes(state) / 2**20:.1f} MiB): "
                         f"{e.strerror or e}; {_intact(directory, step)}") from e
     shutil.rmtree(dcp.dir_for(directory, step), ignore_errors=True)  # one checkpoint per step
-    prune(directory, keep_last, protect)
     return path
 
 
@@ -112,7 +112,7 @@ def _intact(directory: Path, step: int) -> str:
 
 
 def save_sharded(directory: Path, step: int, state: dict, own: dict, info: dict, dist, rank: int,
-                 keep_last: int, protect: Iterable[int] = (), before_commit: Callable[[], None] = lambda: None) -> Path:
+                 before_commit: Callable[[], None] = lambda: None) -> Path:
     """save() for a sharded state: every training rank calls it (dcp.save); SaveError on all."""
     try:
         path = dcp.save(directory, step, state, own, info, dist, rank, before_commit)
@@ -122,7 +122,6 @@ def save_sharded(directory: Path, step: int, state: dict, own: dict, info: dict,
     if rank == 0:
         _pt(directory, step).unlink(missing_ok=True)  # one checkpoint per step
         _pt(directory, step).with_suffix(".json").unlink(missing_ok=True)
-        prune(directory, keep_last, protect)
     return path
 
 
@@ -133,6 +132,9 @@ def steps(directory: Path) -> List[int]:
 
 
 def prune(directory: Path, keep_last: int, protect: Iterable[int] = ()) -> None:
+    """Retention: keep the newest `keep_last` complete checkpoints and every step in `protect` (the best,
+    the steps still being validated); delete the rest. A save still being written (a `.tmp`) is not a
+    checkpoint yet and is left alone."""
     protect = set(protect)
     for step in steps(directory)[keep_last:]:
         if step not in protect:
@@ -171,3 +173,17 @@ def load_latest(directory: Path, map_location: Any = "cpu") -> Tuple[Optional[Pa
             log.warning("skipping unreadable checkpoint %s", reason)
             skipped.append(reason)
     return None, None, skipped
+
+
+def weights(parts: dict) -> Dict[str, dict]:
+    """The weights a checkpoint's parts hold, by kind: `ema` (the average's shadow) and `raw` (the model),
+    each where present (no EMA: no `ema`)."""
+    found = {"ema": (parts.get("ema") or {}).get("shadow"), "raw": parts.get("model")}
+    return {kind: sd for kind, sd in found.items() if sd is not None}
+
+
+def step_epoch(state: dict) -> int:
+    """The epoch a checkpoint's step belongs to, as metrics.jsonl and the hand-off record it. The checkpoint holds
+    where the *next* step starts: after an epoch's last step that is the next epoch, at batch 0."""
+    done_an_epoch = state["batch_in_epoch"] == 0 and state["step"] > 0
+    return state["epoch"] - 1 if done_an_epoch else state["epoch"]

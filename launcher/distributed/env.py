@@ -1,8 +1,9 @@
-"""Who am I: rank, world, role and device, read from torchrun / Slurm variables.
+"""Who am I: rank, world, role, device and validation mode, read from torchrun / Slurm variables.
 
-Pure functions of the environment and the config: no process group, no I/O, so
-the CLI can decide everything (and reject bad combinations) before any rank
-starts talking to another.
+Functions of the environment and the config, without a process group, so the CLI can decide
+everything (and reject bad combinations) before any rank starts talking to another. They read
+environment variables and, for the run id under plain torchrun, /proc (`agent_run_id`); nothing
+else, and they write nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from launcher.errors import ConfigError
 
 @dataclass(frozen=True)
 class Env:
+    """This process's place in the launch, decided once by `detect` before any process group: its global
+    and local rank, the world sizes, torchrun's restart count, the validator rank (if any), its device and
+    the resolved `validation.mode` (`validation_mode`: auto made concrete). Every component asks this,
+    not the environment or the config, who it is."""
     rank: int  # global rank
     world_size: int
     local_rank: int
@@ -27,6 +32,7 @@ class Env:
     restart_count: int  # TORCHELASTIC_RESTART_COUNT
     validator_rank: Optional[int]  # the global rank that validates (mode=rank), else None
     device: torch.device
+    validation_mode: str = "off"  # validation.mode resolved for this launch: rank, process, inline, off, external
 
     @property
     def train_ranks(self) -> List[int]:
@@ -47,14 +53,15 @@ class Env:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0 of the training group: keeps the EMA, writes the run files."""
+        """Rank 0 of the training group: writes the run files; under ddp it alone keeps the EMA (under fsdp
+        every training rank keeps its shards)."""
         return self.train_rank == 0
 
 
-def layout(env: Env, mode: str, sharded: bool = False) -> str:
+def layout(env: Env, sharded: bool = False) -> str:
     """This launch's processes in words, for the start line: `1 training rank + 1 validator rank`,
-    `2 training ranks (DDP) + a validator process`, ... (`mode`: validation_mode's answer)."""
-    n = env.train_world
+    `2 training ranks (DDP) + a validator process`, ..."""
+    n, mode = env.train_world, env.validation_mode
     ranks = f"{n} training rank" + (f"s ({'FSDP' if sharded else 'DDP'})" if n > 1 else "")
     return ranks + {"rank": " + 1 validator rank", "process": " + a validator process", "inline": ", validating inline",
                     "off": ", no validation", "external": ", validated elsewhere"}.get(mode, "")
@@ -64,15 +71,16 @@ def _int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-def detect(validation_mode_: str = "off", validation_rank: int = -1, device: str = "auto",
-           share_gpu: bool = False) -> Env:
-    """Read torchrun's variables and pick this process's device (a ConfigError where the launch cannot work)."""
+def detect(mode: str = "off", validation_rank: int = -1, device: str = "auto", share_gpu: bool = False) -> Env:
+    """Read torchrun's variables, resolve `validation.mode` (`mode`; auto: rank with 2+ processes, else
+    process) and pick this process's device (a ConfigError where the launch cannot work)."""
     world = _int("WORLD_SIZE", 1)
     rank = _int("RANK", 0)
     local_rank = _int("LOCAL_RANK", 0)
     local_world = _int("LOCAL_WORLD_SIZE", 1)
+    mode = validation_mode(mode, world)
     vrank = None
-    if validation_mode(validation_mode_, world) == "rank" and world >= 2:
+    if mode == "rank" and world >= 2:
         vrank = validation_rank % world
     first = rank - local_rank  # torchrun numbers a node's processes consecutively
     vlocal = vrank - first if vrank is not None and first <= vrank < first + local_world else None
@@ -80,7 +88,7 @@ def detect(validation_mode_: str = "off", validation_rank: int = -1, device: str
     dev = assign_device(local_rank, local_world, count, device, vlocal, share_gpu)
     return Env(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
                restart_count=_int("TORCHELASTIC_RESTART_COUNT", 0),
-               validator_rank=vrank, device=dev)
+               validator_rank=vrank, device=dev, validation_mode=mode)
 
 
 def assign_device(local_rank: int, local_world_size: int, device_count: int, device: str = "auto",
@@ -108,11 +116,13 @@ def assign_device(local_rank: int, local_world_size: int, device_count: int, dev
     raise ConfigError(oversubscribed(local_world_size, device_count, validator_local_rank is not None, share_gpu))
 
 
-def shares_gpu_with_validator(env: Env, mode: str, device_count: int) -> bool:
-    """Whether a validator runs on this process's GPU beside a trainer (pure: tested without GPUs).
-    mode=process: training rank 0's side process, when the node has no GPU that no trainer uses (see
-    supervisor.child_device); mode=rank: `validation.share_gpu`, the one launch with more processes on
-    a node than GPUs, where the validator rank and the last GPU's trainer share it (assign_device)."""
+def shares_gpu_with_validator(env: Env, device_count: int) -> bool:
+    """Whether this process's GPU holds a trainer and a validator at once (pure: tested without GPUs), asked
+    by both sides. mode=process: training rank 0's, when the node has no GPU that no trainer uses for its side
+    process (see supervisor.child_device); mode=rank: `validation.share_gpu`, the one launch with more
+    processes on a node than GPUs, where the validator rank and the last GPU's trainer share it
+    (assign_device): true on both of them."""
+    mode = env.validation_mode
     if env.device.type != "cuda":
         return False
     if mode == "process":

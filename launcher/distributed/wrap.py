@@ -1,10 +1,13 @@
-"""The model as the loop runs it: backend flags, FSDP2 sharding, the DDP wrapper, torch.compile.
+"""The model as the loop runs it: backend flags, FSDP2 sharding, the DDP wrapper, torch.compile, and
+when a step's backwards synchronize gradients (`GradSync`).
 
 Each is a plain function of the config so the loop reads the same with or without
 them. What each one buys is measured by `benchmarks/overhead.py` (see
 benchmarks/RESULTS.md).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -55,3 +58,62 @@ def wrap(model: nn.Module, cfg: Config, group, device: torch.device) -> nn.Modul
     if cfg.train.compile:
         net.compile()
     return net
+
+
+class GradSync:
+    """When a step's backwards synchronize gradients, and the wrapper's state around a step that was
+    given up (an agreed out-of-memory error). Gradients are synchronized in the step's last backward
+    only: DDP runs every other micro-batch under `no_sync()` (its backward runs no collective), FSDP2
+    gets the flags its backward reads (fsdp.accumulate). Except with `ddp.static_graph`: DDP records
+    the graph in the run's first backward and fails an unsynced one before it, so until then every
+    backward syncs. `probe` (the batch probe's trial): no backward synchronizes."""
+
+    def __init__(self, module: nn.Module, probe: bool = False):
+        self.module, self.probe = module, probe
+        self.sharded = fsdp.is_fsdp(module)
+        self.recording = bool(getattr(module, "static_graph", False))  # DDP(static_graph=...): the graph not yet recorded
+
+    def syncs(self, last: bool) -> bool:
+        """Whether the micro-batch's backward synchronizes (`last`: the step's last micro-batch)."""
+        return not self.probe and (last or self.recording)
+
+    def forward(self, sync: bool):
+        """The context the micro-batch's forward runs in. DDP: `no_sync()` unless it syncs. FSDP2: the flags
+        its backward reads (after this block), set by every micro-batch for its own."""
+        if self.sharded:
+            fsdp.accumulate(self.module, sync)
+            return nullcontext()
+        return nullcontext() if sync or not hasattr(self.module, "no_sync") else self.module.no_sync()
+
+    def backward_begins(self, sync: bool) -> None:
+        """Right before a backward: a synchronized one records DDP's static graph (DDP's own flag flips there)."""
+        if sync:
+            self.recording = False
+
+    def gather(self) -> None:
+        """FSDP2: the step's all-gathers up front, before anything that can run out of memory, kept until the
+        last backward (fsdp.unshard_for_step); nothing elsewhere."""
+        if self.sharded:
+            fsdp.unshard_for_step(self.module)
+
+    def stand_in_grads(self) -> None:
+        """FSDP2's probe trial: no reduce-scatter ran, the optimizer state must still be allocated."""
+        if self.sharded:
+            fsdp.stand_in_grads(self.module)
+
+    def can_reset(self) -> bool:
+        """Whether a step given up can be reset in place (FSDP2 on a torch without reset_iter_state cannot)."""
+        return not self.sharded or fsdp.can_reset(self.module)
+
+    def reset(self) -> None:
+        """After an agreed OOM, before the redo: ranks that ran the last (synced) forward expect its backward;
+        DDP's reducer is cleared (`_reset_state`: what DDP does itself when its process group changes; no
+        public call does it) so the redo's no_sync backwards stay local, and the redo's first forward
+        broadcasts rank 0's buffers on every rank (a rank that failed early would skip it otherwise).
+        FSDP2: the gradients accumulated unsharded before the OOM are dropped."""
+        if self.sharded:
+            fsdp.reset_step(self.module)
+        reducer = getattr(self.module, "reducer", None)
+        if reducer is not None:
+            reducer._reset_state()
+            self.module.require_forward_param_sync = True

@@ -12,7 +12,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from launcher.files import append_jsonl, truncate_jsonl
-from launcher.rundir import RunDir, ValResult
+from launcher.rundir import Best, RunDir, ValResult
 from launcher.telemetry.gpu import GpuMonitor, node_cuda_indices
 from launcher.telemetry.off import OFF
 from launcher.telemetry.progress import make_progress
@@ -42,6 +42,11 @@ class RunFiles:
 
 
 class Telemetry:
+    """Where training rank 0's numbers go, one object for all sinks: metrics rows (`metrics`, at the steps
+    `should_log` picks), events (`event`: events.jsonl and the log), validation results (`validation`), the
+    progress display, NVML samples of the node's GPUs and wandb. Disabled (every other rank) each sink is
+    the no-op `OFF`, so callers never branch on rank. `truncate_after` rewinds the files on a resume."""
+
     def __init__(self, rundir: RunDir, cfg, env, total_steps: int, enabled: bool):
         self.cfg, self.total_steps = cfg, total_steps
         self.step, self.first = 0, None  # (time, step) of the first logged row, for the ETA
@@ -86,9 +91,9 @@ class Telemetry:
             flat.update({f"gpu/{g['index']}/{k}": v for k, v in g.items() if k not in ("index", "uuid")})
         self.wandb.log({"trainer/step": row["step"], **flat})
 
-    def validation(self, rows: List[ValResult]) -> None:
+    def validation(self, rows: List[ValResult], best: Optional[Best] = None) -> None:
         """Validation results, inline or from the validator: log lines, progress, and one wandb row per
-        step (raw and EMA side by side)."""
+        step (raw and EMA side by side); `best`, the validation's best so far, goes to wandb's summary."""
         metric, by_step = self.cfg.validation.metric, {}
         for row in rows:
             log.info(f"val step={row.step} weights={row.weights} " +  # the console has them in the progress
@@ -102,8 +107,7 @@ class Telemetry:
             by_step.setdefault(row.step, {}).update({f"val/{row.weights}/{k}": v for k, v in row.metrics.items()})
         for step, values in by_step.items():
             self.wandb.log({"val/step": step, **values})
-        best = self.rundir.read_best() if rows and self.wandb else None
-        if best:
+        if rows and best:
             self.wandb.summary({f"best/{best.metric}": best.value, "best/step": best.step,
                                 "best/weights": best.weights})
 

@@ -133,7 +133,5 @@ def node_cuda_indices(env: Any, cfg: Any) -> List[int]:
         return []
     import torch
 
-    from launcher.config.schema import validation_mode
-
-    extra = int(validation_mode(cfg.validation.mode, env.world_size) == "process")
+    extra = int(env.validation_mode == "process")
     return list(range(min(max(env.local_world_size, 1) + extra, torch.cuda.device_count())))

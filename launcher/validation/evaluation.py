@@ -142,21 +142,10 @@ def best_summary(best: Optional[Best]) -> dict:
     return {"best_metric": best.metric, "best_value": best.value, "best_step": best.step} if best else {}
 
 
-def best_by_weights(rows: List[ValResult], metric: str, goal: str) -> dict:
-    """best_raw / best_ema ({value, step}) and final_raw / final_ema (the last step's value), side by side."""
-    out = {}
-    for kind in ("raw", "ema"):
-        mine = sorted((r.step, r.metrics[metric]) for r in rows
-                      if r.weights == kind and metric in r.metrics and r.source is None)
-        if mine:
-            step, value = (max if goal == "max" else min)(mine, key=lambda sv: (sv[1], -sv[0]))
-            out[f"best_{kind}"] = {"value": value, "step": step}
-            out[f"final_{kind}"] = mine[-1][1]
-    return out
-
-
 class Tracker:
-    """Results, best weights and early stopping, rebuilt from val/results.jsonl on restart."""
+    """Results, best weights and early stopping, rebuilt from val/results.jsonl on restart: where "best" is
+    decided. `best` (best/best.json, best/model.safetensors) is the primary weights' best; `by_weights()`
+    the best and final value of each kind of weights, by the same rule (a summary with both)."""
 
     def __init__(self, rundir: RunDir, cfg):
         self.rundir = rundir.make()
@@ -166,6 +155,10 @@ class Tracker:
         self.best = rundir.read_best()
         results = rundir.read_results()
         self.done = {(r.step, r.weights) for r in results if r.source is None}
+        self.best_of: Dict[str, Tuple[float, int]] = {}  # kind -> (value, step), live validations only
+        self.final_of: Dict[str, Tuple[int, float]] = {}  # kind -> (step, value) of its latest step
+        for r in results:
+            self._kind(r)
         self.history = [r.metrics[self.metric] for r in results
                         if r.weights == self.primary and self.metric in r.metrics]
         self._best_smoothed, self._since_best = None, 0
@@ -176,6 +169,26 @@ class Tracker:
         if b is None:
             return True
         return a > b + delta if self.goal == "max" else a < b - delta
+
+    def _kind(self, row: ValResult) -> None:
+        """The best and the final value of `row`'s weights (ties: the earlier step stays the best)."""
+        if row.source is not None or self.metric not in row.metrics:
+            return
+        value, best = row.metrics[self.metric], self.best_of.get(row.weights)
+        if best is None or self._better(value, best[0]) or (value == best[0] and row.step < best[1]):
+            self.best_of[row.weights] = (value, row.step)
+        if row.step >= self.final_of.get(row.weights, (-1, 0.0))[0]:
+            self.final_of[row.weights] = (row.step, value)
+
+    def by_weights(self) -> dict:
+        """best_raw / best_ema ({value, step}) and final_raw / final_ema (the last step's value), side by side."""
+        out = {}
+        for kind in ("raw", "ema"):
+            if kind in self.best_of:
+                value, step = self.best_of[kind]
+                out[f"best_{kind}"] = {"value": value, "step": step}
+                out[f"final_{kind}"] = self.final_of[kind][1]
+        return out
 
     def _early_stop_step(self, history: List[float]) -> bool:
         window = history[-self.es.window:]
@@ -189,6 +202,7 @@ class Tracker:
     def record(self, row: ValResult, state: Optional[Dict[str, torch.Tensor]] = None) -> bool:
         """Append the result, update best/, and return True when early stopping says stop."""
         self.rundir.append_result(row)
+        self._kind(row)
         if row.source is None:
             self.done.add((row.step, row.weights))
         if row.weights != self.primary:

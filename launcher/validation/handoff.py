@@ -1,17 +1,19 @@
 """The hand-off queue between trainer and validator: plain files in <run>/handoff/.
 
-Trainer side, `Writer` (training rank 0): `put()` normally gets the checkpoint's snapshot of the
-step (every validation step checkpoints; checkpoint/staging.py) and writes from its pinned host
-buffers, no second copy, leasing them until written. Otherwise it copies into one of two slots of
-its own (`prepare()` allocates them ahead) on a side stream (no device staging copy) without
-synchronizing the training stream; `fence()` makes the training stream wait for that copy before
-the EMA moves on (a GPU-side wait).
-An out-of-memory error inside `put()` skips that snapshot (val/skipped.jsonl, reason
-`oom`) and training goes on; a background
-thread writes `<step>.safetensors` straight from the pinned buffers (no bytes copies,
-the GIL released while it writes and hashes), then `<step>.json` (the manifest: step, epoch,
-weights, sha256, bytes). A manifest exists only once its data is complete. Under
-train.strategy=fsdp every training rank has a Writer of its own shards: see handoff_shards.
+Trainer side, `Writer` (training rank 0; under train.strategy=fsdp every training rank, of its own
+shards: see handoff_shards). `put()` gets the checkpoint's snapshot of the step (every validation
+step checkpoints; checkpoint/staging.py) and the weights to send, host tensors inside it: one copy
+of the device state for both. It leases the snapshot's buffers and queues it. The writer's copy
+thread waits for the snapshot's device copy, copies the weights out into host memory of its own
+and releases the lease at once: the next snapshot (a checkpoint, the next hand-off) waits at most
+for that memcpy, never for a hand-off file still being written. Its write thread then writes
+`<step>.safetensors` from that copy (no bytes copies, the GIL released while it writes and hashes),
+then `<step>.json` (the manifest: step, epoch, weights, sha256, bytes). A manifest exists only once
+its data is complete. Under policy=latest a hand-off that comes while two are still outstanding
+(one file being written, one waiting) is skipped (val/skipped.jsonl reason `busy`), so a slow disk
+costs validations, not memory; policy=all queues every one. An out-of-memory error in the
+copy-out (debug.handoff_oom_at_step injects one) skips that snapshot (reason `oom`) and training
+goes on.
 
 Validator side, `claim()`: every change of a snapshot's state is an atomic rename
 of its manifest (`.json` -> `.claimed` / `.dropped` / `.bad`), so a trainer
@@ -28,7 +30,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -42,7 +44,6 @@ from launcher.checkpoint import staging
 from launcher.rundir import SNAPSHOT_MANIFEST, Manifest, RunDir, snapshot_name
 
 log = logging.getLogger(__name__)
-ALIGN = 64  # bytes: where each tensor's view starts in a slot's buffer
 
 
 def data_path(directory: Path, step: int) -> Path:
@@ -97,22 +98,27 @@ def drop(directory: Path, step: int, reason: str = "stale") -> bool:
 # ---------------------------------------------------------------- trainer side
 
 @dataclass
-class _Slot:
-    """One set of pinned host buffers; the writer thread owns it until it is written."""
-    host: Dict[str, torch.Tensor] = field(default_factory=dict)
-    ready: Optional[object] = None  # CUDA event (or a Snapshot): the device-to-host copy finished
-    layouts: dict = field(default_factory=dict)  # fsdp: where each sharded tensor's piece sits
-    release: Optional[Callable[[], None]] = None  # a checkpoint's snapshot: give its buffers back once written
+class _Job:
+    """One hand-off on its way to disk: its weights in the snapshot's buffers until copied out."""
+    step: int
+    epoch: int
+    kinds: List[str]
+    host: Dict[str, torch.Tensor]  # {kind/name: tensor}: the snapshot's until copied, then the writer's own
+    layouts: dict  # fsdp: where each sharded tensor's piece sits
+    snapshot: Optional[staging.Snapshot]
+    release: Callable[[], None]
+    blocked_s: float = 0.0
 
 
 class Writer:
-    """Rank 0's end of the queue. Two slots, so a new snapshot never overwrites one still being written.
-    Sharded (fsdp: `world` = the training world size): every training rank's end, writing its own
-    shards as one piece of the snapshot; the rank that completes a snapshot drops the stale ones."""
+    """This rank's end of the queue (see the module docstring): `put(step, epoch, snapshot, weights)` on the
+    training thread, a copy thread and a write thread behind it. Sharded (fsdp: `world` = the training
+    world size): every training rank's end, writing its own shards as one piece of the snapshot; the rank
+    that completes a snapshot drops the stale ones.
+    `on_written(step, blocked_s, write_s)`: called by the write thread once a snapshot is on disk."""
 
-    def __init__(self, run_dir, policy: str, keep: int, device: torch.device, fault=None, rank: int = 0,
-                 world: Optional[int] = None, on_written: Optional[Callable[[int, float, float], None]] = None):
-        """`on_written(step, blocked_s, write_s)`: called by the writer thread once a snapshot is on disk."""
+    def __init__(self, run_dir, policy: str, keep: int, fault=None, rank: int = 0, world: Optional[int] = None,
+                 on_written: Optional[Callable[[int, float, float], None]] = None):
         self.rundir = RunDir.of(run_dir)
         self.dir = self.rundir.handoff
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -120,166 +126,140 @@ class Writer:
         if world is not None and rank == 0:
             handoff_shards.sweep(self.dir)  # a previous session's incomplete pieces: this session writes them anew
         self.policy, self.keep = policy, keep
-        self.cuda = device.type == "cuda"
-        self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.pending = None  # CUDA event: the last copy out of the live weights finished (see fence())
         self.fault = fault  # debug.handoff_oom_at_step (faults.py)
         self.on_written = on_written
-        self.free: "queue.Queue[_Slot]" = queue.Queue()
-        self.slots = [_Slot(), _Slot()]
-        for slot in self.slots:
-            self.free.put(slot)
-        self.jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self.outstanding = 0  # put, not yet written (or skipped)
+        self._lock = threading.Lock()
+        self.spare: List[Dict[str, torch.Tensor]] = []  # written copies' host memory, reused
+        self.copies: "queue.Queue[Optional[_Job]]" = queue.Queue()
+        self.writes: "queue.Queue[Optional[_Job]]" = queue.Queue()
         self.submitted: List[int] = []
         self.blocked_s: List[float] = []
-        self.thread = threading.Thread(target=self._write_loop, name="handoff-writer", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._copy_loop, name="handoff-copy", daemon=True),
+                        threading.Thread(target=self._write_loop, name="handoff-writer", daemon=True)]
+        for thread in self.threads:
+            thread.start()
 
     def _flat(self, states: Dict[str, Dict[str, torch.Tensor]]) -> tuple[Dict[str, torch.Tensor], dict]:
-        """The tensors this rank copies ({kind/name: tensor}) and, sharded, their Layouts."""
+        """The tensors this rank writes ({kind/name: tensor}) and, sharded, their Layouts."""
         if self.world is not None:  # (a DTensor's detach() costs ~30 us: the local tensors are detached)
             return handoff_shards.local_state({f"{kind}/{k}": v for kind, sd in states.items() for k, v in sd.items()},
                                        self.rank, self.layouts)
         return {f"{kind}/{k}": v.detach() for kind, sd in states.items() for k, v in sd.items()}, {}
 
-    def _allocate(self, slot: _Slot, flat: Dict[str, torch.Tensor]) -> None:
-        """`slot.host`: a view per tensor into ONE (pinned) byte buffer, each view 64-byte aligned. One pinned
-        allocation per slot, not one per tensor: cudaHostAlloc is slow, and the pinned caching allocator
-        rounds every allocation up to a power of two (up to 2x per tensor; here once, for the slot)."""
-        sizes = [-(-v.numel() * v.element_size() // ALIGN) * ALIGN for v in flat.values()]
-        buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=self.cuda)
-        slot.host, offset = {}, 0
-        for (k, v), size in zip(flat.items(), sizes):
-            n = v.numel() * v.element_size()
-            slot.host[k] = buffer[offset:offset + n].view(v.dtype).view(v.shape)
-            offset += size
+    def put(self, step: int, epoch: int, snapshot: staging.Snapshot,
+            weights: Dict[str, Dict[str, torch.Tensor]]) -> Optional[float]:
+        """Hand off `weights` ({kind: state dict} of host tensors inside `snapshot`, the checkpoint's snapshot
+        of this step); returns the seconds the caller was blocked, None when skipped (busy)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            busy = self.policy == "latest" and self.outstanding >= 2  # policy=all: every snapshot must reach it
+            if not busy:
+                self.outstanding += 1
+        if busy:
+            self.rundir.skip(step, "busy", "the previous snapshots' files were still being written"
+                             + (f" (rank {self.rank})" if self.world else ""))
+            log.warning("hand-off of step %d skipped: the previous snapshots' files are still being written", step)
+            return None
+        host, layouts = self._flat(weights)
+        job = _Job(step, epoch, sorted(weights), host, layouts, snapshot, snapshot.lease())
+        job.blocked_s = time.perf_counter() - t0
+        self.copies.put(job)
+        self.submitted.append(step)
+        self.blocked_s.append(job.blocked_s)
+        return job.blocked_s
 
-    def prepare(self, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
-        """At setup: allocate both slots' (pinned) host buffers for `states`, so no put() allocates
-        pinned memory on the training thread (cudaHostAlloc is slow and synchronizes the device)."""
-        flat, _ = self._flat(states)
-        for slot in self.slots:
-            self._allocate(slot, flat)
-            for t in slot.host.values():
-                t.zero_()  # touch the pages now: first-touch page faults cost ~1 ms per 3 MB in put()
+    def _copy_loop(self) -> None:
+        """Each job's weights out of the snapshot's buffers, into host memory of the writer's own (spare
+        copies reused), then the buffers released: never behind a file being written."""
+        while (job := self.copies.get()) is not None:
+            try:
+                job.snapshot.synchronize()
+                if self.fault is not None:
+                    self.fault(job.step)
+                job.host = self._copy_out(job.host)
+            except Exception as e:  # noqa: BLE001 - an OOM skips this snapshot; anything else is logged too
+                job.release()
+                self._skipped(job, e)
+                continue
+            job.release()
+            job.snapshot = None
+            self.writes.put(job)
+        self.writes.put(None)
 
     @torch.no_grad()
-    def put(self, step: int, epoch: int, states: Dict[str, Dict[str, torch.Tensor]],
-            shared: Optional[staging.Snapshot] = None) -> Optional[float]:
-        """Snapshot `states` ({kind: state_dict}); returns the seconds the caller was blocked, None if dropped.
-        `shared`: the checkpoint's snapshot of this step, whose host tensors `states` are (written as is)."""
-        t0 = time.perf_counter()
-        slot = _Slot(ready=shared, release=shared.lease()) if shared is not None else self._free_slot(step)
-        if slot is None:
-            return None
-        try:
-            if self.fault is not None:
-                self.fault(step)
-            if shared is None:
-                self._copy(states, slot)
-            else:
-                slot.host, slot.layouts = self._flat(states)
-        except Exception as e:  # noqa: BLE001 - an OOM skips this snapshot; anything else is a bug
-            self._give_back(slot, emptied=is_oom(e))
-            if not is_oom(e):
-                raise
-            detail = str(e).splitlines()[0][:200]
-            self.rundir.skip(step, "oom", detail)
-            log.warning("hand-off of step %d skipped, out of memory: %s", step, detail)
-            return None
-        blocked = time.perf_counter() - t0
-        self.jobs.put((step, epoch, sorted(states), slot, blocked))
-        self.submitted.append(step)
-        self.blocked_s.append(blocked)
-        return blocked
+    def _copy_out(self, src: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        with self._lock:
+            same = [i for i, d in enumerate(self.spare) if d.keys() == src.keys() and all(
+                d[k].shape == v.shape and d[k].dtype == v.dtype for k, v in src.items())]
+            dst = self.spare.pop(same[0]) if same else None
+        if dst is None:
+            dst = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in src.items()}
+        if src:
+            torch._foreach_copy_(list(dst.values()), list(src.values()))
+        return dst
 
-    def _free_slot(self, step: int) -> Optional[_Slot]:
-        """A slot of its own; None (skipped) when both are still being written under policy=latest."""
-        if not self.free.empty() or self.policy == "all":  # policy=all: every snapshot must reach the validator
-            return self.free.get()
-        self.rundir.skip(step, "busy", "the previous snapshots were still being written"
-                         + (f" (rank {self.rank})" if self.world else ""))
-        log.warning("hand-off of step %d skipped: the writer is still busy", step)
-        return None
-
-    def _give_back(self, slot: _Slot, emptied: bool = False) -> None:
-        """Done with a slot (`emptied`: an OOM; its buffers are allocated again when next used)."""
-        if emptied:
-            slot.host, slot.ready = {}, None
-        slot.release() if slot.release is not None else self.free.put(slot)
-
-    def _copy(self, states: Dict[str, Dict[str, torch.Tensor]], slot: _Slot) -> None:
-        flat, slot.layouts = self._flat(states)
-        if slot.host.keys() != flat.keys() or any(slot.host[k].shape != v.shape or slot.host[k].dtype != v.dtype
-                                                  for k, v in flat.items()):
-            self._allocate(slot, flat)  # not prepared for these states (or an OOM emptied the slot)
-        src, dst = list(flat.values()), list(slot.host.values())
-        if not self.cuda:
-            torch._foreach_copy_(dst, src)  # CPU training: a memcpy is the whole cost
-            slot.ready = None
-            return
-        main = torch.cuda.current_stream()
-        self.side.wait_stream(main)  # the weights as of now
-        with torch.cuda.stream(self.side):
-            torch._foreach_copy_(dst, src, non_blocking=True)  # device to pinned host, no staging copy
-            slot.ready = torch.cuda.Event()
-            slot.ready.record(self.side)
-        self.pending = slot.ready
-        if "raw" in states:  # the next forward updates BatchNorm buffers: wait right away (GPU side)
-            self.fence()
-
-    def fence(self) -> None:
-        """Before the weights handed off last change (the next EMA update): the training stream waits on
-        the device for the copy to host. Free when it finished long ago; no host sync either way."""
-        if self.pending is not None:
-            torch.cuda.current_stream().wait_event(self.pending)
-            self.pending = None
+    def _skipped(self, job: _Job, e: Exception) -> None:
+        with self._lock:
+            self.outstanding -= 1
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if is_oom(e):
+            self.rundir.skip(job.step, "oom", detail)
+            log.warning("hand-off of step %d skipped, out of memory: %s", job.step, detail)
+        else:
+            log.error("hand-off of step %d failed: %s: %s", job.step, type(e).__name__, detail)
+            self.rundir.skip(job.step, "write_failed", detail)
 
     def _write_loop(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            step, epoch, kinds, slot, blocked = job
+        while (job := self.writes.get()) is not None:
             t0 = time.perf_counter()
             try:
-                if slot.ready is not None:
-                    slot.ready.synchronize()
-                published = self._write(step, epoch, kinds, slot) if self.world is None \
-                    else self._write_piece(step, epoch, kinds, slot)
+                published = self._write(job) if self.world is None else self._write_piece(job)
                 if self.policy == "latest" and published:  # drop() is a rename: of two droppers one wins
                     for old in pending(self.dir)[:-self.keep]:
                         drop(self.dir, old, "stale")
                 if self.on_written is not None:
-                    self.on_written(step, blocked, time.perf_counter() - t0)
+                    self.on_written(job.step, job.blocked_s, time.perf_counter() - t0)
             except Exception:  # a full disk must not kill training; the step shows up as unvalidated
-                log.exception("hand-off of step %d failed", step)
-                self.rundir.skip(step, "write_failed")
+                log.exception("hand-off of step %d failed", job.step)
+                self.rundir.skip(job.step, "write_failed")
             finally:
-                self._give_back(slot)
-                self.jobs.task_done()
+                with self._lock:
+                    self.spare = [job.host, *self.spare][:2]
+                    self.outstanding -= 1
 
-    def _write(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
+    def _write(self, job: _Job) -> bool:
+        step, epoch, kinds = job.step, job.epoch, job.kinds
         meta, out = {"step": str(step), "epoch": str(epoch), "weights": ",".join(kinds)}, []
-        atomic_write(data_path(self.dir, step), lambda f: out.append(write_safetensors(f, slot.host, meta)))
+        atomic_write(data_path(self.dir, step), lambda f: out.append(write_safetensors(f, job.host, meta)))
         (sha256, size), = out
         write_json(manifest_path(self.dir, step), vars(Manifest(
             step, epoch, kinds, data_path(self.dir, step).name, sha256, size, time.time())))
         return True
 
-    def _write_piece(self, step: int, epoch: int, kinds: List[str], slot: _Slot) -> bool:
+    def _write_piece(self, job: _Job) -> bool:
         """This rank's piece; the last rank to finish publishes the manifest (no collective) and, like
         the single writer, drops what is stale. True when this rank published the snapshot."""
-        return handoff_shards.write_and_publish(self.dir, step, epoch, kinds, slot.host, slot.layouts, self.rank,
-                                                self.world)
+        return handoff_shards.write_and_publish(self.dir, job.step, job.epoch, job.kinds, job.host, job.layouts,
+                                                self.rank, self.world)
+
+    def idle(self) -> bool:
+        """Nothing queued, being copied or being written."""
+        with self._lock:
+            return self.outstanding == 0
 
     def flush(self) -> None:
         """Wait until every snapshot is on disk (used once, after training)."""
-        self.jobs.put(None)
-        self.thread.join()
+        self.copies.put(None)
+        for thread in self.threads:
+            thread.join()
 
 
 # ---------------------------------------------------------------- validator side
 
 @dataclass
-class Snapshot:
+class Claimed:
+    """A snapshot the validator claimed (its manifest renamed `.claimed`): load, then ack or reject it."""
     directory: Path
     step: int
 
@@ -323,7 +303,7 @@ def _unflatten(flat: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tenso
     return states
 
 
-def claim(directory: Path, policy: str) -> Optional[Snapshot]:
+def claim(directory: Path, policy: str) -> Optional[Claimed]:
     """The next snapshot to validate: the oldest (policy=all) or the newest, dropping older ones (latest)."""
     steps = pending(directory)
     for step in (reversed(steps) if policy == "latest" else steps):
@@ -333,7 +313,7 @@ def claim(directory: Path, policy: str) -> Optional[Snapshot]:
                     if old < step:
                         drop(directory, old, "stale")
             handoff_shards.sweep(directory, below=step)  # older sharded steps still incomplete never will be
-            return Snapshot(Path(directory), step)
+            return Claimed(Path(directory), step)
     return None
 
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from launcher.distributed.env import child_environ
+from launcher.distributed.env import child_environ, shares_gpu_with_validator
 from launcher.rundir import RunDir
 from launcher.validation import control
 
@@ -61,12 +61,6 @@ def training_over(rundir: RunDir) -> bool:
     return bool((control.done(rundir) or {}).get("closed"))
 
 
-def shares_gpu(env) -> bool:
-    """The validator rank shares its GPU with a trainer only with validation.share_gpu, the one launch with
-    more processes on a node than GPUs (distributed.env.assign_device)."""
-    return env.device.type == "cuda" and env.local_world_size > torch.cuda.device_count()
-
-
 def run_validator_rank(env, rundir: RunDir) -> None:
     """The validator rank (mode=rank). The work runs in a child process, so a validator that crashes
     or is killed never fails this torchrun worker, and so never takes the training ranks down.
@@ -95,7 +89,7 @@ def run_validator_rank(env, rundir: RunDir) -> None:
 
     restarts = 0
     while not stop:
-        child = spawn(rundir, str(env.device), shared=shares_gpu(env))
+        child = spawn(rundir, str(env.device), shared=shares_gpu_with_validator(env, torch.cuda.device_count()))
         rc = child.wait()
         if stop or training_over(rundir):
             break

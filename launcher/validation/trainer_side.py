@@ -1,13 +1,16 @@
 """The trainer's side of validation: off, inline (the blocking baseline) or asynchronous.
 
-One object from `for_training()` on every training rank, the same interface for all: `due`
-(the one validation cadence: every training rank checkpoints at validation steps), `submit`,
-`poll`, `fence`, `flush`, `stop_requested`, `protected_steps`, `finish`. Asynchronous
-validation hands snapshots to a validator elsewhere (a child process it spawns, the
-validator rank, or `launcher validate` started by hand) and reads its results from
-the run directory without blocking; it never imports the validator. Under
-train.strategy=fsdp every training rank hands off its own shards (`ShardHandoff` on
-ranks but 0); rank 0 alone reads results and early stop, and spawns the validator.
+One object from `for_training()` on every training rank, the same interface (`Validation`) for all:
+`due` (the one validation cadence: every training rank checkpoints at validation steps),
+`submit(step, epoch, snapshot)` (the checkpoint's snapshot of the step: a hand-off sends its
+weights), `poll` (at logging steps: new results, skipped snapshots, a dead validator),
+`stop_requested`, `protected_steps` (a pure read of what the last poll saw), `flush`, `finish`.
+Asynchronous validation hands snapshots to a validator elsewhere (a child process it spawns, the
+validator rank, or `launcher validate` started by hand) and reads its results from the run
+directory without blocking; it never imports the validator. The best step is the validator's
+decision (evaluation.Tracker, best/best.json), read here once per poll that brings results. Under
+train.strategy=fsdp every training rank hands off its own shards (`ShardHandoff` on ranks but 0);
+rank 0 alone reads results and early stop, and spawns the validator.
 """
 from __future__ import annotations
 
@@ -20,16 +23,16 @@ from typing import List, Optional
 
 import torch
 
-from launcher.validation import control
-from launcher.validation import handoff
-from launcher.validation.supervisor import child_device, spawn
-from launcher.config.schema import validation_mode
+from launcher.checkpoint.staging import Snapshot
 from launcher.distributed.env import shares_gpu_with_validator
-from launcher.validation.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
+from launcher.errors import ConfigError
 from launcher.faults import handoff_fault
 from launcher.files import JsonlTail
-from launcher.rundir import RunDir, ValResult
-from launcher.errors import ConfigError
+from launcher.rundir import Best, RunDir, ValResult
+from launcher.telemetry.stalls import Stalls
+from launcher.validation import control, handoff
+from launcher.validation.evaluation import Tracker, best_summary, kinds, val_batch_size, validate_state
+from launcher.validation.supervisor import child_device, spawn
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,10 @@ class Cadence:
     every_epochs: int = 1
 
 
-class NoValidation:
-    """Nothing to validate here (validation.mode=off, or a training rank that hands nothing off); `due`
-    still answers, so that every training rank checkpoints at the validation steps (the best step always
-    has a full checkpoint for retention to keep)."""
+class Validation:
+    """The interface every training rank's validation has, doing nothing: `due` still answers, so that
+    every training rank checkpoints at the validation steps (the best step always has a full checkpoint
+    for retention to keep)."""
     stall = "handoff"  # what the training thread's time in submit() is, for telemetry.stalls
 
     def __init__(self, cadence: Cadence = Cadence()):
@@ -59,11 +62,11 @@ class NoValidation:
             return False
         return last or (step % c.every_steps == 0 if c.every_steps else end_of_epoch and (epoch + 1) % c.every_epochs == 0)
 
-    def submit(self, step: int, epoch: int) -> None:
-        pass
+    def submit(self, step: int, epoch: int, snapshot: Snapshot) -> None:
+        """Validate (or hand off) step `step`; `snapshot` is the checkpoint's snapshot of it."""
 
     def poll(self) -> None:
-        pass
+        """A look at what the validator did since the last poll (the loop polls at its logging steps)."""
 
     def stop_requested(self) -> bool:
         return False
@@ -71,21 +74,24 @@ class NoValidation:
     def flush(self) -> None:
         pass
 
-    def fence(self) -> None:
-        """Before the EMA update: wait (on the device) for the last hand-off's copy out of it."""
-
     def protected_steps(self) -> List[int]:
-        """Checkpoints that retention must keep."""
+        """Checkpoints that retention must keep, as of the last poll (reads nothing)."""
         return []
 
-    def finish(self, step: int, epoch: int) -> dict:
+    def finish(self, step: int, epoch: int, snapshot: Snapshot) -> dict:
+        """At the end: the final step (`snapshot`: its snapshot) validated; this rank's summary fields."""
         return {}
 
 
-class _Validation(NoValidation):
+class NoValidation(Validation):
+    """Nothing to validate here: validation.mode=off, or a training rank that hands nothing off."""
+
+
+class _Validation(Validation):
     def __init__(self, cfg, rundir: RunDir, tel):
         super().__init__(cadence(cfg))
         self.cfg, self.rundir, self.tel = cfg, rundir, tel
+        self.kinds = kinds(cfg)
 
 
 class InlineValidation(_Validation):
@@ -100,16 +106,20 @@ class InlineValidation(_Validation):
         self.bs = val_batch_size(cfg, self.eval_model, job, val_set, device, start=4 * micro)
         self.stop, self.last = False, None
 
-    def submit(self, step: int, epoch: int) -> None:
+    def submit(self, step: int, epoch: int, snapshot: Snapshot) -> None:
+        """The live weights, evaluated here. Under its own RNG state: the evaluation loader draws from the
+        global generator, and the step's snapshot (taken before) holds the RNG the training goes on with."""
         rows = []
-        for kind in kinds(self.cfg):
-            state = self.ema.shadow if kind == "ema" else self.model.state_dict()
-            metrics, secs, rate, self.bs = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg,
-                                                          self.bs, self.device)
-            rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4), samples_per_s=round(rate, 1),
-                                  batch_size=self.bs))
-            self.stop |= self.tracker.record(rows[-1], state)
-        self.tel.validation(rows)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for kind in self.kinds:
+                state = self.ema.shadow if kind == "ema" else self.model.state_dict()
+                metrics, secs, rate, self.bs = validate_state(self.eval_model, state, self.job, self.val_set, self.cfg,
+                                                              self.bs, self.device)
+                rows.append(ValResult(step, epoch, kind, metrics, round(secs, 4), samples_per_s=round(rate, 1),
+                                      batch_size=self.bs))
+                self.stop |= self.tracker.record(rows[-1], state)
+        self.tel.validation(rows, self.tracker.best)
         self.last = step
 
     def stop_requested(self) -> bool:
@@ -118,48 +128,35 @@ class InlineValidation(_Validation):
     def protected_steps(self) -> List[int]:
         return [self.tracker.best.step] if self.tracker.best else []
 
-    def finish(self, step: int, epoch: int) -> dict:
+    def finish(self, step: int, epoch: int, snapshot: Snapshot) -> dict:
         if self.last != step:
-            self.submit(step, epoch)
+            self.submit(step, epoch, snapshot)
         return best_summary(self.tracker.best)
 
 
 class _Handoff(_Validation):
-    """A hand-off Writer: the whole state (ddp, rank 0) or this rank's shards (fsdp: `world` training ranks).
-    With the Checkpointer (`ckpt`), a hand-off sends the weights of the checkpoint's snapshot of the same
-    step (every validation step checkpoints): one copy for both."""
+    """A hand-off Writer: rank 0's weights (ddp) or this rank's shards (fsdp: `world` training ranks), sent
+    from the checkpoint's snapshot of the step (every validation step checkpoints): one copy for both.
+    `stalls`: the writer's time goes there, beside the training thread's (`handoff`, background)."""
 
-    def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, rank: int = 0, world: Optional[int] = None,
-                 ckpt=None):
+    def __init__(self, cfg, rundir: RunDir, tel, stalls: Stalls, rank: int = 0, world: Optional[int] = None):
         super().__init__(cfg, rundir, tel)
-        self.model, self.ema, self.ckpt = model, ema, ckpt
-        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue, device,
-                                     fault=handoff_fault(cfg.debug), rank=rank, world=world,
-                                     on_written=self._written)
-        if ckpt is None:  # pinned buffers now, at setup, not on the training thread (else: the checkpoint's)
-            self.writer.prepare(self._states())
+        self.stalls = stalls
+        self.writer = handoff.Writer(rundir, cfg.validation.policy, cfg.validation.queue,
+                                     fault=handoff_fault(cfg.debug), rank=rank, world=world, on_written=self._written)
 
-    def _states(self) -> dict:
-        return {kind: self.ema.shadow if kind == "ema" else self.model.state_dict() for kind in kinds(self.cfg)}
-
-    def submit(self, step: int, epoch: int) -> None:
-        """The training thread's stall per validation is put()'s duration (and the snapshot's, counted as the
+    def submit(self, step: int, epoch: int, snapshot: Snapshot) -> None:
+        """The training thread's stall per validation is put()'s duration (the snapshot's own counts as the
         checkpoint's): event `handoff` with blocked_ms, and write_s once written (the writer thread)."""
-        shared = self.ckpt.shared(kinds(self.cfg)) if self.ckpt is not None else None
-        states, snapshot = shared if shared is not None else (self._states(), None)
-        self.writer.put(step, epoch, states, shared=snapshot)
+        self.writer.put(step, epoch, snapshot, {kind: snapshot.weights[kind] for kind in self.kinds})
 
     def _written(self, step: int, blocked_s: float, write_s: float) -> None:
         """The writer thread, a snapshot on disk (a file append: safe from that thread)."""
         self.tel.event("handoff", step=step, blocked_ms=round(blocked_s * 1e3, 3), write_s=round(write_s, 3))
-        if self.ckpt is not None:
-            self.ckpt.stalls.background("handoff", write_s)
+        self.stalls.background("handoff", write_s)
 
     def flush(self) -> None:
         self.writer.flush()
-
-    def fence(self) -> None:
-        self.writer.fence()
 
     def stall_ms(self) -> dict:
         blocked = [b * 1e3 for b in self.writer.blocked_s] or [0.0]
@@ -170,9 +167,9 @@ class ShardHandoff(_Handoff):
     """fsdp, every training rank but 0: hand off this rank's shards at each validation step (the snapshot
     is complete once every rank's piece is); rank 0 reads the results and decides early stop."""
 
-    def finish(self, step: int, epoch: int) -> dict:
+    def finish(self, step: int, epoch: int, snapshot: Snapshot) -> dict:
         if not self.writer.submitted or self.writer.submitted[-1] != step:
-            self.submit(step, epoch)
+            self.submit(step, epoch, snapshot)
         self.writer.flush()
         log.info("hand-off stall on rank %d over %d snapshot(s): %s ms", self.writer.rank, len(self.writer.blocked_s),
                  self.stall_ms())
@@ -182,10 +179,11 @@ class ShardHandoff(_Handoff):
 class AsyncValidation(_Handoff):
     """Hand snapshots to a validator elsewhere; read its results without blocking; drain at the end."""
 
-    def __init__(self, cfg, rundir: RunDir, model, ema, device, tel, child: Optional[subprocess.Popen],
-                 world: Optional[int] = None, ckpt=None):
-        super().__init__(cfg, rundir, model, ema, device, tel, rank=0, world=world, ckpt=ckpt)
+    def __init__(self, cfg, rundir: RunDir, tel, stalls: Stalls, child: Optional[subprocess.Popen],
+                 world: Optional[int] = None):
+        super().__init__(cfg, rundir, tel, stalls, rank=0, world=world)
         self.child = child
+        self.best: Optional[Best] = rundir.read_best()  # the validator's decision, as of the last poll
         self.results = JsonlTail(rundir.results, from_end=True)
         self.skips = JsonlTail(rundir.skipped, from_end=True)
         self.restarts = JsonlTail(rundir.validator_restarts, from_end=True)
@@ -211,10 +209,13 @@ class AsyncValidation(_Handoff):
         return (control.read_status(self.rundir) or {}).get("state") != "finished"
 
     def poll(self) -> None:
-        """A cheap look at what the validator did since the last call (one read per file)."""
+        """A cheap look at what the validator did since the last call (one read per file; best/best.json
+        only when there are new results)."""
         rows = [ValResult.from_dict(row) for row in self.results.read()]
         self.validated.update(r.step for r in rows)
-        self.tel.validation(rows)
+        if rows:
+            self.best = self.rundir.read_best()
+        self.tel.validation(rows, self.best)
         for row in self.skips.read():
             self.skipped[row["step"]] = row["reason"]
             self.tel.event("validation_skipped", step=row["step"], reason=row["reason"], detail=row.get("detail"))
@@ -238,17 +239,16 @@ class AsyncValidation(_Handoff):
         return self._stop
 
     def protected_steps(self) -> List[int]:
-        """The best so far, and every step not validated yet: it may still become the best."""
-        self.poll()
-        best = self.rundir.read_best()
+        """The best so far, and every step not validated yet: it may still become the best. As the last poll
+        saw them: a step validated since is still protected (kept a little longer, never dropped early)."""
         waiting = [s for s in self.writer.submitted if s not in self.validated and s not in self.skipped]
-        return ([best.step] if best else []) + waiting
+        return ([self.best.step] if self.best else []) + waiting
 
-    def finish(self, step: int, epoch: int) -> dict:
+    def finish(self, step: int, epoch: int, snapshot: Snapshot) -> dict:
         """Drain: the final weights are handed off and, within drain_timeout_s, validated."""
         t0 = time.perf_counter()
         if not self.writer.submitted or self.writer.submitted[-1] != step:
-            self.submit(step, epoch)
+            self.submit(step, epoch, snapshot)
         self.writer.flush()
         control.mark_done(self.rundir, step)
         deadline = time.monotonic() + self.cfg.validation.drain_timeout_s
@@ -262,7 +262,7 @@ class AsyncValidation(_Handoff):
                 self.child.terminate()
                 self.child.wait()
         self.poll()  # the last results
-        return {**best_summary(self.rundir.read_best()),
+        return {**best_summary(self.best),
                 "validated_steps": len(self.validated & set(self.writer.submitted)),
                 "unvalidated_steps": [s for s in self.writer.submitted
                                       if s not in self.validated and self.skipped.get(s) != "stale"],
@@ -276,12 +276,11 @@ def cadence(cfg) -> Cadence:
     return Cadence(v.mode != "off", v.every_steps, v.every_epochs)
 
 
-def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int, tel,
-                 sharded: bool = False, ckpt=None) -> NoValidation:
+def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int, tel, stalls: Stalls,
+                 sharded: bool = False) -> Validation:
     """This training rank's validation: rank 0's, and with a `sharded` model (fsdp) and an asynchronous
-    mode every rank's hand-off of its own shards. `ckpt` (the Checkpointer): hand-offs share its
-    snapshot of the step."""
-    mode = validation_mode(cfg.validation.mode, env.world_size)
+    mode every rank's hand-off of its own shards. The mode is the launch's (`env.validation_mode`)."""
+    mode = env.validation_mode
     if mode == "inline" and cfg.train.strategy == "fsdp" and env.train_world >= 2:  # checks.py says so first
         raise ConfigError("validation.mode=inline is not supported with train.strategy=fsdp on 2+ processes "
                           "(rank 0 alone would evaluate a sharded model); use validation.mode=auto, process or off")
@@ -291,7 +290,7 @@ def for_training(cfg, env, rundir: RunDir, job, val_set, model, ema, micro: int,
         return InlineValidation(cfg, rundir, job, val_set, model, ema, micro, env.device, tel)
     world = env.train_world if sharded else None
     if not env.is_main:
-        return ShardHandoff(cfg, rundir, model, ema, env.device, tel, rank=env.train_rank, world=world, ckpt=ckpt)
-    child = spawn(rundir, child_device(env), shares_gpu_with_validator(env, mode, torch.cuda.device_count())) \
+        return ShardHandoff(cfg, rundir, tel, stalls, rank=env.train_rank, world=world)
+    child = spawn(rundir, child_device(env), shares_gpu_with_validator(env, torch.cuda.device_count())) \
         if mode == "process" else None  # rank/external: started elsewhere
-    return AsyncValidation(cfg, rundir, model, ema, env.device, tel, child, world=world, ckpt=ckpt)
+    return AsyncValidation(cfg, rundir, tel, stalls, child, world=world)

@@ -15,7 +15,6 @@ import torch
 
 from launcher import jobs
 from launcher.checkpoint import store
-from launcher.checkpoint.checkpointer import step_epoch
 from launcher.validation import control
 from launcher.validation import handoff
 from launcher.validation.evaluation import Tracker, fmt, kinds, val_batch_size, validate_state
@@ -101,8 +100,8 @@ def serve(cfg, rundir: RunDir, device: torch.device, revalidate: bool = False) -
         if revalidate:
             for step in reversed(store.steps(rundir.checkpoints)):
                 state = store.load(store.path_for(rundir.checkpoints, step))
-                states = {"ema": state["ema"]["shadow"] if state.get("ema") else None, "raw": state["model"]}
-                validate(step, step_epoch(state), {k: states[k] for k in kinds(cfg) if states[k] is not None},
+                states = store.weights(state)
+                validate(step, store.step_epoch(state), {k: states[k] for k in kinds(cfg) if k in states},
                          source="checkpoint")
             beat.close("finished")
             return count

@@ -153,10 +153,28 @@ def test_oom_forms_are_recognized_and_other_errors_are_not():
 
 def test_geometry_keeps_the_step_batch_and_cuts_it_evenly():
     b = geometry(22, 128, 2)  # 64 per rank, at most 22 per micro-batch
-    assert (b.step, b.accum, b.micro, b.global_size) == (64, 3, 22, 128)
+    assert (b.step_samples, b.accum, b.micro, b.global_size) == (64, 3, 22, 128)
     b = b.halved()  # what recovery does
-    assert (b.step, b.accum, b.global_size) == (64, 6, 128)
+    assert (b.step_samples, b.accum, b.global_size) == (64, 6, 128)
     assert geometry(40, None, 3).global_size == 120
+
+
+def test_the_start_lines_cut_is_arithmetically_true_also_after_an_uneven_halving():
+    """Batch.describe (the start line's "micro x accum = batch"): every product it prints adds up to the batch,
+    the ranks included; a cut that does not divide names its last, smaller micro-batch (100 = 13 x 7 + 9)."""
+    assert geometry(16, 64, 2).describe() == "micro-batch 16 x accum 2 x 2 ranks = batch 64"
+    assert geometry(32, None, 1).describe() == "micro-batch 32 x accum 1 = batch 32"
+    halved = geometry(25, 100, 1).halved()  # 25 x 4 -> 13: seven micro-batches of 13 and one of 9
+    assert (halved.micro, halved.accum) == (13, 8)
+    assert halved.describe() == "micro-batches 13 x 7 + 9 = batch 100" and 13 * 7 + 9 == 100
+    assert geometry(25, 200, 2).halved().describe() == "(micro-batches 13 x 7 + 9) x 2 ranks = batch 200"
+    for micro in range(1, 40):  # whatever the cut, the printed arithmetic holds
+        for world in (1, 3):
+            b = geometry(micro, 96 * world, world, exact=96 % micro == 0).halved()
+            cut, total = b.describe().split(" = batch ")
+            terms = cut.replace("micro-batches ", "").replace("micro-batch ", "").replace("accum ", "")
+            value = eval(terms.replace(" ranks", "").replace("x", "*"))  # noqa: S307 - our own digits and operators
+            assert value == int(total) == b.global_size, b.describe()
 
 
 def test_eval_probe_finds_the_limit_without_gradients_and_leaves_the_model_alone():
@@ -227,7 +245,7 @@ def test_cpu_without_a_simulated_limit_uses_the_jobs_default(tmp_path):
     job = jobs.load(cfg.job)
     choice = probe.choose(cfg, env, Dist(env), RunDir(tmp_path), job.model(), job, None, "fp32", trial=None)
     batch, event = choice.batch, choice.event
-    assert (batch.micro, batch.accum, batch.step) == (64, 4, 256) and "default" in event["reason"]
+    assert (batch.micro, batch.accum, batch.step_samples) == (64, 4, 256) and "default" in event["reason"]
     assert json.loads((tmp_path / "autobatch.json").read_text())["micro_batch"] == 64
 
 
@@ -241,10 +259,15 @@ def test_two_ranks_with_different_limits_agree_on_the_minimum(run_dir):
     # 64 samples per rank per step, cut evenly into micro-batches no larger than the minimum.
     assert record["step_batch"] == 64 and record["micro_batch"] <= min(found)
     assert record["micro_batch"] * record["accum"] >= 64 and record["global_batch"] == 128
+    micro, accum = record["micro_batch"], record["accum"]
+    rest = 64 - micro * (accum - 1)  # the last micro-batch of the cut: the start line says what it is
+    cut = f"micro-batch {micro} x accum {accum} x 2 ranks" if rest == micro else \
+        f"(micro-batches {micro} x {accum - 1} + {rest}) x 2 ranks"
+    assert 0 < rest <= micro and (micro * (accum - 1) + rest) * 2 == 128
     for r in (0, 1):
         log = (run_dir / "logs" / f"rank-{r}.log").read_text()
         assert f"all ranks agree on {record['found']}" in log
-        assert f"micro-batch {record['micro_batch']} x accum {record['accum']} = batch 128" in log
+        assert f"{cut} = batch 128" in log
 
 
 @pytest.mark.slow

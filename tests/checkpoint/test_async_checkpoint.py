@@ -178,21 +178,72 @@ def test_on_a_gpu_the_snapshot_copies_on_a_side_stream_and_the_next_optimizer_st
     assert cuda.calls.index(("side", "record", early)) < cuda.calls.index(("side", "record", rest))
     assert cuda.calls[-1] == ("main", "wait_event", early)  # the forward's buffers: waited for at once
     assert done.id == rest and ("main", "wait_event", rest) not in cuda.calls  # the rest: not yet
-    copier.fence()  # the optimizer step pre-hook
+    copier.fence()  # the training step, before its optimizer step
     copier.fence()  # a second step: nothing left to wait for
     assert cuda.calls.count(("main", "wait_event", rest)) == 1
     assert not any(c[1] == "synchronize" for c in cuda.calls)  # the training thread never waits for the host
     assert _OnDevice.streams == ["side", "side"]  # the allocator keeps each source until the side stream copied it
 
 
+def test_a_step_the_gradscaler_skips_still_waits_for_the_snapshot_before_the_scale_changes():
+    """fp16 with a non-fused optimizer: a step whose gradients overflow is skipped by the GradScaler, which
+    then never calls optimizer.step(), so a fence hung on the optimizer's step hooks would never run, while
+    scaler.update() rewrites the scale in place, a tensor the snapshot's side-stream copy reads. The training
+    step (Trainer.train_step) fences explicitly before its optimizer step: the training stream's wait for
+    the copy is queued before the scale changes. The CUDA ordering is recorded on the CPU (_Recorder)."""
+    from launcher.batch.geometry import Batch
+    from launcher.batch.recovery import Recovery
+    from launcher.config.schema import AutobatchConfig, Config
+    from launcher.distributed.agreement import Agreement
+    from launcher.distributed.env import Env
+    from launcher.distributed.groups import Dist
+    from launcher.distributed.wrap import GradSync
+    from launcher.ema import NoEMA
+    from launcher.precision import GradScaler
+    from launcher.step import StepParts
+    from launcher.telemetry.off import OFF
+    from launcher.train import Trainer
+
+    class Overflow:  # a loss whose gradients are not finite: the scaler skips the step
+        @staticmethod
+        def loss(out, y):
+            return (out * float("inf")).sum()
+
+    cuda = _Recorder()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    scaler = GradScaler("cpu", init_scale=8.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, foreach=False)  # optim.fused=false: the skip skips step()
+    steps = []
+    opt.register_step_pre_hook(lambda *_: steps.append("optimizer.step"))
+    real_update = scaler.update
+    scaler.update = lambda *a: (cuda.calls.append(("host", "scaler.update")), real_update(*a))
+    scaler.scale(torch.zeros((), requires_grad=True))  # the scale tensor exists, as after the first step
+    env = Env(0, 1, 0, 1, 0, None, torch.device("cpu"))
+    trainer = Trainer(Config(), env, Dist(env), None)
+    trainer.job, trainer.precision, trainer.keeps_ema, trainer.model = Overflow, "fp32", False, model
+    trainer.staging = Stage(torch.device("cpu"), copier=DeviceCopy(torch.device("cpu"), cuda=cuda))
+    snap = trainer.staging.take({"scaler": scaler.snapshot_state(), "model": model.state_dict()}, step=1)
+    assert snap.state["scaler"]["scale"].item() == 8.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recovery = Recovery(AutobatchConfig(max_retries=0), env, None, OFF, Batch(8, 8, 1), Agreement(Dist(env), env))
+    parts = StepParts(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), scaler, NoEMA())
+    trainer.train_step(torch.randn(8, 4), torch.zeros(8), parts, model, GradSync(model), recovery, step=0)
+    assert steps == [] and scaler.get_scale() == 4.0  # skipped, and the scale was lowered in place
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    waited = ("main", "wait_event", snap.done.id)
+    assert waited in cuda.calls and cuda.calls.index(waited) < cuda.calls.index(("host", "scaler.update"))
+
+
 def test_retention_never_deletes_the_newest_complete_checkpoint_or_a_protected_step(tmp_path):
     for step in (10, 20, 30, 40):
-        store.save(tmp_path, step, {"step": step}, keep_last=10)
+        store.save(tmp_path, step, {"step": step})
     inflight = tmp_path / ".step-00000050.pt.abcd.tmp"  # a save being written (or killed mid-write)
     inflight.write_bytes(b"half")
     store.prune(tmp_path, keep_last=1, protect=[20])
     assert store.steps(tmp_path) == [40, 20] and inflight.exists()
-    store.save(tmp_path, 50, {"step": 50}, keep_last=1, protect=[20])  # the next save sweeps the dead one
+    store.save(tmp_path, 50, {"step": 50})  # the next save sweeps the dead one
+    store.prune(tmp_path, keep_last=1, protect=[20])  # after that commit (Checkpointer.retain)
     assert store.steps(tmp_path) == [50, 20] and not inflight.exists()
 
 

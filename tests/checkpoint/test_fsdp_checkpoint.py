@@ -58,7 +58,7 @@ def _state(seed: int) -> dict:
 def _dcp(directory: Path, step: int) -> Path:
     return store.save_sharded(directory, step, _state(step), {"rng": torch.tensor([step])},
                                    {"train": {"step": step, "epoch": 0, "batch_in_epoch": step}, "train_world": 1},
-                                   NO_DIST, 0, keep_last=10)
+                                   NO_DIST, 0)
 
 
 def test_sharded_dir_is_complete_checksummed_and_loads_whole(tmp_path):
@@ -95,16 +95,17 @@ def test_corrupt_shard_is_skipped_with_a_reason(tmp_path):
 
 
 def test_retention_counts_pt_files_and_dcp_dirs_alike(tmp_path):
-    store.save(tmp_path, 1, {"step": 1}, keep_last=10)
+    store.save(tmp_path, 1, {"step": 1})
     _dcp(tmp_path, 2)
-    store.save(tmp_path, 3, {"step": 3}, keep_last=10)
+    store.save(tmp_path, 3, {"step": 3})
     _dcp(tmp_path, 4)
     store.prune(tmp_path, keep_last=2, protect=[1])  # step 1: the best one, kept
     assert store.steps(tmp_path) == [4, 3, 1]
     assert not (tmp_path / "step-00000002.dcp").exists() and (tmp_path / "step-00000001.json").exists()
-    store.save_sharded(tmp_path, 5, _state(5), {}, {"train": {}, "train_world": 1}, NO_DIST, 0, keep_last=2)
+    store.save_sharded(tmp_path, 5, _state(5), {}, {"train": {}, "train_world": 1}, NO_DIST, 0)
+    store.prune(tmp_path, keep_last=2)  # after that commit (Checkpointer.retain)
     assert store.steps(tmp_path) == [5, 4]
-    store.save(tmp_path, 5, {"step": 5}, keep_last=2)  # the same step again, as a .pt: one per step
+    store.save(tmp_path, 5, {"step": 5})  # the same step again, as a .pt: one per step
     assert store.steps(tmp_path) == [5, 4] and store.path_for(tmp_path, 5).suffix == ".pt"
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 
 from conftest import FAST, child_env, command, launch, read_jsonl
 from launcher.validation import control
-from tests.support.handoff import idle
+from tests.support.handoff import idle, put, snapshot
+from launcher.checkpoint.staging import Stage
 from launcher.validation import handoff
 from launcher.files import JsonlTail
 
@@ -37,10 +39,11 @@ def summary(run_dir: Path) -> dict:
 def test_queue_policies_and_retention(tmp_path):
     """latest: the newest is claimed and older unclaimed ones dropped (recorded); all: FIFO, nothing dropped."""
     (tmp_path / "val").mkdir()
-    w = handoff.Writer(tmp_path, "all", keep=2, device=torch.device("cpu"))
+    w = handoff.Writer(tmp_path, "all", keep=2)
     state = {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(3)}
+    stage = Stage(torch.device("cpu"))
     for step in (10, 20, 30):
-        assert w.put(step, 0, {"ema": state}) is not None
+        assert put(w, step, {"ema": state}, stage) is not None
         state["w"] += 1  # the next "EMA update" must not reach an earlier snapshot
     w.flush()
     q = tmp_path / "handoff"
@@ -61,9 +64,9 @@ def test_queue_policies_and_retention(tmp_path):
     assert handoff.pending(q) == [30]
 
     # The writer bounds the queue under latest: only `keep` unclaimed snapshots stay.
-    w = handoff.Writer(tmp_path, "latest", keep=2, device=torch.device("cpu"))
+    w = handoff.Writer(tmp_path, "latest", keep=2)
     for step in (40, 50, 60):
-        assert w.put(step, 0, {"raw": state}) is not None
+        assert put(w, step, {"raw": state}, stage) is not None
         while not idle(w):
             time.sleep(0.01)
     w.flush()
@@ -182,9 +185,9 @@ def test_standalone_validate_skips_corrupt_snapshots_and_revalidates_checkpoints
     from safetensors.torch import load_file
 
     state = load_file(str(run_dir / "ema.safetensors"))
-    w = handoff.Writer(run_dir, "all", keep=2, device=torch.device("cpu"))
+    w = handoff.Writer(run_dir, "all", keep=2)
     for step in (100, 200, 300):
-        w.put(step, 0, {"ema": state})
+        put(w, step, {"ema": state})
     w.flush()
     q = run_dir / "handoff"
     flipped = bytearray(handoff.data_path(q, 100).read_bytes())
@@ -219,24 +222,70 @@ def test_bad_validation_input_is_one_line_and_status_2(tmp_path):
 
 # ---------------------------------------------------------------- no host stalls; a validator that keeps up (issue 14)
 
-def test_writer_buffers_are_allocated_before_the_first_put(tmp_path):
-    """prepare() at setup allocates both slots' host buffers; put() reuses them (no allocation on
-    the training thread), and the snapshot it writes straight from them is a valid safetensors file."""
+def test_the_writer_copies_the_weights_out_of_the_snapshot_and_no_snapshot_waits_for_a_file(tmp_path):
+    """The hand-off path training takes: put() hands the checkpoint's snapshot of the step to the Writer,
+    which copies the weights out of the snapshot's buffers into memory of its own and releases them at
+    once, so the next snapshot never waits while a hand-off file is still being written (here: held by
+    a write that does not return). Written files are the weights of their step; once warm, the copies
+    reuse the writer's memory (no allocation per hand-off)."""
     (tmp_path / "val").mkdir()
-    w = handoff.Writer(tmp_path, "all", keep=2, device=torch.device("cpu"))
+    writing, held = threading.Event(), threading.Event()
+
+    def slow_disk(step, blocked_s, write_s):  # the write thread, a file on disk: held until released
+        writing.set()
+        assert held.wait(60)
+
+    w = handoff.Writer(tmp_path, "all", keep=2, on_written=slow_disk)
+    stage = Stage(torch.device("cpu"))
     state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16), "n": torch.tensor(3)}
-    w.prepare({"ema": state})
-    buffers = [{k: t.data_ptr() for k, t in slot.host.items()} for slot in w.slots]
-    assert all(b.keys() == {"ema/w", "ema/b", "ema/n"} for b in buffers) and buffers[0] != buffers[1]
-    for slot in w.slots:  # one (pinned on a GPU) allocation per slot, each tensor a 64-byte aligned view of it
-        assert len({t.untyped_storage().data_ptr() for t in slot.host.values()}) == 1
-        assert all(t.data_ptr() % 64 == 0 for t in slot.host.values())
-    for step in (1, 2, 3):
-        w.put(step, 0, {"ema": state})
+    first = snapshot(stage, 1, {"ema": state})
+    assert w.put(1, 0, first, first.weights) is not None
+    assert writing.wait(60)  # step 1's write is in progress and does not return
+    staged = {k: t.data_ptr() for k, t in first.weights["ema"].items()}
+    for step in (2, 3):
+        state["w"] += 1
+        taken = threading.Event()
+        threading.Thread(target=lambda step=step, taken=taken: (
+            w.put(step, 0, s := snapshot(stage, step, {"ema": state}), s.weights), taken.set()), daemon=True).start()
+        assert taken.wait(30), "a snapshot waited for a hand-off file being written"
+    assert not w.idle() and handoff.pending(tmp_path / "handoff") == [1]  # 2 and 3 wait behind step 1's write
+    held.set()
     w.flush()
-    assert [{k: t.data_ptr() for k, t in slot.host.items()} for slot in w.slots] == buffers
-    manifest, states = handoff.claim(tmp_path / "handoff", "all").load()
-    assert manifest.step == 1 and all(torch.equal(states["ema"][k], v) for k, v in state.items())
+    assert handoff.pending(tmp_path / "handoff") == [1, 2, 3]
+    for step in (1, 2, 3):
+        manifest, states = handoff.claim(tmp_path / "handoff", "all").load()
+        assert manifest.step == step and torch.equal(states["ema"]["w"], torch.arange(6.0).reshape(2, 3) + step - 1)
+        assert torch.equal(states["ema"]["b"], state["b"]) and int(states["ema"]["n"]) == 3
+    assert all(t.data_ptr() == staged[k] for k, t in stage.take({"weights": {"ema": state}}, 4).state["weights"]
+               ["ema"].items())  # the snapshots were the stage's own buffers, not copies the Writer made
+    kept = [{k: t.data_ptr() for k, t in spare.items()} for spare in w.spare]
+    again = handoff.Writer(tmp_path, "all", keep=2)
+    again.spare = w.spare
+    put(again, 5, {"ema": state}, stage)
+    again.flush()
+    assert [{k: t.data_ptr() for k, t in spare.items()} for spare in again.spare][0] in kept  # reused
+
+
+def test_under_policy_latest_a_hand_off_behind_two_unwritten_ones_is_skipped_as_busy(tmp_path):
+    """policy=latest bounds what a slow disk costs: a hand-off that comes while two are still outstanding
+    (one file being written, one waiting) is skipped (val/skipped.jsonl `busy`) and training goes on;
+    under policy=all every one is queued."""
+    (tmp_path / "val").mkdir()
+    held = threading.Event()
+    w = handoff.Writer(tmp_path, "latest", keep=5, on_written=lambda *_: held.wait(60))
+    state = {"w": torch.zeros(4)}
+    assert put(w, 1, {"ema": state}) is not None and put(w, 2, {"ema": state}) is not None
+    assert put(w, 3, {"ema": state}) is None
+    held.set()
+    w.flush()
+    assert handoff.pending(tmp_path / "handoff") == [1, 2] and w.submitted == [1, 2]
+    assert [(r["step"], r["reason"]) for r in read_jsonl(tmp_path / "val" / "skipped.jsonl")] == [(3, "busy")]
+    held.clear()
+    w = handoff.Writer(tmp_path, "all", keep=5, on_written=lambda *_: held.wait(60))
+    assert all(put(w, step, {"ema": state}) is not None for step in (4, 5, 6))
+    held.set()
+    w.flush()
+    assert handoff.pending(tmp_path / "handoff") == [1, 2, 4, 5, 6]
 
 
 NHWC = [a for a in ARGS if not a.startswith("job.model")] + [

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import FAST, child_env, free_port, launch, read_jsonl
 from launcher.files import Corrupt
 from launcher.validation import handoff, handoff_shards
+from tests.support.handoff import put
 
 SCRIPT = Path(__file__).parent.parent / "support" / "fsdp_scripts" / "handoff_put.py"
 
@@ -112,9 +113,9 @@ def test_incomplete_leftovers_are_swept(tmp_path):
     handoff_shards.sweep(q, below=25)
     assert sorted(p.name for p in q.iterdir()) == ["00000020.json", "00000020.shard-0-of-2.safetensors",
                                                    "00000030.shard-1-of-2.safetensors"]
-    handoff.Writer(tmp_path, "all", keep=2, device=torch.device("cpu"), rank=1, world=2).flush()
+    handoff.Writer(tmp_path, "all", keep=2, rank=1, world=2).flush()
     assert (q / "00000030.shard-1-of-2.safetensors").exists()  # only rank 0 sweeps at startup
-    handoff.Writer(tmp_path, "all", keep=2, device=torch.device("cpu"), rank=0, world=2).flush()
+    handoff.Writer(tmp_path, "all", keep=2, rank=0, world=2).flush()
     assert sorted(p.name for p in q.iterdir()) == ["00000020.json", "00000020.shard-0-of-2.safetensors"]
 
 
@@ -127,8 +128,8 @@ def test_validator_validates_sharded_snapshots_like_ddp_ones_and_skips_a_corrupt
     launch(["train", *FAST, f"run.dir={run}", "validation.mode=off", "train.max_steps=10",
             "checkpoint.every_steps=0"])
     weights = run / "ema.safetensors"
-    w = handoff.Writer(run, "all", keep=2, device=torch.device("cpu"))
-    w.put(100, 0, {"ema": load_file(str(weights))})
+    w = handoff.Writer(run, "all", keep=2)
+    put(w, 100, {"ema": load_file(str(weights))})
     w.flush()
     finish(torchrun(2, run, f"--state={weights}", "--steps=200,300", "--same"))
     q = run / "handoff"
@@ -158,8 +159,8 @@ def test_fsdp_trainer_side_hands_off_on_every_rank_and_the_spawned_validator_val
     run = tmp_path / "run"
     launch(["train", *FAST, f"run.dir={run}", "validation.mode=off", "train.max_steps=10",
             "checkpoint.every_steps=0", "validation.policy=all"])
-    w = handoff.Writer(run, "all", keep=2, device=torch.device("cpu"))
-    w.put(5, 0, {"ema": load_file(str(run / "ema.safetensors"))})  # the ddp snapshot, validated first
+    w = handoff.Writer(run, "all", keep=2)
+    put(w, 5, {"ema": load_file(str(run / "ema.safetensors"))})  # the ddp snapshot, validated first
     w.flush()
     script = Path(__file__).parent.parent / "support" / "fsdp_scripts" / "handoff_train.py"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -187,9 +188,9 @@ def test_inline_validation_is_refused_under_fsdp():
     from launcher.errors import ConfigError
 
     cfg = SimpleNamespace(train=SimpleNamespace(strategy="fsdp"), validation=SimpleNamespace(mode="inline"))
-    env = Env(0, 2, 0, 2, 0, None, torch.device("cpu"))
+    env = Env(0, 2, 0, 2, 0, None, torch.device("cpu"), validation_mode="inline")
     with pytest.raises(ConfigError, match="validation.mode=inline is not supported with train.strategy=fsdp"):
-        trainer_side.for_training(cfg, env, None, None, None, None, None, 8, None)
+        trainer_side.for_training(cfg, env, None, None, None, None, None, 8, None, None)
 
 
 def _has_strategy() -> bool:

@@ -32,20 +32,22 @@ def test_the_validators_gpu_is_known_from_the_launch_alone():
     validation.mode=process when no GPU is free; with validation.share_gpu the last GPU's trainer."""
     from launcher.distributed.env import Env, shares_gpu_with_validator
 
-    def env(rank, world, local_world, device, validator=None):
+    def env(rank, world, local_world, device, mode, validator=None):
         return Env(rank=rank, world_size=world, local_rank=rank, local_world_size=local_world, restart_count=0,
-                   validator_rank=validator, device=device)
+                   validator_rank=validator, device=device, validation_mode=mode)
 
     gpu = lambda i: torch.device("cuda", i)  # noqa: E731
-    assert shares_gpu_with_validator(env(0, 1, 1, gpu(0)), "process", device_count=1)  # one GPU, the default
-    assert not shares_gpu_with_validator(env(0, 1, 1, gpu(0)), "process", device_count=2)  # cuda:1 is free
-    assert not shares_gpu_with_validator(env(1, 2, 2, gpu(1)), "process", device_count=2)  # not rank 0's child
-    assert not shares_gpu_with_validator(env(0, 1, 1, torch.device("cpu")), "process", device_count=0)
+    assert shares_gpu_with_validator(env(0, 1, 1, gpu(0), "process"), device_count=1)  # one GPU, the default
+    assert not shares_gpu_with_validator(env(0, 1, 1, gpu(0), "process"), device_count=2)  # cuda:1 is free
+    assert not shares_gpu_with_validator(env(1, 2, 2, gpu(1), "process"), device_count=2)  # not rank 0's child
+    assert not shares_gpu_with_validator(env(0, 1, 1, torch.device("cpu"), "process"), device_count=0)
     # 9 processes on 8 GPUs with share_gpu: the validator rank 8 on GPU 7, with training rank 7
-    assert shares_gpu_with_validator(env(7, 9, 9, gpu(7), validator=8), "rank", device_count=8)
-    assert not shares_gpu_with_validator(env(6, 9, 9, gpu(6), validator=8), "rank", device_count=8)
+    assert shares_gpu_with_validator(env(7, 9, 9, gpu(7), "rank", validator=8), device_count=8)
+    assert shares_gpu_with_validator(env(8, 9, 9, gpu(7), "rank", validator=8), device_count=8)  # the validator's side
+    assert not shares_gpu_with_validator(env(6, 9, 9, gpu(6), "rank", validator=8), device_count=8)
     # 8 processes on 8 GPUs: the validator rank has a GPU of its own
-    assert not shares_gpu_with_validator(env(6, 8, 8, gpu(6), validator=7), "rank", device_count=8)
+    assert not shares_gpu_with_validator(env(6, 8, 8, gpu(6), "rank", validator=7), device_count=8)
+    assert not shares_gpu_with_validator(env(7, 8, 8, gpu(7), "rank", validator=7), device_count=8)
 
 
 def test_a_gpu_share_the_trainer_cannot_leave_is_refused(tmp_path):

@@ -33,6 +33,7 @@ from launcher.distributed.env import detect
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.rundir import RunDir
 from launcher.distributed.shards import is_sharded
+from launcher.train import told
 
 
 class Net(nn.Module):
@@ -134,7 +135,7 @@ def main() -> int:
     ckpt = Checkpointer(cfg.checkpoint, env, dist, rundir, Tel(rundir, env.is_main), state, per_rank={"meter": meter},
                         parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema},
                         sharded=fsdp.is_fsdp(model))
-    found = ckpt.restore() if cfg.run.resume != "never" else None
+    found = told(ckpt.restore(), ckpt.tel, rundir, env, state) if cfg.run.resume != "never" else None
     resumed = found is not None
     if found is None:
         seed_everything(env.rank)
@@ -157,7 +158,7 @@ def main() -> int:
         every = cfg.checkpoint.every_steps
         if state.step == args.steps or (every and state.step % every == 0):
             try:
-                ckpt.save(final=True)  # waits for its write, agrees on it: SaveError on every rank
+                ckpt.save(ckpt.snapshot(), final=True)  # waits for its write, agrees on it: SaveError on every rank
             except SaveError as e:
                 (rundir.root / f"save-error-{env.train_rank}.txt").write_text(str(e))
                 dist.close()

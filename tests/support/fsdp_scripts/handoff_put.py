@@ -1,4 +1,5 @@
-"""Run under torchrun (gloo, CPU): every rank puts its shards of a state through its own hand-off Writer.
+"""Run under torchrun (gloo, CPU): every rank puts its shards of a state through its own hand-off Writer,
+from a snapshot of them as training takes it (tests/support/handoff.put).
 
 The state: `--state synthetic` (a few tensors, one with fewer rows than ranks, a replicated buffer),
 `--state module` (a tiny fully_shard-ed model's state_dict: sharded parameters, plain BatchNorm
@@ -20,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from launcher.checkpoint.staging import Stage
 from launcher.distributed.groups import destroy_together
 from launcher.validation import handoff
-from tests.support.handoff import idle
+from tests.support.handoff import idle, put
 
 
 def build(kind: str, mesh) -> dict:
@@ -59,8 +61,8 @@ def main() -> None:
     run = Path(a.run_dir)
     (run / "val").mkdir(parents=True, exist_ok=True)
     state = build(a.state, mesh)
-    w = handoff.Writer(run, a.policy, a.keep, torch.device("cpu"), rank=rank, world=world)
-    w.prepare({"ema": state})
+    w = handoff.Writer(run, a.policy, a.keep, rank=rank, world=world)
+    stage = Stage(torch.device("cpu"))  # the checkpoint's snapshots, as training takes them
     dist.barrier()  # rank 0's Writer swept the previous session's leftovers before anyone writes
     for i, step in enumerate(int(s) for s in a.steps.split(",")):
         snap = {k: v + (0 if a.same else step) if v.is_floating_point() else v for k, v in state.items()}
@@ -71,7 +73,7 @@ def main() -> None:
         if rank == a.hold_rank and i == 0:
             while not (run / "release").exists():
                 time.sleep(0.05)
-        assert w.put(step, 0, {"ema": snap}) is not None
+        assert put(w, step, {"ema": snap}, stage) is not None
         while not idle(w):  # in step order, one at a time: the test looks at each step's files
             time.sleep(0.01)
     w.flush()

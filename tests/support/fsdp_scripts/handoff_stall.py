@@ -1,7 +1,8 @@
 """Measure the training thread's stall per validation, put()'s duration, for a ViT-B/16-shaped EMA
-(86M fp32 parameters, 152 tensors): under torchrun every rank puts its dim-0 shards (fsdp, sharded
-Writer); `--ddp` (one process): the whole state through the single writer, as rank 0 does under ddp.
-Prints one JSON line per rank: the blocked times in ms (mean, max, all) and the bytes per rank.
+(86M fp32 parameters, 152 tensors), given the checkpoint's snapshot of the step as training hands it
+(its own copy timed apart: `snapshot_ms`): under torchrun every rank puts its dim-0 shards (fsdp,
+sharded Writer); `--ddp` (one process): the whole state through the single writer, as rank 0 does
+under ddp. Prints one JSON line per rank: the blocked times in ms (mean, max, all) and the bytes per rank.
 Not a test (a benchmark helper): run it by hand, e.g.
   torchrun --nproc_per_node=2 tests/support/fsdp_scripts/handoff_stall.py --run-dir /tmp/stall
 """
@@ -37,8 +38,9 @@ def main() -> None:
     p.add_argument("--puts", type=int, default=6)
     p.add_argument("--ddp", action="store_true")
     a = p.parse_args()
+    from launcher.checkpoint.staging import Stage
     from launcher.validation import handoff
-    from tests.support.handoff import idle
+    from tests.support.handoff import idle, snapshot
     run = a.run_dir or tempfile.mkdtemp()
     os.makedirs(os.path.join(run, "val"), exist_ok=True)
     torch.manual_seed(0)
@@ -52,20 +54,22 @@ def main() -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         mesh = init_device_mesh("cpu", (world,))
         state = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in state.items()}
-    w = handoff.Writer(run, "latest", 1, torch.device("cpu"), rank=rank, world=world)
-    w.prepare({"ema": state})
+    w, stage, copies = handoff.Writer(run, "latest", 1, rank=rank, world=world), Stage(torch.device("cpu")), []
     for i in range(a.puts):
         while not idle(w):  # the interval between validations is longer than a write
             time.sleep(0.01)
         if world:
             dist.barrier()
-        w.put((i + 1) * 100, 0, {"ema": state})
+        t0 = time.perf_counter()
+        snap = snapshot(stage, (i + 1) * 100, {"ema": state})
+        copies.append(round((time.perf_counter() - t0) * 1e3, 2))
+        w.put((i + 1) * 100, 0, snap, snap.weights)
     w.flush()
     ms = [round(b * 1e3, 2) for b in w.blocked_s]
-    nbytes = sum(t.numel() * t.element_size() for t in w.slots[0].host.values())
+    nbytes = sum(t.numel() * t.element_size() for t in w.spare[0].values())
     print(json.dumps({"rank": rank, "world": world or 1, "ddp": a.ddp, "tensors": len(state), "bytes": nbytes,
-                      "blocked_ms_mean": round(sum(ms) / len(ms), 2), "blocked_ms_max": max(ms), "blocked_ms": ms}),
-          flush=True)
+                      "blocked_ms_mean": round(sum(ms) / len(ms), 2), "blocked_ms_max": max(ms), "blocked_ms": ms,
+                      "snapshot_ms": copies}), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launcher.batch import probe, recovery
+from launcher.batch import probe
 from launcher.batch.memory import DeviceMemory
 from launcher.batch.recovery import Lockstep
 from launcher.config.schema import Config
 from launcher.distributed import fsdp
 from launcher.distributed.env import detect
 from launcher.distributed.groups import Dist
+from launcher.distributed.wrap import GradSync
 from launcher.ema import NoEMA
 from launcher.errors import OutOfMemory
 from launcher.optim import build_optimizer, build_scheduler
@@ -44,8 +45,8 @@ def inject(*_):
 if a.where == "backward":
     model[4].register_full_backward_pre_hook(inject)  # the first module a backward reaches
 else:
-    gather = recovery.unshard_for_step
-    recovery.unshard_for_step = lambda m: (gather(m), inject())  # the gather done, its copy-out fails
+    gather = fsdp.unshard_for_step
+    fsdp.unshard_for_step = lambda m: (gather(m), inject())  # the gather done, its copy-out fails
 
 
 class Job:
@@ -61,8 +62,9 @@ def trial(n: int, rec) -> None:
     parts = StepParts(opt, build_scheduler(opt, cfg.sched, cfg.optim.lr, 2, 0),
                       torch.amp.GradScaler("cpu", enabled=False), NoEMA())
     x, y = torch.randn(n, 8), torch.randint(4, (n,))
+    grads = GradSync(model, probe=True)
     for step in range(2):
-        forward_backward(x, y, rec, model, Job, parts.scaler, env.device, "fp32", step)
+        forward_backward(x, y, rec, grads, model, Job, parts.scaler, env.device, "fp32", step)
         optimizer_step(model, parts, cfg, step, gate=False)
 
 
