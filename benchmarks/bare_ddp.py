@@ -8,7 +8,7 @@ the conv net on a GPU (`--channels-last`), cudnn.benchmark and TF32 matmuls. `--
 the job's dataset through a DataLoader instead, like the launcher. It imports torch and the job's
 model only: launcher.jobs.synthetic and .base import torch alone, and the `launcher` package root
 (imported on the way) only `os`; none of the launcher's machinery, Hydra or OmegaConf, so it runs
-on a bare box with torch (tests/test_speed.py checks).
+on a bare box with torch (tests/test_benchmarks.py checks).
 Run with python (one process, no DDP wrapper, like the launcher) or under torchrun.
 Rank 0 appends {"step", "time"} rows to --out (JSON lines, like the launcher's metrics.jsonl)
 at step --warmup and at the last step, after a device sync, for benchmarks/common.py to time.

@@ -2,7 +2,7 @@
 
 For a ViT-B/16-shaped job (86M parameters; 32x32 images so a CPU step is quick: the state's
 size does not depend on the image size), on 2 and 4 gloo ranks, one AdamW step under ddp and
-under fsdp through the launcher's own pieces (wrap.shard / wrap.wrap, build_optimizer, EMA,
+under fsdp through the launcher's own pieces (wrap.shard / wrap.for_loop, build_optimizer, EMA,
 handoff.Writer), then per rank the bytes of: parameters, gradients, optimizer state and EMA
 (local shards under fsdp; under ddp the EMA lives on rank 0 only), and the training thread's
 stall per validation: `Writer.put()` of the EMA (ddp: rank 0's whole EMA; fsdp: each rank its
@@ -60,7 +60,7 @@ def worker(strategy: str, layers: int, puts: int) -> None:
     torch.manual_seed(0)
     job = Synthetic(SyntheticJob(model="vit", image_size=32, layers=layers))
     model = wrap.shard(job.model(), cfg.train.strategy, dist.group, device, "fp32", job)
-    net = wrap.wrap(model, cfg, dist.group, device)
+    net = wrap.for_loop(model, cfg, dist.group, device)
     opt = build_optimizer(model, cfg.optim, device)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2,))
     job.loss(net(x), y).backward()

@@ -75,7 +75,7 @@ def rate(kind: str, job: dict, s: argparse.Namespace, tmp: Path, extra=(), train
 
 def ema_gate(job: dict, s: argparse.Namespace, steps: int) -> tuple:
     """ms per training step with the EMA skipped on a host-read finiteness check (a sync
-    per step) and with the device-side gate (launcher.speed.nonfinite on a GPU)."""
+    per step) and with the device-side gate (launcher.step.nonfinite on a GPU)."""
     from launcher.jobs.synthetic import Synthetic, SyntheticJob
     from launcher.ema import EMA
 

@@ -20,7 +20,7 @@ from launcher.config.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra
 from launcher import startup
 from launcher.rundir import RunDir
 from launcher.config.schema import Config
-from launcher.errors import ConfigError, NothingToDo, fail, say
+from launcher.errors import ConfigError, NothingToDo, report_error, say
 
 USAGE = """usage: python -m launcher {train,validate,report,sweep} [args]
 
@@ -117,7 +117,7 @@ def train_command(overrides: List[str]) -> int:
         env = detect(cfg.validation.mode, cfg.validation.rank, cfg.train.device, cfg.validation.share_gpu)
         startup.precheck(cfg, env.world_size, env.train_world, data=not env.is_validator)
     except ConfigError as e:
-        return fail(str(e))
+        return report_error(str(e))
 
     from launcher.distributed import threads
     from launcher.errors import SaveError
@@ -152,13 +152,14 @@ def train_command(overrides: List[str]) -> int:
         say(f"launcher: {e}")
         finished = True
     except KeyboardInterrupt:  # before the stop-signal handlers exist: no traceback, nothing left behind
-        say(f"launcher: interrupted during start-up{startup.abandon(rundir if env.rank == 0 else None, created)}")
+        removed = startup.remove_unstarted_run(rundir if env.rank == 0 else None, created)
+        say(f"launcher: interrupted during start-up{removed}")
         return 130
     except ConfigError as e:  # found only by training (batch.size=auto larger than the data): nothing left behind
-        startup.abandon(rundir if env.rank == 0 else None, created)
-        return fail(str(e))
+        startup.remove_unstarted_run(rundir if env.rank == 0 else None, created)
+        return report_error(str(e))
     except SaveError as e:  # disk full, read-only: one clear line, status 1, the old checkpoints intact
-        return fail(str(e), status=1)
+        return report_error(str(e), status=1)
     finally:
         if rundir is not None and env.is_main and not finished:
             rundir.fold_rank_events()  # what the other ranks said on their way out
@@ -187,7 +188,7 @@ def validate_command(argv: List[str]) -> int:
         cfg = load_run_config(rundir, [a for a in argv if not a.startswith("run.dir=")])
         device = validator_device(cfg.validation.device)
     except ConfigError as e:
-        return fail(str(e))
+        return report_error(str(e))
     spawned = "LAUNCHER_PARENT_PID" in os.environ
     setup_logging(rundir.log("validator"), "validator", console=not spawned)
     log.info("validator: %d CPU thread(s)", torch.get_num_threads())
@@ -230,6 +231,6 @@ def _dispatch(argv: List[str]) -> int:
         try:
             return command(rest)
         except ConfigError as e:
-            return fail(str(e))
-    return fail(f"unknown command {cmd!r}; use train, validate, report or sweep")
+            return report_error(str(e))
+    return report_error(f"unknown command {cmd!r}; use train, validate, report or sweep")
 

@@ -6,7 +6,7 @@ there resumes exactly, with any number of loader workers, in fifteen lines.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import Sampler
@@ -56,26 +56,29 @@ class DevicePrefetcher:
     caching allocator from reusing the batch's memory while the compute stream still reads it. In order
     on the compute stream, the copy of a 128x3x224x224 batch (77 MB) would take 2-4 ms of every step.
     `channels_last`: 4-d inputs become NHWC in the same copy. On the CPU the batches pass through
-    (converted to NHWC where asked). Two step batches are on the device at once."""
+    (converted to NHWC where asked). Two step batches are on the device at once. `cuda`: torch.cuda, or
+    a stand-in with its names (tests record the stream ordering on the CPU with one)."""
 
-    def __init__(self, loader: Iterable, device: torch.device, channels_last: bool = False):
+    def __init__(self, loader: Iterable, device: torch.device, channels_last: bool = False, cuda: Any = None):
         self.loader, self.device, self.nhwc = loader, device, channels_last
-        self.stream: Optional[torch.cuda.Stream] = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.cuda = cuda if cuda is not None else torch.cuda
+        on_gpu = device.type == "cuda" or cuda is not None
+        self.stream: Optional[torch.cuda.Stream] = self.cuda.Stream(device) if on_gpu else None
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
         fmt = torch.channels_last if self.nhwc and t.ndim == 4 else torch.preserve_format
         return t.to(self.device, non_blocking=True, memory_format=fmt)
 
     def _ahead(self, batch) -> Tuple[tuple, "torch.cuda.Event"]:
-        with torch.cuda.stream(self.stream):
+        with self.cuda.stream(self.stream):
             out = tuple(self._to(t) for t in batch)
-            done = torch.cuda.Event()
+            done = self.cuda.Event()
             done.record(self.stream)
         return out, done
 
     def _ready(self, pending: Tuple[tuple, "torch.cuda.Event"]) -> tuple:
         out, done = pending
-        compute = torch.cuda.current_stream(self.device)
+        compute = self.cuda.current_stream(self.device)
         compute.wait_event(done)
         for t in out:
             t.record_stream(compute)

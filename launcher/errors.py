@@ -1,5 +1,5 @@
 """The errors that cross layers, each with one meaning for the command line (cli.py), and how a line
-reaches the person at the console, once, also under torchrun (`say`, `fail`):
+reaches the person at the console, once, also under torchrun (`say`, `report_error`):
 
 - `ConfigError`: bad input. One line, exit status 2, raised before anything is created.
 - `SaveError`: a checkpoint could not be written. One line, exit status 1; the previous
@@ -44,7 +44,7 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def fail(message: str, status: int = 2) -> int:
+def report_error(message: str, status: int = 2) -> int:
     """Bad input (status 2) or a failed save (1): `launcher: error: <message>`, said once. Under torchrun every
     worker also writes it to its error file ($TORCHELASTIC_ERROR_FILE), which torchrun's failure summary
     shows as the root cause (else: "To enable traceback see ..."). A worker other than rank 0 then waits a

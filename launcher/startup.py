@@ -3,7 +3,7 @@
 `precheck` rejects everything it can without a process group (the config's rules, the job, the
 devices, where the run goes, the batch against the training set). `agree_run_dir` has rank 0 create
 the run directory (or find a finished run with nothing to do) and tells every rank. Start-up cut short
-after that (bad input only training can find, Ctrl-C) `abandon`s a run directory this launch created
+after that (bad input only training can find, Ctrl-C) removes a run directory this launch created
 and that holds no checkpoint yet, as if the run never started.
 """
 from __future__ import annotations
@@ -124,7 +124,7 @@ def agree_run_dir(cfg: Config, dist, config_text: str, overrides: List[str]) -> 
     return RunDir(value), created
 
 
-def abandon(rundir: Optional[RunDir], created: bool) -> str:
+def remove_unstarted_run(rundir: Optional[RunDir], created: bool) -> str:
     """Start-up cut short: remove a run directory this launch created and that holds no checkpoint yet (rank 0
     passes it, the others None). The note for the line that says why, or ""."""
     from launcher.checkpoint import store

@@ -89,7 +89,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, device)
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.job = jobs.load(cfg.job)
-        model = wrap.setup(self.job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last
+        model = wrap.prepare(self.job.model().to(device), cfg.train)  # cudnn.benchmark, TF32, channels_last
         group = self.dist.group if self.dist.distributed_training else None
         self.model = wrap.shard(model, cfg.train.strategy, group, device, self.precision, self.job)  # the weights
         self.sharded = fsdp.is_fsdp(self.model)  # every training rank keeps its shards (of the EMA too)
@@ -116,7 +116,7 @@ class Trainer:
                                self._ema(self.model, self.total // cfg.ema.every), self.warmup)
         log.info(self.parts.ema.describe(), extra=FILE_ONLY)
         # What the loop calls forward on: DDP around the model (fsdp: the sharded model itself), compiled.
-        self.wrapped = wrap.wrap(self.model, cfg, group, device)
+        self.wrapped = wrap.for_loop(self.model, cfg, group, device)
         self.grads = GradSync(self.wrapped)
         self.tel = Telemetry(self.rundir, cfg, env, self.total, enabled=env.is_main)
         self.tel.event("autobatch", **chosen.event)

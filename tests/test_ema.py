@@ -188,3 +188,40 @@ def test_state_dict_of_flat_views_saves_and_loads():
     other.load_state_dict(torch.load(buf, weights_only=True))
     again = load(save({k: v.contiguous() for k, v in other.shadow.items()}))
     assert all(torch.equal(again[k], ema.shadow[k]) for k in ema.shadow) and other.updates == 2
+
+
+def _small(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+
+def test_ema_device_gate_is_the_host_path_without_a_sync():
+    """A 0-d tensor `skip` (what train.py passes on a GPU) averages exactly like the host
+    bool when the step is finite, leaves the average bit-exact when it is not (even with
+    NaN weights), and settles the counters when they are read."""
+    model, host_model = _small(0), _small(0)
+    host, gated = EMA(host_model, 0.9, "exp", 3.0), EMA(model, 0.9, "exp", 3.0)
+    for step in range(5):
+        for m in (model, host_model):
+            torch.manual_seed(step)
+            m(torch.randn(6, 4))  # BatchNorm statistics and num_batches_tracked move
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+        host.update(host_model, skip=False)
+        gated._update_gated(model, torch.tensor(False))  # what update() does with a GPU's flag
+    for k in host.shadow:
+        assert torch.equal(host.shadow[k], gated.shadow[k]), k
+    assert gated.updates == host.updates == 5 and gated.skipped == 0
+
+    before = {k: v.clone() for k, v in gated.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+        model[1].num_batches_tracked.fill_(999)
+    gated._update_gated(model, torch.tensor(True))
+    gated.update(model, skip=torch.tensor(True))  # a flag already on the host is simply read
+    for k, v in before.items():
+        assert torch.equal(gated.shadow[k], v), k
+    assert gated.updates == 5 and gated.skipped == 2
+    assert gated.state_dict()["updates"] == 5 and gated.current_decay == host.current_decay

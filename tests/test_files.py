@@ -1,4 +1,5 @@
-"""Atomic files and the safetensors writer."""
+"""launcher/files.py: the safetensors writer (every dtype round-trips) and the one checksum check (Corrupt names
+what failed). Atomic writes are exercised by every test that kills a process mid-write."""
 import io
 
 import pytest

@@ -26,7 +26,7 @@ def backend_flags(cfg: TrainConfig) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
-def setup(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+def prepare(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Once, at start, before the batch probe (its memory depends on them): the backend flags, and NHWC
     weights with `train.channels_last` (inputs are converted in their copy to the device, in the loop)."""
     backend_flags(cfg)
@@ -43,7 +43,7 @@ def shard(model: nn.Module, strategy: str, group, device: torch.device, precisio
     return fsdp.shard(model, group, device, precision, job)
 
 
-def wrap(model: nn.Module, cfg: Config, group, device: torch.device) -> nn.Module:
+def for_loop(model: nn.Module, cfg: Config, group, device: torch.device) -> nn.Module:
     """The module the loop calls forward on: DDP (with the bucket settings) around `model`
     when `group` is a training group of 2+ ranks under train.strategy=ddp, else `model` itself
     (under fsdp already sharded by `shard`); compiled in place
