@@ -28,7 +28,7 @@ class JobConfig:
     """Which task to train. `target` is `module:Class`; any importable path works."""
     name: str = MISSING  # the job's name (set by the group: job=<name>)
     target: str = MISSING  # `package.module:Class` of the job; any importable path
-    batch_size: int = 64  # the job's default micro-batch (used by batch.size=auto on CPU)
+    batch_size: int = 64  # default micro-batch: batch.size=auto on CPU; the batch probes start from it
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Job:
     first validation.
 
     `shard_blocks`: with train.strategy=fsdp, the class names of the modules that each get their own
-    FSDP shard unit (e.g. `("TransformerBlock",)`); empty: the automatic rule of launcher/fsdp.py."""
+    FSDP shard unit (e.g. `("TransformerBlock",)`); empty: the automatic rule of launcher/distributed/fsdp.py."""
     metric_names: Optional[Tuple[str, ...]] = None
     shard_blocks: Tuple[str, ...] = ()
 

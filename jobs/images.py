@@ -29,6 +29,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 @dataclass
 class ImagesJob(JobConfig):
+    """An image classification job: an ImageFolder tree of your own and a timm (else torchvision) model."""
     name: str = "images"
     target: str = "launcher.jobs.images:Images"
     batch_size: int = 32
@@ -71,6 +72,7 @@ def classes(folder: Path) -> list:
 
 
 class Images(Job):
+    """The images job: the model by name, the folder's train/ and val/ sets (cross-entropy, accuracy)."""
     @classmethod
     def check(cls, cfg) -> None:
         """Bad input before anything starts: raises ValueError with what is wrong and what to do."""

@@ -19,12 +19,14 @@ from launcher.jobs.base import Choice, Job, JobConfig
 
 
 class Mnist1dModel(Choice):
+    """job.model for mnist1d: the paper's MLP or its CNN."""
     mlp = "mlp"
     cnn = "cnn"  # the two models of the MNIST-1D paper
 
 
 @dataclass
 class Mnist1dJob(JobConfig):
+    """MNIST-1D (Greydanus 2020): 1-d signals of ten digits, generated locally; small enough to train on a CPU."""
     name: str = "mnist1d"
     target: str = "launcher.jobs.mnist1d:Mnist1D"
     batch_size: int = 64
@@ -63,6 +65,7 @@ def make_data(samples: int, seed: int) -> dict:
 
 
 class MLP(nn.Module):
+    """The paper's MLP: two hidden layers of `hidden` units."""
     def __init__(self, length: int = 40, hidden: int = 100, classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(length, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -91,6 +94,7 @@ class CNN(nn.Module):
 
 
 class Mnist1D(Job):
+    """The MNIST-1D job: the generated data set (cached on disk), the paper's models (cross-entropy, accuracy)."""
     def model(self) -> nn.Module:
         if self.cfg.model == "mlp":
             return MLP(hidden=self.cfg.hidden)

@@ -17,12 +17,14 @@ from launcher.jobs.base import Choice, Job, JobConfig
 
 
 class SyntheticModel(Choice):
+    """job.model for synthetic: a ResNet or a ViT."""
     resnet = "resnet"
     vit = "vit"
 
 
 @dataclass
 class SyntheticJob(JobConfig):
+    """Random images and labels at a chosen size: the model and the step cost without any data on disk."""
     name: str = "synthetic"
     target: str = "launcher.jobs.synthetic:Synthetic"
     batch_size: int = 32
@@ -54,6 +56,7 @@ class RandomImages(Dataset):
 
 
 class Bottleneck(nn.Module):
+    """A ResNet bottleneck block (1x1, 3x3, 1x1, with a projected shortcut where the shape changes)."""
     def __init__(self, cin: int, width: int, stride: int):
         super().__init__()
         cout = width * 4
@@ -69,6 +72,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
+    """A ResNet of bottleneck blocks (`depth` per stage), ResNet-50-like at the defaults."""
     def __init__(self, width: int = 64, depth=(3, 4, 6, 3), classes: int = 1000):
         super().__init__()
         layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
@@ -87,6 +91,7 @@ class ResNet(nn.Module):
 
 
 class ViT(nn.Module):
+    """A small vision transformer: patch embedding, `layers` encoder blocks, a class token head."""
     def __init__(self, image_size=224, patch=16, dim=768, layers=12, heads=12, classes=1000):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, patch, patch)
@@ -105,6 +110,7 @@ class ViT(nn.Module):
 
 
 class Synthetic(Job):
+    """The synthetic job: seeded random images, the ResNet or the ViT (cross-entropy, accuracy)."""
     def model(self) -> nn.Module:
         c = self.cfg
         if c.model == "resnet":

@@ -15,12 +15,12 @@ from typing import List, Tuple
 
 from omegaconf import OmegaConf, open_dict
 
+from launcher import startup
 from launcher.config import checks, completion, schema
 from launcher.config.compose import CONF_DIR, HYDRA_FLAGS, compose_config, hydra_keys, hydra_main, one_line, split_config_dir
-from launcher import startup
-from launcher.rundir import RunDir
 from launcher.config.schema import Config
 from launcher.errors import ConfigError, NothingToDo, report_error, say
+from launcher.rundir import RunDir
 
 USAGE = """usage: python -m launcher {train,validate,report,sweep} [args]
 
@@ -207,10 +207,6 @@ def _world() -> int:
 
 def main(argv: List[str]) -> int:
     """The commands; launcher/__main__.py catches a Ctrl-C during start-up (before train's own handler)."""
-    return _dispatch(argv)
-
-
-def _dispatch(argv: List[str]) -> int:
     if argv and argv[0] in HYDRA_FLAGS and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]  # the installed completion script calls `launcher -sc query=bash`
     if not argv or argv[0] in ("-h", "--help"):

@@ -93,7 +93,7 @@ class Faults:
         debug.simulate_oom_rank (-1: the last), where debug.simulate_oom_phase says: `forward` (inside the
         model, after DDP's pre-forward, of the step's first micro-batch), `backward` (at the start of the
         step's first backward: a non-last one when accumulating), `last_backward` (late inside the last
-        backward, once DDP has launched its all-reduces: `phase()` is oom.Recovery's phase) or `headroom`
+        backward, once DDP has launched its all-reduces: `phase()` is batch.recovery.Recovery's phase) or `headroom`
         (the rank reports too little memory for the last backward; see low_memory)."""
         self.state = state
         if self.oom_at is None or self.debug.simulate_oom_phase == "headroom" or not self._oom_rank():

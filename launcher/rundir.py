@@ -3,12 +3,15 @@
 Writers (trainer, validator) and readers (report, a resumed trainer, a standalone
 validator) name files only through `RunDir`, so the layout (see docs/run-directory.md)
 lives in one place. Records that cross a process boundary are dataclasses; files
-another process reads are written atomically. Each file has one writing process,
-except two append-only logs whose lines are single O_APPEND writes: val/skipped.jsonl
-(the trainer's hand-off and the validator both drop snapshots) and val/results.jsonl
-(the live validator, and `launcher validate` re-validating a finished run). Events of
-processes other than training rank 0 go to logs/events-rank-<r>.jsonl until rank 0
-folds them into events.jsonl.
+another process reads are written atomically. Each file has one writing process, with these
+exceptions: the append-only logs, whose lines are single O_APPEND writes, val/skipped.jsonl (the
+trainer's hand-off, on every fsdp training rank, and the validator both skip or drop snapshots) and
+val/results.jsonl (the live validator, and `launcher validate` re-validating a finished run);
+handoff/validator.json (the validator's heartbeat, and the validator rank's supervisor recording a
+dead child); and autobatch.json (the probe's choice and in-place reductions by training rank 0, an
+exit-75 restart's reduction by the rank that ran out of memory, while the others wait in a
+collective: never two at once). Events of processes other than training rank 0 go to
+logs/events-rank-<r>.jsonl until rank 0 folds them into events.jsonl.
 """
 from __future__ import annotations
 

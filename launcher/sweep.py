@@ -158,7 +158,7 @@ def run_local(sweep: SweepDir, plan: dict) -> int:
                 print(f"launcher: sweep point {n + 1}/{total}: {params} -> {sweep.point(n).root}", file=sys.stderr,
                       flush=True)
             env = dict(os.environ)
-            if "TORCHELASTIC_RUN_ID" in env:  # each point's ranks find their own store (launcher/distributed.py)
+            if "TORCHELASTIC_RUN_ID" in env:  # each point's ranks find their own store (distributed/groups.py)
                 env["TORCHELASTIC_RUN_ID"] = f"{env['TORCHELASTIC_RUN_ID']}-sweep{n}"
             args = [sys.executable, "-m", "launcher", "train", *point_args(sweep, plan, n)]
             child[0] = subprocess.Popen(args, env=env)

@@ -3,7 +3,7 @@
 #   #SBATCH --signal=B:USR1@<s>  Slurm signals only this batch shell, <s> seconds before the limit.
 #   trap                         the shell forwards SIGTERM to torchrun (or srun -> torchrun): every torch
 #                                version forwards SIGTERM to its workers, which checkpoint at the next step
-#                                and exit 143 (launcher/signals.py). USR1 never reaches torchrun (older
+#                                and exit 143 (launcher/distributed/signals.py). USR1 never reaches torchrun (older
 #                                agents die on it) or the workers (NCCL may own SIGUSR1).
 #   scontrol requeue             after a USR1 stop the job requeues itself; the requeued job keeps its
 #                                SLURM_JOB_ID, hence its run directory, and resumes from the checkpoint.

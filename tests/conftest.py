@@ -1,4 +1,5 @@
-"""Shared helpers: every test runs the real launcher in real processes.
+"""Shared helpers. Tests of the launcher's behaviour run the real launcher in real processes; tests of
+one module (the EMA's math, file formats, the import graph, ...) run it in this one.
 
 `launch()` starts `python -m launcher ...` (or `torchrun ... -m launcher ...`)
 with the repository on PYTHONPATH, so the tests exercise this checkout whether or

@@ -9,7 +9,7 @@ reserved (its tensors plus the allocator's rounding and fragmentation), plus wha
 device holds outside the allocator (CUDA context, NCCL, other processes), plus
 `extra_bytes` the caller knows training will add.
 
-Tests and benchmarks/autobatch.py pass another allocator with the same five calls
+Tests and benchmarks/autobatch.py pass another allocator with the same six calls
 (tests/support/simulated_device.py: a caching allocator modelled on the CPU).
 """
 from __future__ import annotations

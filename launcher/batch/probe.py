@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Probe:
+    """One trial of the search at `size`: whether it ran and fit, and what it measured."""
     size: int
     ok: bool  # ran without an out-of-memory error
     fits: bool  # ok and under the memory limit
@@ -60,6 +61,7 @@ class Probe:
 
 @dataclass
 class Search:
+    """The search's answer on one rank: the largest size that fits, and every probe on the way."""
     found: int  # largest size that fits, after the margin where memory is not measured (0: none)
     largest_ok: int
     limit_bytes: Optional[int]

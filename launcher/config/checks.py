@@ -21,8 +21,6 @@ NON_NEGATIVE = ("validation.drain_timeout_s", "checkpoint.drain_timeout_s", "deb
 FSDP_FP16 = ("train.precision=fp16 is not supported with train.strategy=fsdp (the GradScaler's overflow check would "
              "see each rank's shards only); use train.precision=bf16 or fp32, or train.strategy=ddp")
 
-
-
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 
 

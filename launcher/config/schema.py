@@ -45,6 +45,7 @@ Strategy = _choice("Strategy", "ddp", "fsdp")
 
 @dataclass
 class RunConfig:
+    """run.*: where the run lives, its id, resume, seed and the stop signals."""
     dir: Optional[str] = None  # the run directory; null = <run.root>/<run.id>
     root: str = "runs"  # parent folder of run directories when run.dir is not set
     id: Optional[str] = None  # null = SLURM_JOB_ID, else TORCHELASTIC_RUN_ID, else a timestamp
@@ -57,6 +58,7 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
+    """train.*: the run's length, precision, strategy and the speed options of the step."""
     epochs: int = 60  # passes over the training set (train.max_steps caps it when > 0)
     max_steps: int = 0  # optimizer steps; 0 = epochs decide
     precision: Precision = Precision.auto  # auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on CPU
@@ -73,6 +75,7 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
+    """data.*: the training loader (workers, pinning, prefetch)."""
     workers: int = 0  # DataLoader worker processes per rank
     pin_memory: bool = True  # only where a GPU is used
     persistent_workers: bool = True  # keep loader workers alive across epochs (with workers > 0)
@@ -81,6 +84,7 @@ class DataConfig:
 
 @dataclass
 class DdpConfig:
+    """ddp.*: DistributedDataParallel's bucket settings."""
     """DistributedDataParallel settings (used with 2+ training ranks)."""
     bucket_cap_mb: float = 25.0  # gradient bucket size; larger = fewer, bigger all-reduces
     gradient_as_bucket_view: bool = True  # grads are views into the buckets: no copy, less memory
@@ -89,18 +93,21 @@ class DdpConfig:
 
 @dataclass
 class DistConfig:
+    """dist.*: the process groups."""
     """Process groups."""
     timeout_s: float = 1800.0  # collective/rendezvous timeout of the process groups (tests shorten it)
 
 
 @dataclass
 class BatchConfig:
+    """batch.*: the per-rank micro-batch and the optional fixed effective batch."""
     size: Any = 64  # per-rank micro-batch: an int or "auto"
     global_size: Optional[int] = None  # fixed effective batch; accumulation fills the rest
 
 
 @dataclass
 class AutobatchConfig:
+    """autobatch.*: the batch probe and runtime out-of-memory recovery."""
     fraction: float = 0.9  # of device memory the chosen batch may peak at (the margin where memory is measured)
     margin: float = 0.05  # unmeasured memory (simulated limits): this far below the largest that ran; the resolution
     max: int = 4096  # largest micro-batch the probe tries
@@ -110,6 +117,7 @@ class AutobatchConfig:
 
 @dataclass
 class OptimConfig:
+    """optim.*: the optimizer."""
     name: Optimizer = Optimizer.adamw  # the optimizer (a resume cannot change it: its state would not fit)
     lr: float = 3e-3  # peak learning rate (after warmup)
     weight_decay: float = 0.01  # never applied to biases or norm weights
@@ -122,6 +130,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
+    """sched.*: the warmup, then cosine schedule."""
     warmup_steps: int = 0  # linear warmup length in optimizer steps, then cosine decay
     warmup_epochs: float = 0.0  # used when warmup_steps is 0
     min_lr: float = 0.0  # cosine floor, as a fraction of optim.lr
@@ -131,6 +140,7 @@ class SchedConfig:
 
 @dataclass
 class EmaConfig:
+    """ema.*: the moving average of the weights."""
     enabled: bool = True  # keep an EMA of the weights (ddp: on rank 0; fsdp: each rank of its shards)
     decay: float = 0.9999  # target decay d (the ramp approaches it)
     ramp: Ramp = Ramp.exp  # exp: d*(1-exp(-n/tau)); tf: min(d, (1+n)/(10+n)); none: d from the start
@@ -140,6 +150,7 @@ class EmaConfig:
 
 @dataclass
 class ValidationConfig:
+    """validation.*: who validates, how often, which weights, the queue and the metric."""
     mode: ValidationMode = ValidationMode.auto  # external: hand-off only; `launcher validate` elsewhere
     rank: int = -1  # which global rank validates with mode=rank (and auto on 2+ processes)
     every_steps: int = 0  # 0 = use every_epochs
@@ -160,6 +171,7 @@ class ValidationConfig:
 
 @dataclass
 class EarlyStopConfig:
+    """early_stop.*: when the validator asks training to stop."""
     patience: int = 0  # validations without improvement; 0 = off
     min_delta: float = 0.0  # smallest change that counts as an improvement
     window: int = 1  # sliding average over this many validations
@@ -167,6 +179,7 @@ class EarlyStopConfig:
 
 @dataclass
 class CheckpointConfig:
+    """checkpoint.*: how often to save, retention, the bounded waits."""
     every_steps: int = 200  # and at every validation step and the end; 0 = only those
     keep_last: int = 3  # checkpoints kept (plus the best and those not validated yet)
     drain_timeout_s: float = 300.0  # the end, a stop or a restart waits this long for the save in flight
@@ -174,6 +187,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
+    """logger.wandb.*: the wandb run."""
     mode: WandbMode = WandbMode.offline  # offline: a local run, `wandb sync` uploads it; online: live
     project: str = "launcher"  # wandb project
     entity: Optional[str] = None  # wandb entity (team or user); null = your default
@@ -184,11 +198,13 @@ class WandbConfig:
 
 @dataclass
 class TelemetryConfig:
+    """logger.telemetry.*: NVML sampling of the node's GPUs."""
     every_s: float = 10.0  # NVML sampling period; 0 = off
 
 
 @dataclass
 class LoggerConfig:
+    """logger.*: progress display, wandb, GPU telemetry."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: ProgressMode = ProgressMode.auto  # auto: a rich bar on a terminal, plain lines otherwise
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -213,6 +229,7 @@ class DebugConfig:
 
 @dataclass
 class Config:
+    """The whole config: `job` (a job's own dataclass, picked by `job=<name>`) and one section per component."""
     job: Any = MISSING
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -257,7 +274,7 @@ def get(cfg: Config, key: str) -> Any:
 
 
 def flat_defaults(node: Any = None, prefix: str = "") -> List[tuple]:
-    """(key, type, default) for every leaf of the schema, for the README's config reference."""
+    """(key, type, default) for every leaf of the schema (docs/config.md comes from meanings.py instead)."""
     node = node if node is not None else Config
     rows = []
     for f in fields(node):

@@ -21,7 +21,7 @@ training process there is nothing to shard: the model is trained as is.
 The step: with runtime OOM recovery on (autobatch.max_retries > 0, the default) every rank
 gathers all blocks before the step's first forward and keeps them until the last backward
 (`unshard_for_step`), so, as under ddp, nothing before the last backward runs a collective and an
-OOM there is agreed on and redone in place (oom.py). Parameters in the compute dtype are then
+OOM there is agreed on and redone in place (batch/recovery.py). Parameters in the compute dtype are then
 whole during the step (like reshard_after_forward=False); master weights, gradients, optimizer
 state and EMA stay sharded. With autobatch.max_retries=0, FSDP's own step: each block gathered
 for its forward and backward, resharded after each (the least memory). Accumulation never
@@ -147,7 +147,7 @@ def unshard_for_step(model: nn.Module) -> None:
     """Before a step's first forward, on every training rank (runtime OOM recovery): all-gather every
     block now and keep it unsharded until the last backward reshards it, so that no forward and no
     backward before the last runs a collective: an OOM there stays on its rank and is agreed on as
-    under ddp (oom.py). The price: the full parameters (in the compute dtype) live through the step,
+    under ddp (batch/recovery.py). The price: the full parameters (in the compute dtype) live through the step,
     as with reshard_after_forward=False; optimizer state, gradients, master weights and EMA stay sharded."""
     from torch.distributed.fsdp import FSDPModule
     model.set_reshard_after_forward(False)
@@ -165,7 +165,7 @@ def default_resharding(model: nn.Module) -> None:
 
 def can_reset(model: nn.Module) -> bool:
     """Whether this torch can recover a step aborted mid-way in place (`FSDPModule.reset_iter_state`,
-    torch 2.13); without it a mid-step OOM under fsdp restarts instead (oom.py: exit 75)."""
+    torch 2.13); without it a mid-step OOM under fsdp restarts instead (batch/recovery.py: exit 75)."""
     return callable(getattr(model, "reset_iter_state", None))
 
 

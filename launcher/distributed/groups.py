@@ -73,6 +73,9 @@ class Group:
 
 
 class Dist(Group):
+    """This process's process groups: joins the default group (every rank, the validator too), creates the
+    training group and the checkpoint writer's `background` group over the training ranks, and
+    tears them down (`close`, or `abandon` after a fault). Its collectives are the training group's (Group)."""
     def __init__(self, env: Env, timeout_s: float = 1800.0):
         """`timeout_s` (dist.timeout_s): how long joining the group or any collective may wait."""
         super().__init__(env)

@@ -19,8 +19,8 @@ class _ConsoleFilter(logging.Filter):
 
 
 def setup_logging(log_file: Optional[Path], rank: Union[int, str], console: bool = True) -> None:
-    """Every process logs to its own file (logs/rank-<r>.log); only rank 0 (or a lone process) talks
-    on the console."""
+    """Every process logs to its own file (logs/rank-<r>.log); `console`: this one talks on the console
+    too (the CLI asks it of rank 0, or a lone process, and of the validator rank)."""
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)

@@ -2,11 +2,12 @@
 
 A stall is time the training thread spends on something other than training steps: taking a
 checkpoint's snapshot (and waiting for the previous save), handing weights to the validator, the
-step's agreement between ranks (the OOM agreement or the stop-flag all-reduce: mostly waiting for
-the slowest rank), logging (the loss all-reduce, metrics.jsonl, wandb) and inline validation.
+step's agreement between ranks (distributed/agreement.py: made before the last backward with OOM
+recovery on, else at the step's end; mostly waiting for the slowest rank), logging (the loss
+all-reduce, metrics.jsonl, wandb) and inline validation.
 Each site wraps its work in `measure(cause)`. Measures nest exclusively: an inner measure's time
-counts for its own cause only (a hand-off that first takes the checkpoint's snapshot counts the
-snapshot as `checkpoint`), so the totals add up to the time actually blocked.
+counts for its own cause only (a `checkpoint` measure inside another counts as `checkpoint`), so the
+totals add up to the time actually blocked.
 
 Work moved off the training thread (a checkpoint's serialization, checksums and writing; a
 hand-off's file) is recorded beside it with `background(cause, seconds)`, from any thread: the
@@ -25,6 +26,7 @@ CAUSES = ("checkpoint", "handoff", "agreement", "logging", "inline_validation")
 
 @dataclass
 class Cause:
+    """One cause's total: seconds, how many stalls, the longest."""
     seconds: float = 0.0
     count: int = 0
     max_s: float = 0.0

@@ -1,7 +1,6 @@
 """The hand-off's control files, written atomically, read by stat or a small JSON read:
 `stop.json` (the validator asks training to stop), `done.json` (training is over: final step;
 `closed` once the trainer stops waiting), `validator.json` (the validator's status and heartbeat).
-Use them through `launcher.handoff`, which re-exports them.
 """
 from __future__ import annotations
 

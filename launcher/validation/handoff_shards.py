@@ -35,7 +35,6 @@ from launcher.rundir import SNAPSHOT_PIECE, Manifest, piece_name, snapshot_name,
 from launcher.distributed.shards import Layout, assemble, is_sharded, local_and_layout
 
 
-
 def piece_path(directory: Path, step: int, rank: int, world: int) -> Path:
     return Path(directory) / piece_name(step, rank, world)
 
