@@ -199,7 +199,7 @@ class Trainer:
         log.info("training %d steps on %s: %s, %s on %s", self.total, layout(self.env, self.sharded),
                  batch.describe(), self.precision, self.device)
         state.started, agreed, final = time.time(), None, False  # wall_time_s counts training, not set-up
-        step_samples, start = batch.step_samples, state.step
+        step_samples = batch.step_samples
         indices = EpochIndices()  # one loader for the run: its workers persist across epochs
         loader = DataLoader(self.train_set, batch_size=step_samples, sampler=indices, drop_last=True,
                             **train_loader_options(cfg.data, self.device))
@@ -213,8 +213,7 @@ class Trainer:
                 state.step += 1
                 state.batch_in_epoch += 1
                 self.meter.add(loss, self.recovery.batch.global_size)
-                if state.step == start + 1:  # the optimizer's state exists now: the snapshot's buffers, in the background
-                    self.ckpt.prepare()
+                self.ckpt.prepare()  # the snapshot's buffers, in the background, once the optimizer's state exists
 
                 last = state.step == self.total
                 if self.tel.should_log(state.step, last):

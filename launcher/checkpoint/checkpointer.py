@@ -128,7 +128,7 @@ class Checkpointer:
         self.pending: Optional[Future] = None  # the job in flight (a save, or preparing the buffers)
         self.error: Optional[str] = None  # this rank's failed save: sticky, every rank then stops
         self._buffers = {b.data_ptr() for b in self.parts["model"].buffers()}  # updated by every forward
-        self._prepared = False
+        self._prepared: Optional[int] = None  # the optimizer state's size the buffers were prepared for
 
     def due(self, step: int) -> bool:
         """Whether `step` saves on its own account (`checkpoint.every_steps`); the loop also saves at every
@@ -161,12 +161,14 @@ class Checkpointer:
         return {"parts": parts, "own": {name: part.state_dict() for name, part in self.per_rank.items()}}
 
     def prepare(self) -> None:
-        """Once, after the first optimizer step (the optimizer's state exists then; later calls do nothing):
-        the snapshot's buffers are allocated, pinned and touched by the background thread, not by the
-        first snapshot."""
-        if self._prepared:
+        """After each optimizer step (the loop calls it; it costs a len() but where the optimizer's state
+        grew): the snapshot's buffers are allocated, pinned and touched by the background thread for the
+        state as it is now, not by the next snapshot. So once after the first step, and again after the
+        first one the GradScaler did not skip (a skipped step creates no optimizer state)."""
+        size = len(self.parts["optimizer"].state)
+        if self._prepared == size:
             return
-        self._prepared = True
+        self._prepared = size
         _, tensors = flatten(self._state())
         self.pending = self.worker.submit(lambda: self.staging.prepare(tensors))
 
@@ -232,8 +234,9 @@ class Checkpointer:
                             "checkpoint (see its log); the previous checkpoints are intact")
 
     def close(self) -> None:
-        """At the end of training, however it ends: wait (bounded) for the save in flight, then free the buffers."""
-        if self.wait(self.cfg.drain_timeout_s):
+        """At the end of training, however it ends: wait (bounded) for the save in flight and for every reader
+        of the buffers (a hand-off's copy-out), then free them."""
+        if self.wait(self.cfg.drain_timeout_s) and self.staging.wait_free(self.cfg.drain_timeout_s):
             self.worker.close()
             self.staging.close()
 

@@ -235,6 +235,54 @@ def test_a_step_the_gradscaler_skips_still_waits_for_the_snapshot_before_the_sca
     assert waited in cuda.calls and cuda.calls.index(waited) < cuda.calls.index(("host", "scaler.update"))
 
 
+def test_the_snapshot_buffers_are_prepared_in_the_background_for_the_state_the_optimizer_step_left(tmp_path):
+    """No optimizer hook: the loop calls Checkpointer.prepare() after each step. A first step the GradScaler
+    skipped leaves no optimizer state, so the buffers are prepared again (in the background) once a step
+    creates it; the next snapshot then copies into the prepared buffers, allocating nothing on the
+    training thread. Retention runs after the commit, with the steps the save was given to protect."""
+    from types import SimpleNamespace
+
+    from launcher.checkpoint.checkpointer import Checkpointer, TrainState
+    from launcher.config.schema import CheckpointConfig
+    from launcher.distributed.env import Env
+    from launcher.distributed.groups import Dist
+    from launcher.ema import NoEMA
+    from launcher.rundir import RunDir
+
+    env = Env(0, 1, 0, 1, 0, None, torch.device("cpu"))
+    model = torch.nn.Linear(6, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state, events = TrainState(), []
+    tel = SimpleNamespace(event=lambda kind, **f: events.append((kind, f.get("step"))), wandb_id=None)
+    ckpt = Checkpointer(CheckpointConfig(keep_last=1), env, Dist(env), RunDir(tmp_path).make(), tel, state,
+                        parts={"model": model, "optimizer": opt, "scheduler": torch.optim.lr_scheduler.LambdaLR(
+                            opt, lambda s: 1.0), "scaler": torch.amp.GradScaler("cpu", enabled=False), "ema": NoEMA()},
+                        per_rank={})
+    try:
+        ckpt.prepare()  # after a skipped first step: no optimizer state yet
+        ckpt.wait()
+        first = ckpt.staging.buffers
+        ckpt.prepare()
+        assert ckpt.pending is None or ckpt.wait()  # nothing changed: nothing submitted again
+        assert ckpt.staging.buffers is first
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()  # the optimizer's state exists now
+        ckpt.prepare()
+        ckpt.wait()
+        prepared = ckpt.staging.buffers
+        assert prepared is not first and prepared.nbytes > first.nbytes
+        for step in (1, 2, 3):
+            state.step = step
+            snap = ckpt.snapshot()
+            assert ckpt.staging.buffers is prepared  # the snapshot allocated nothing
+            ckpt.save(snap, protect=[1])
+            ckpt.wait()
+        assert store.steps(tmp_path / "checkpoints") == [3, 1]  # keep_last=1, and the protected step
+        assert [s for kind, s in events if kind == "checkpoint"] == [1, 2, 3]
+    finally:
+        ckpt.close()
+
+
 def test_retention_never_deletes_the_newest_complete_checkpoint_or_a_protected_step(tmp_path):
     for step in (10, 20, 30, 40):
         store.save(tmp_path, step, {"step": step})
