@@ -52,9 +52,9 @@ from launcher.validation.trainer_side import for_training
 log = logging.getLogger("launcher.train")
 
 
-def told(found: Restored, tel, rundir: RunDir, env: Env, state: TrainState) -> "Resumed | None":
-    """What a restore found, told to telemetry (events, and the logs truncated to the checkpoint's step, the
-    wandb run adopted); the checkpoint resumed from, or None."""
+def resumed_from(found: Restored, tel, rundir: RunDir, env: Env, state: TrainState) -> "Resumed | None":
+    """The checkpoint a restore resumed from (None: none), and what it found told to telemetry: events, the
+    logs truncated to the checkpoint's step, the wandb run adopted."""
     for reason in found.skipped:
         tel.event("checkpoint_skipped", reason=reason)
     resumed = found.resumed
@@ -140,8 +140,8 @@ class Trainer:
                                  Headroom(device, chosen.headroom, env.train_rank, self.faults.low_memory),
                                  record=chosen.record, sharded=self.sharded)
         settings = Settings.of(opt, self.parts.sched)  # the config's: a restore brings back the previous launch's
-        resumed = told(self.ckpt.restore(), self.tel, self.rundir, env, self.state) if cfg.run.resume != "never" \
-            else None
+        resumed = resumed_from(self.ckpt.restore(), self.tel, self.rundir, env, self.state) \
+            if cfg.run.resume != "never" else None
         if resumed is not None:
             settings.apply(opt, self.parts.sched)  # a resume that changed optim.* applies it
             log.info("resuming %s from step %d (epoch %d); %d steps left", self.rundir, self.state.step,

@@ -68,8 +68,8 @@ class Agreement:
         values[self.slot] = oom
         if self.distributed:
             self.dist.all_reduce(values, "max")
-        values = values.tolist()
-        self._made = Agreed({r: v for r, v in enumerate(values[:self.world]) if v}, dict(zip(names, values[self.world:])))
+        oom, flags = values[:self.world].tolist(), values[self.world:].tolist()
+        self._made = Agreed({r: v for r, v in enumerate(oom) if v}, dict(zip(names, flags)))
         if self.stalls is not None:
             self.stalls.add("agreement", time.perf_counter() - t0)
         return self._made

@@ -33,7 +33,7 @@ from launcher.distributed.env import detect
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.rundir import RunDir
 from launcher.distributed.shards import is_sharded
-from launcher.train import told
+from launcher.train import resumed_from
 
 
 class Net(nn.Module):
@@ -135,7 +135,7 @@ def main() -> int:
     ckpt = Checkpointer(cfg.checkpoint, env, dist, rundir, Tel(rundir, env.is_main), state, per_rank={"meter": meter},
                         parts={"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "ema": ema},
                         sharded=fsdp.is_fsdp(model))
-    found = told(ckpt.restore(), ckpt.tel, rundir, env, state) if cfg.run.resume != "never" else None
+    found = resumed_from(ckpt.restore(), ckpt.tel, rundir, env, state) if cfg.run.resume != "never" else None
     resumed = found is not None
     if found is None:
         seed_everything(env.rank)
